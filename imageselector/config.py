@@ -1,0 +1,107 @@
+"""The one place settings are read: the data home, `.env` (python-dotenv) and the environment.
+
+Precedence: real environment variables, then `<home>/.env`, then `<project root>/.env`, then defaults.
+Every runtime file (database, images, embeddings, qps_config.json, logs, kill files) lives under the
+data home: the project root by default, or `IMAGESELECTOR_HOME`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_API_BASE = "https://openapi.etsy.com/v3/application"
+DEFAULT_CDN_BASE = "https://i.etsystatic.com"
+
+
+def _env() -> dict[str, str]:
+    """Merge .env files under the real environment (which always wins)."""
+    merged: dict[str, str] = {}
+    root_env = PROJECT_ROOT / ".env"
+    if root_env.is_file():
+        merged.update({k: v for k, v in dotenv_values(root_env).items() if v is not None})
+    home = os.environ.get("IMAGESELECTOR_HOME") or merged.get("IMAGESELECTOR_HOME")
+    if home:
+        home_env = Path(home).expanduser() / ".env"
+        if home_env.is_file() and home_env.resolve() != root_env.resolve():
+            merged.update({k: v for k, v in dotenv_values(home_env).items() if v is not None})
+    merged.update(os.environ)
+    return merged
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings. Build with `load_settings()`; never read os.environ elsewhere for these."""
+
+    home: Path
+    api_base: str = DEFAULT_API_BASE
+    api_key: str = ""
+    shared_secret: str = ""
+    cdn_base: str = DEFAULT_CDN_BASE
+    extra: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "etsy_data.db"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.home / "images"
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.home / "embeddings"
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Scratch space on the same filesystem as images/, so renames into place are atomic."""
+        return self.home / ".tmp"
+
+    @property
+    def run_dir(self) -> Path:
+        """Heartbeats and other per-process runtime state."""
+        return self.home / ".run"
+
+    @property
+    def qps_config_path(self) -> Path:
+        return self.home / "qps_config.json"
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """Any other setting (optional ones listed in .env.example), environment first."""
+        return self.extra.get(name, default)
+
+    def get_float(self, name: str, default: float) -> float:
+        raw = self.extra.get(name)
+        if raw in (None, ""):
+            return default
+        try:
+            return float(raw)
+        except ValueError as exc:
+            raise SystemExit(f"setting {name}={raw!r} is not a number") from exc
+
+    def get_int(self, name: str, default: int) -> int:
+        return int(self.get_float(name, default))
+
+    def secrets(self) -> list[str]:
+        """Values that must never reach a log."""
+        return [s for s in (self.api_key, self.shared_secret) if s]
+
+
+def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
+    """Read settings once per process. `home` overrides IMAGESELECTOR_HOME (tests, the demo)."""
+    env = _env()
+    home_path = Path(home or env.get("IMAGESELECTOR_HOME") or PROJECT_ROOT).expanduser().resolve()
+    home_path.mkdir(parents=True, exist_ok=True)
+    return Settings(
+        home=home_path,
+        api_base=(env.get("ETSY_API_BASE") or DEFAULT_API_BASE).rstrip("/"),
+        api_key=env.get("ETSY_API_KEY", ""),
+        shared_secret=env.get("ETSY_SHARED_SECRET", ""),
+        cdn_base=(env.get("ETSY_CDN_BASE") or DEFAULT_CDN_BASE).rstrip("/"),
+        extra=dict(env),
+    )

@@ -1,0 +1,122 @@
+"""Durable, atomic file writes: temp file, fsync, rename, fsync of the directory.
+
+On macOS `os.fsync` does not flush the drive's cache; F_FULLFSYNC does, so it is used where it exists.
+Temp files live in the data home's `.tmp/` (same filesystem), never beside the final file, so a
+`kill -9` can leave debris only in `.tmp/`, which `clean_tmp()` clears at start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+try:
+    import fcntl
+
+    _F_FULLFSYNC = getattr(fcntl, "F_FULLFSYNC", None)
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+    _F_FULLFSYNC = None
+
+
+def full_fsync(fd: int) -> None:
+    """Flush a file descriptor all the way to stable storage."""
+    if _F_FULLFSYNC is not None and fcntl is not None:
+        try:
+            fcntl.fcntl(fd, _F_FULLFSYNC)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink inside `path` durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        full_fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(final: Path, tmp_dir: Path | None) -> Path:
+    directory = tmp_dir if tmp_dir is not None else final.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+@contextlib.contextmanager
+def atomic_writer(final: Path, tmp_dir: Path | None = None) -> Iterator[BinaryIO]:
+    """Yield a binary file; on clean exit it is fsynced and renamed onto `final`, else removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(final, tmp_dir)
+    f = open(tmp, "wb")
+    try:
+        yield f
+        f.flush()
+        full_fsync(f.fileno())
+        f.close()
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(final: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Write `data` to `final` so that readers see the old file or the whole new one, never a part."""
+    with atomic_writer(final, tmp_dir) as f:
+        f.write(data)
+
+
+def atomic_write_text(final: Path, text: str, tmp_dir: Path | None = None) -> None:
+    atomic_write_bytes(final, text.encode("utf-8"), tmp_dir)
+
+
+def clean_tmp(tmp_dir: Path, older_than_s: float = 0.0) -> int:
+    """Remove temp files left by killed writers whose pid is gone. Returns how many were removed."""
+    import time
+
+    removed = 0
+    if not tmp_dir.is_dir():
+        return 0
+    now = time.time()
+    for p in tmp_dir.iterdir():
+        if not p.name.endswith(".tmp"):
+            continue
+        parts = p.name.rsplit(".", 3)
+        pid = int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            if now - p.stat().st_mtime >= older_than_s:
+                p.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+pid_alive = _pid_alive
