@@ -86,7 +86,7 @@ def atomic_write_text(final: Path, text: str, tmp_dir: Path | None = None) -> No
 
 
 def clean_tmp(tmp_dir: Path, older_than_s: float = 0.0) -> int:
-    """Remove temp files left by killed writers whose pid is gone. Returns how many were removed."""
+    """Remove temp files left by writers whose pid is gone (never a live writer's). Returns how many."""
     import time
 
     removed = 0
@@ -98,7 +98,7 @@ def clean_tmp(tmp_dir: Path, older_than_s: float = 0.0) -> int:
             continue
         parts = p.name.rsplit(".", 3)
         pid = int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
-        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+        if pid is not None and _pid_alive(pid):
             continue
         try:
             if now - p.stat().st_mtime >= older_than_s:

@@ -1,0 +1,1 @@
+"""Embedding: the model registry, encoders, stand-in models, the crash-consistent FAISS store, the embed stage."""

@@ -1,0 +1,79 @@
+"""image_db.py output against a hand-built database, as exact text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from imageselector import db, status
+from tests.helpers.rows import seed_images
+
+ROOT = Path(__file__).resolve().parent.parent
+
+EXPECTED_BLOCK = """=== Image Status ===
+
+Total images:             30
+To download:              30
+Download done:            20
+BG removed:               12
+Embedded clip32:           9
+Embedded clip14:           0
+Embedded dino2b:           0
+Embedded dino2l:           0
+Embedded dino3b:           0"""
+
+
+def _build(conn) -> None:
+    seed_images(conn, 30)
+    conn.execute("UPDATE image_status SET download_done=1 WHERE gid < 20")
+    conn.execute("UPDATE image_status SET bg_removed=1 WHERE gid < 12")
+    conn.execute("UPDATE image_status SET embed_clip_vitb32=1 WHERE gid < 9")
+    conn.execute("UPDATE image_status SET download_error='HTTP 404', download_parked=1 WHERE gid IN (25, 26)")
+    conn.execute("UPDATE image_status SET download_error='HTTP 503', download_not_before=9e12 WHERE gid = 27")
+    now = time.time()
+    conn.execute("INSERT INTO progress(ts, stage, n) VALUES (?, 'download', 60), (?, 'download', 120)", (now - 60, now - 1800))
+
+
+def test_guide_block_exact_text(conn) -> None:
+    _build(conn)
+    data = status.collect(conn)
+    assert status.guide_block(data) == EXPECTED_BLOCK
+
+
+def test_guide_alignment_at_guide_scale() -> None:
+    data = dict(total=1234567, to_download=1234567, download_done=945632, bg_removed=277558, embed_clip_vitb32=79664)
+    data |= {k: 0 for k in ("embed_clip_vitl14", "embed_dinov2_base", "embed_dinov2_large", "embed_dinov3_base")}
+    text = status.guide_block(data)
+    assert "Total images:      1,234,567" in text
+    assert "Download done:       945,632" in text
+    assert "Embedded clip32:      79,664" in text
+    assert "Embedded dino3b:           0" in text
+
+
+def test_stage_figures(conn) -> None:
+    _build(conn)
+    s = status.collect(conn)["stages"]["download"]
+    assert (s["done"], s["parked"], s["failing"], s["backlog"]) == (20, 2, 1, 8)
+    assert s["per_min_10m"] == 6.0 and s["per_min_1h"] == 3.0
+    assert abs(s["eta_s"] - 8 / (3.0 / 60)) < 1e-6
+    bg = status.collect(conn)["stages"]["bg"]
+    assert (bg["done"], bg["backlog"], bg["eta_s"]) == (12, 8, None)
+
+
+def test_image_db_script_text_and_json(settings, conn) -> None:
+    _build(conn)
+    out = subprocess.run([sys.executable, str(ROOT / "image_db.py")], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith(EXPECTED_BLOCK + "\n")
+    assert "=== Stages ===" in out.stdout
+    js = subprocess.run([sys.executable, str(ROOT / "image_db.py"), "--json"], capture_output=True, text=True, check=True)
+    data = json.loads(js.stdout)
+    assert data["download_done"] == 20 and data["stages"]["download"]["parked"] == 2
+
+
+def test_warning_is_shown(conn) -> None:
+    seed_images(conn, 1)
+    db.kv_set(conn, "status_warning", "stand-in models: results are only structural")
+    assert "WARNING: stand-in models" in status.render(status.collect(conn))
