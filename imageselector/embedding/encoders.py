@@ -1,0 +1,249 @@
+"""Encoders: one object per model that turns PIL images (and, for CLIP, texts) into L2-normalised float32 vectors.
+
+Every model, real or stand-in, loads through the same code: `open_clip.create_model_and_transforms`,
+`transformers.AutoModel/AutoImageProcessor.from_pretrained`, or `timm.create_model`. Preprocessing
+(`preprocess`) is split from the forward pass (`encode_batch`) so the embed stage can preprocess in
+worker threads while the model runs. Pooling: CLIP's own image/text projection; DINOv2/DINOv3
+`pooler_output` = the CLS token after the final norm (timm: `forward_features(x)[:, 0]`, the same token).
+
+Precision: `dtype="auto"` picks per device from measured agreement with fp32 (docs/embedding.md):
+bf16 on a CPU with native bf16 (AVX-512-BF16/AMX), fp16 on CUDA and MPS, else fp32. The vectors are
+always returned as float32 and normalised in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imageselector.embedding.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str = "auto") -> str:
+    """auto -> mps (Apple GPU), then cuda, then cpu. An explicit device is used as given."""
+    if device != "auto":
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("--device mps requested but MPS is not available")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but CUDA is not available")
+        return device
+    if torch.backends.mps.is_available():
+        return "mps"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The precision to run in. `auto`: fp16 on a GPU, bf16 on a CPU with native bf16, else fp32."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, not {dtype!r}")
+        return dtype
+    if device.startswith("cuda") or device == "mps":
+        return "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def _normalise(x: torch.Tensor) -> np.ndarray:
+    x = x.float()
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Flatten transparency onto white (what the background stage does), then RGB."""
+    if img.mode in ("RGBA", "LA", "P") and (img.mode != "P" or "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+class Encoder:
+    """Base: subclasses set `model`, implement `preprocess` and `_forward`."""
+
+    def __init__(self, spec: ModelSpec, device: str, dtype: str) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.device = device
+        self.dtype_name = dtype
+        self.dtype = DTYPES[dtype]
+        self.dim = spec.dim
+        self.model: torch.nn.Module
+
+    def _place(self) -> None:
+        self.model.eval()
+        self.model.to(self.device)
+        if self.dtype != torch.float32:
+            self.model.to(self.dtype)
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def encode_batch(self, x: torch.Tensor) -> np.ndarray:
+        """Pre-made [n,3,H,W] float32 tensors (from `preprocess`) -> [n, dim] float32, L2-normalised."""
+        with torch.inference_mode():
+            out = self._forward(x.to(self.device, self.dtype))
+        vecs = _normalise(out)
+        if vecs.shape[1] != self.dim:
+            raise ValueError(f"{self.name}: model produced {vecs.shape[1]}-dim vectors, registry says {self.dim}")
+        return vecs
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        return self.encode_batch(torch.stack([self.preprocess(im) for im in images]))
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        raise TypeError(f"{self.name} has no text tower")
+
+    @property
+    def has_text(self) -> bool:
+        return False
+
+
+class OpenClipEncoder(Encoder):
+    def __init__(self, spec: ModelSpec, device: str, dtype: str) -> None:
+        import open_clip
+
+        super().__init__(spec, device, dtype)
+        name = spec.source
+        if spec.config:
+            open_clip.add_model_config(spec.config)  # a custom architecture (the stand-ins)
+        if not name.startswith(("local-dir:", "hf-hub:")) and Path(name).is_dir():
+            name = f"local-dir:{name}"
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=spec.pretrained, device="cpu")
+        self.model = model
+        self._preprocess = preprocess
+        self._tokenizer = open_clip.get_tokenizer(name)
+        self._place()
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        return self._preprocess(to_rgb(img))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(x)
+
+    @property
+    def has_text(self) -> bool:
+        return True
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        tokens = self._tokenizer(list(texts)).to(self.device)
+        with torch.inference_mode():
+            out = self.model.encode_text(tokens)
+        return _normalise(out)
+
+
+class TransformersEncoder(Encoder):
+    def __init__(self, spec: ModelSpec, device: str, dtype: str) -> None:
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        from transformers import AutoImageProcessor, AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        super().__init__(spec, device, dtype)
+        kw: dict[str, Any] = {"revision": spec.revision} if spec.revision else {}
+        self.processor = AutoImageProcessor.from_pretrained(spec.source, **kw)
+        self.model = AutoModel.from_pretrained(spec.source, **kw)
+        self._place()
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        return self.processor(images=to_rgb(img), return_tensors="pt")["pixel_values"][0].float()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=x)
+        if self.spec.pooling == "mean":  # mean of patch tokens (skips CLS and register tokens)
+            skip = 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+            return out.last_hidden_state[:, skip:].mean(dim=1)
+        return out.pooler_output
+
+
+class TimmEncoder(Encoder):
+    """timm ViTs (the ungated DINOv3 conversion). Preprocessing mirrors the HF processor: 224x224, bilinear."""
+
+    def __init__(self, spec: ModelSpec, device: str, dtype: str) -> None:
+        import timm
+        from timm.data import create_transform, resolve_data_config
+
+        super().__init__(spec, device, dtype)
+        kw: dict[str, Any] = {"num_classes": 0}
+        name = spec.source
+        if not name.startswith(("local-dir:", "hf-hub:")) and Path(name).is_dir():
+            name = f"local-dir:{name}"
+        if spec.pretrained:
+            kw["pretrained_cfg_overlay"] = {"file": spec.pretrained}
+        self.model = timm.create_model(name, pretrained=spec.extra.get("timm_pretrained", True), **kw)
+        size = int(spec.extra.get("image_size", 224))
+        cfg = resolve_data_config({}, model=self.model)
+        cfg.update(input_size=(3, size, size), interpolation="bilinear", crop_pct=1.0, crop_mode="squash")
+        self._preprocess = create_transform(**cfg)
+        self._place()
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        return self._preprocess(to_rgb(img))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.model.forward_features(x)
+        if self.spec.pooling == "mean":
+            return feats[:, self.model.num_prefix_tokens :].mean(dim=1)
+        return feats[:, 0]
+
+
+_CLASSES: dict[str, type[Encoder]] = {
+    "open_clip": OpenClipEncoder,
+    "transformers": TransformersEncoder,
+    "timm": TimmEncoder,
+}
+
+
+def _build(spec: ModelSpec, device: str, dtype: str) -> Encoder:
+    return _CLASSES[spec.library](spec, device, dtype)
+
+
+def load_encoder(spec: ModelSpec, device: str = "auto", dtype: str = "auto") -> Encoder:
+    """Load one model for inference. If the primary source cannot be loaded (a gated repo without a token,
+    no network) and the spec has a `fallback`, the fallback is loaded instead and `encoder.spec` says so."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:
+        enc = _build(spec, dev, dt)
+    except Exception as exc:  # noqa: BLE001 - every loader error is worth one try of the fallback
+        fb = spec.fallback_spec()
+        if fb is None:
+            raise
+        log.warning(
+            "%s: cannot load %s (%s: %s); using the fallback %s",
+            spec.name,
+            spec.source,
+            type(exc).__name__,
+            str(exc).splitlines()[0][:200] if str(exc) else "",
+            fb.source,
+        )
+        enc = _build(fb, dev, dt)
+    log.info("%s: loaded %s on %s in %s (dim %d)", spec.name, enc.spec.describe(), dev, dt, enc.dim)
+    return enc
