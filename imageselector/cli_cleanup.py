@@ -116,7 +116,7 @@ def _move(settings, conn, dest: Path, margin: int, args, stopper: Stopper, log) 
     if cleanup.same_filesystem(dest, settings.images_dir if settings.images_dir.exists() else settings.home):
         log.warning("destination %s is on the same disk as images/: moving frees no space there", dest)
     log.info("moving up to %s images (about %s) to %s", f"{count:,}", cleanup.fmt_bytes(estimate), dest)
-    progress = Progress(log, "images moved", remaining=lambda: max(0, count - mover.moved))
+    progress = Progress(log, "images", remaining=lambda: max(0, count - mover.moved))
     mover = cleanup.Mover(settings, conn, dest, margin, batch_size=args.batch, limit=args.limit, progress=progress)
     try:
         mover.prepare()
