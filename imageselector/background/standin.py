@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imageselector.fsutil import atomic_write_bytes
+
 INPUT_NAME = "input.1"
 OUTPUT_NAMES = tuple(f"d{i}" for i in range(7))
 SIZE = 320
@@ -78,7 +80,5 @@ def build_standin_u2net(path: str | Path, size: str = "tiny", seed: int = 0) -> 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="imageselector")
     model.ir_version = 8
     onnx.checker.check_model(model)
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
+    atomic_write_bytes(path, model.SerializeToString())
     return path
