@@ -1,0 +1,356 @@
+"""The search side of the FAISS store: open each index once, pick exact or HNSW by size, reload on change.
+
+- The canonical files (`embeddings/{name}.faiss`, IndexIDMap2 over inner-product vectors, written by
+  embed.py) are opened memory-mapped (`IO_FLAG_MMAP | IO_FLAG_READ_ONLY`), so a million vectors cost
+  page cache, not private memory, and several readers share them.
+- Under `SEARCH_HNSW_MIN` vectors an index is searched exactly (flat). Above it, an HNSW graph with fp16
+  vector storage (IndexHNSWSQ, QT_fp16) is DERIVED from the canonical file into
+  `embeddings/search_cache/{name}.hnsw.faiss` (`search.py --build-index`, or the web server in the
+  background). The canonical file stays the truth; the cache is disposable.
+- Vectors embedded after the cache was built (ids in the canonical file but not in the cache) form a
+  small exact "tail" searched beside the graph, so results are complete before the cache catches up.
+  A cache holding ids the canonical file no longer has is stale: it is ignored (exact search) until rebuilt.
+- embed.py replaces files atomically (rename), so an open mmap keeps reading the old inode safely;
+  `IndexSet.refresh()` notices a new manifest / file and reopens what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from imageselector.db import EMBED_MODELS
+from imageselector.fsutil import atomic_writer
+
+log = logging.getLogger(__name__)
+
+TEXT_INDEXES: tuple[str, ...] = ("clip_vitb32_text", "clip_vitl14_text")
+ALL_INDEXES: tuple[str, ...] = (*EMBED_MODELS, *TEXT_INDEXES)
+CACHE_DIR = "search_cache"
+MMAP_FLAGS = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+ADD_CHUNK = 20_000
+
+# Single queries never reach BLAS; batched ones (tail, bench ground truth) are far faster with it low.
+faiss.cvar.distance_compute_blas_threshold = 20
+
+
+@dataclass(frozen=True)
+class IndexPolicy:
+    """When to use HNSW and how to build/search it. Defaults measured by bench/search.py."""
+
+    hnsw_min: int = 50_000
+    m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    fp16: bool = True
+
+    @classmethod
+    def from_settings(cls, settings) -> IndexPolicy:  # type: ignore[no-untyped-def]
+        return cls(
+            hnsw_min=settings.get_int("SEARCH_HNSW_MIN", cls.hnsw_min),
+            m=settings.get_int("SEARCH_HNSW_M", cls.m),
+            ef_construction=settings.get_int("SEARCH_HNSW_EF_CONSTRUCTION", cls.ef_construction),
+            ef_search=settings.get_int("SEARCH_HNSW_EF_SEARCH", cls.ef_search),
+            fp16=(settings.get("SEARCH_HNSW_FP16", "1") or "1") not in ("0", "false", "no"),
+        )
+
+
+def file_sig(path: Path) -> tuple[int, int, int] | None:
+    """Identity of a file version: a rename-replaced file gets a new inode/mtime."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_index(path: Path, mmap: bool = True) -> faiss.Index:
+    """Read a FAISS file, memory-mapped where the index type allows it."""
+    if mmap:
+        try:
+            return faiss.read_index(str(path), MMAP_FLAGS)
+        except RuntimeError as exc:  # index types without mmap support
+            log.debug("mmap read of %s failed (%s); reading into memory", path, exc)
+    return faiss.read_index(str(path))
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """The external ids of an IDMap/IDMap2 index, in storage order (positions otherwise)."""
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
+    return np.arange(index.ntotal, dtype=np.int64)
+
+
+def inner(index: faiss.Index) -> faiss.Index:
+    return faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
+
+
+def reconstruct_positions(index: faiss.Index, positions: np.ndarray) -> np.ndarray:
+    """Vectors at storage positions of an (ID-mapped) index, read in contiguous runs."""
+    base = inner(index)
+    out = np.empty((len(positions), index.d), dtype=np.float32)
+    if len(positions) == 0:
+        return out
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    start = 0
+    for run in np.split(positions, breaks):
+        out[start : start + len(run)] = base.reconstruct_n(int(run[0]), len(run))
+        start += len(run)
+    return out
+
+
+def new_hnsw(dim: int, policy: IndexPolicy) -> faiss.Index:
+    """An empty ID-mapped HNSW index (fp16 storage unless policy.fp16 is off)."""
+    if policy.fp16:
+        graph = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, policy.m, faiss.METRIC_INNER_PRODUCT)
+    else:
+        graph = faiss.IndexHNSWFlat(dim, policy.m, faiss.METRIC_INNER_PRODUCT)
+    graph.hnsw.efConstruction = policy.ef_construction
+    return faiss.IndexIDMap(graph)
+
+
+def set_ef_search(index: faiss.Index, ef: int) -> None:
+    graph = inner(index)
+    if hasattr(graph, "hnsw"):
+        graph.hnsw.efSearch = ef
+
+
+def cache_path(embeddings_dir: Path, name: str) -> Path:
+    return Path(embeddings_dir) / CACHE_DIR / f"{name}.hnsw.faiss"
+
+
+def write_index_atomic(index: faiss.Index, final: Path, tmp_dir: Path | None = None) -> None:
+    with atomic_writer(final, tmp_dir) as f:
+        writer = faiss.PyCallbackIOWriter(f.write)
+        faiss.write_index(index, writer)
+        del writer
+
+
+@dataclass
+class ModelIndex:
+    """One opened index: the main structure (flat canonical or HNSW cache) plus an exact tail."""
+
+    name: str
+    path: Path
+    sig: tuple[int, int, int] | None
+    kind: str  # "flat" | "hnsw"
+    main: faiss.Index
+    tail: faiss.Index | None = None
+    needs_build: bool = False
+    note: str = ""
+
+    @property
+    def dim(self) -> int:
+        return int(self.main.d)
+
+    @property
+    def count(self) -> int:
+        return int(self.main.ntotal) + (int(self.tail.ntotal) if self.tail is not None else 0)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query row; ids are -1 where fewer than k exist."""
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        k = max(1, int(k))
+        scores, ids = self.main.search(q, k)
+        if self.tail is None or self.tail.ntotal == 0:
+            return scores, ids
+        ts, ti = self.tail.search(q, k)
+        s = np.concatenate([scores, ts], axis=1)
+        i = np.concatenate([ids, ti], axis=1)
+        s = np.where(i < 0, -np.inf, s)
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+
+    def describe(self) -> dict:
+        return {
+            "kind": self.kind,
+            "count": self.count,
+            "dim": self.dim,
+            "tail": int(self.tail.ntotal) if self.tail is not None else 0,
+            "needs_build": self.needs_build,
+            "note": self.note,
+        }
+
+
+def _tail_index(canonical: faiss.Index, positions: np.ndarray, ids: np.ndarray) -> faiss.Index:
+    tail = faiss.IndexIDMap(faiss.IndexFlatIP(canonical.d))
+    if len(positions):
+        tail.add_with_ids(reconstruct_positions(canonical, positions), ids[positions])
+    return tail
+
+
+def open_model(name: str, path: Path, policy: IndexPolicy, embeddings_dir: Path) -> ModelIndex:
+    """Open one index, choosing exact search or the HNSW cache (+ tail) by size."""
+    sig = file_sig(path)
+    canonical = read_index(path)
+    n = int(canonical.ntotal)
+    if n < policy.hnsw_min:
+        return ModelIndex(name, path, sig, "flat", canonical, note=f"exact search ({n} < {policy.hnsw_min})")
+    cpath = cache_path(embeddings_dir, name)
+    if not cpath.exists():
+        return ModelIndex(name, path, sig, "flat", canonical, needs_build=True, note="exact search; HNSW not built")
+    cache = read_index(cpath)
+    if cache.d != canonical.d:
+        return ModelIndex(name, path, sig, "flat", canonical, needs_build=True, note="HNSW cache has another dim")
+    canon_ids, cache_ids = index_ids(canonical), index_ids(cache)
+    if not np.isin(cache_ids, canon_ids).all():
+        return ModelIndex(name, path, sig, "flat", canonical, needs_build=True, note="HNSW cache stale; exact search")
+    set_ef_search(cache, policy.ef_search)
+    missing = np.flatnonzero(~np.isin(canon_ids, cache_ids))
+    tail = _tail_index(canonical, missing, canon_ids)
+    note = f"HNSW M={policy.m} ef={policy.ef_search} {'fp16' if policy.fp16 else 'fp32'}"
+    if len(missing):
+        note += f" + {len(missing)} exact (not yet in the graph)"
+    return ModelIndex(name, path, sig, "hnsw", cache, tail=tail, needs_build=len(missing) > 0, note=note)
+
+
+def update_cache(
+    name: str,
+    embeddings_dir: Path,
+    policy: IndexPolicy,
+    tmp_dir: Path | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> int:
+    """Bring the HNSW cache of one index up to its canonical file. Returns vectors added (-1: stopped).
+
+    Adds only the ids the cache lacks (embed.py appends); rebuilds from scratch when the cache holds ids
+    the canonical file dropped or was built with another dim/policy.
+    """
+    canonical = read_index(Path(embeddings_dir) / f"{name}.faiss")
+    canon_ids = index_ids(canonical)
+    cpath = cache_path(embeddings_dir, name)
+    cache = None
+    if cpath.exists():
+        cache = read_index(cpath, mmap=False)
+        same_kind = isinstance(inner(cache), faiss.IndexHNSWSQ) == policy.fp16
+        if cache.d != canonical.d or not same_kind or not np.isin(index_ids(cache), canon_ids).all():
+            log.info("%s: HNSW cache does not match the canonical index; rebuilding it", name)
+            cache = None
+    if cache is None:
+        cache = new_hnsw(canonical.d, policy)
+        missing = np.arange(len(canon_ids))
+    else:
+        missing = np.flatnonzero(~np.isin(canon_ids, index_ids(cache)))
+    if len(missing) == 0:
+        return 0
+    log.info("%s: adding %d vectors to the HNSW graph (%d there)", name, len(missing), cache.ntotal)
+    t0 = time.monotonic()
+    for start in range(0, len(missing), ADD_CHUNK):
+        if should_stop():
+            return -1
+        pos = missing[start : start + ADD_CHUNK]
+        cache.add_with_ids(reconstruct_positions(canonical, pos), canon_ids[pos])
+    write_index_atomic(cache, cpath, tmp_dir)
+    log.info("%s: HNSW cache has %d vectors (%.1f s)", name, cache.ntotal, time.monotonic() - t0)
+    return len(missing)
+
+
+def read_manifest(embeddings_dir: Path) -> dict:
+    try:
+        doc = json.loads((Path(embeddings_dir) / "manifest.json").read_text(encoding="utf-8"))
+        return doc if isinstance(doc, dict) else {}
+    except (FileNotFoundError, ValueError, OSError):
+        return {}
+
+
+class IndexSet:
+    """Every index of the store, opened once and reopened when embed.py replaces a file.
+
+    `refresh()` is cheap (a stat of manifest.json and of each file, at most every `check_s`) and runs
+    before each query.
+    Swaps are whole ModelIndex objects, so a concurrent query sees the old or the new index, never half.
+    """
+
+    def __init__(
+        self, embeddings_dir: Path, policy: IndexPolicy | None = None, names: Iterable[str] = ALL_INDEXES
+    ) -> None:
+        self.dir = Path(embeddings_dir)
+        self.policy = policy or IndexPolicy()
+        self.names = tuple(names)
+        self.models: dict[str, ModelIndex] = {}
+        self.manifest: dict = {}
+        self.errors: dict[str, str] = {}
+        self._manifest_sig: tuple | None = ("never",)  # type: ignore[assignment]
+        self._checked = 0.0
+        self._lock = threading.Lock()
+        self.version = 0  # bumps whenever something was reopened
+
+    def refresh(self, force: bool = False, check_s: float = 1.0) -> list[str]:
+        """Reopen indexes whose files changed. Returns the names reopened (or dropped)."""
+        now = time.monotonic()
+        if not force and now - self._checked < check_s:
+            return []
+        with self._lock:
+            self._checked = now
+            msig = file_sig(self.dir / "manifest.json")
+            if force or msig != self._manifest_sig:
+                self._manifest_sig = msig
+                self.manifest = read_manifest(self.dir)
+            changed = []
+            for name in self.names:
+                path = self.dir / f"{name}.faiss"
+                sig = file_sig(path)
+                cur = self.models.get(name)
+                if sig is None:
+                    if cur is not None:
+                        del self.models[name]
+                        changed.append(name)
+                    continue
+                if cur is not None and cur.sig == sig and not force:
+                    continue
+                try:
+                    self.models[name] = open_model(name, path, self.policy, self.dir)
+                    self.errors.pop(name, None)
+                    changed.append(name)
+                except RuntimeError as exc:  # a corrupt/partial file: keep the old one, say why
+                    self.errors[name] = f"cannot read {path.name}: {str(exc).splitlines()[0][:200]}"
+                    log.warning("%s", self.errors[name])
+            if changed:
+                self.version += 1
+                log.info(
+                    "indexes opened: %s", ", ".join(f"{n}={self.models[n].kind}" for n in changed if n in self.models)
+                )
+            return changed
+
+    def get(self, name: str) -> ModelIndex | None:
+        return self.models.get(name)
+
+    def reopen(self, name: str) -> None:
+        with self._lock:
+            path = self.dir / f"{name}.faiss"
+            if path.exists():
+                self.models[name] = open_model(name, path, self.policy, self.dir)
+                self.version += 1
+
+    def needing_build(self) -> list[str]:
+        return [n for n, m in self.models.items() if m.needs_build]
+
+    def build_caches(
+        self,
+        names: Iterable[str] | None = None,
+        tmp_dir: Path | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> dict[str, int]:
+        """Build/update the HNSW caches of big indexes, then reopen them. Returns vectors added per index."""
+        done: dict[str, int] = {}
+        for name in names if names is not None else self.needing_build():
+            path = self.dir / f"{name}.faiss"
+            if not path.exists():
+                continue
+            n = int(read_index(path).ntotal)
+            if n < self.policy.hnsw_min:
+                continue
+            done[name] = update_cache(name, self.dir, self.policy, tmp_dir, should_stop)
+            if done[name] < 0:
+                break
+            self.reopen(name)
+        return done

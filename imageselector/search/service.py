@@ -1,0 +1,357 @@
+"""One search service for the CLI and the web page: encode the query, search each index, fuse, describe.
+
+Query by image: each chosen image model (default all five) embeds the image and searches its own
+index for the top `per_model_k` images; hits collapse to listings (max score per listing per model);
+listings are ranked by weighted reciprocal-rank fusion (ensemble.py).
+Query by text: each CLIP text tower embeds the text and searches both its model's IMAGE index
+(text-to-image) and its listing-TEXT index (`{model}_text`, keyed by listing id); the up-to-four
+rankings are fused the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sqlite3
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from imageselector import db
+from imageselector.config import Settings
+from imageselector.db import EMBED_MODELS
+from imageselector.imagecheck import check_image
+from imageselector.search import catalog
+from imageselector.search.ensemble import DEFAULT_RRF_K, aggregate_max, load_weights, rrf_fuse, weight_for
+from imageselector.search.indexes import TEXT_INDEXES, IndexPolicy, IndexSet
+
+log = logging.getLogger(__name__)
+
+TEXT_MODELS: tuple[str, ...] = tuple(t.removesuffix("_text") for t in TEXT_INDEXES)
+STANDIN_WARNING = "stand-in models with random weights: results are only structural, not semantic"
+MAX_K = 200
+
+
+class SearchError(Exception):
+    """A problem the user can act on; its message is shown as is (HTTP status in `.status`)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_text_chars: int = 500
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            max_upload_bytes=settings.get_int("SEARCH_MAX_UPLOAD_MB", 20) * 1024 * 1024,
+            max_pixels=settings.get_int("SEARCH_MAX_PIXELS", cls.max_pixels),
+        )
+
+
+def open_query_image(data: bytes, limits: Limits) -> Image.Image:
+    """Bytes -> a decoded RGB image, refusing oversized, non-image and bomb uploads with a plain message."""
+    if not data:
+        raise SearchError("the upload is empty")
+    if len(data) > limits.max_upload_bytes:
+        raise SearchError(
+            f"the file is {len(data) / 1e6:.1f} MB; the limit is {limits.max_upload_bytes / 1e6:.0f} MB", 413
+        )
+    verdict = check_image(data, max_pixels=limits.max_pixels)
+    if verdict.kind == "too_big":
+        raise SearchError(f"the image is too large ({verdict.detail})", 413)
+    if not verdict.ok:
+        raise SearchError(f"not a readable image ({verdict.kind.replace('_', ' ')}: {verdict.detail})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise SearchError(f"not a readable image: {exc}") from None
+    from imageselector.embedding.encoders import to_rgb
+
+    return to_rgb(img)
+
+
+def _clamp_k(k: int) -> int:
+    try:
+        k = int(k)
+    except (TypeError, ValueError):
+        raise SearchError("k must be a whole number") from None
+    if not 1 <= k <= MAX_K:
+        raise SearchError(f"k must be between 1 and {MAX_K}")
+    return k
+
+
+class SearchService:
+    """Holds the opened indexes, the lazily loaded encoders and a read-only database connection per thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        models_file: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        policy: IndexPolicy | None = None,
+    ) -> None:
+        self.settings = settings
+        self.models_file = models_file
+        self.device, self.dtype = device, dtype
+        self.indexes = IndexSet(settings.embeddings_dir, policy or IndexPolicy.from_settings(settings))
+        self.limits = Limits.from_settings(settings)
+        self.rrf_k = settings.get_float("SEARCH_RRF_K", DEFAULT_RRF_K)
+        self._registry: dict | None = None
+        self._encoders: dict[str, object] = {}
+        self._encoder_errors: dict[str, str] = {}
+        self._lock = threading.Lock()  # one query at a time: 2 cores, and torch models are not re-entrant
+        self._local = threading.local()
+
+    # ---------------------------------------------------------------- resources
+    def conn(self) -> sqlite3.Connection:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            try:
+                c = self._local.conn = catalog.connect_readonly(self.settings.db_path)
+            except (FileNotFoundError, sqlite3.Error) as exc:
+                raise SearchError(str(exc), 503) from None
+        return c
+
+    def registry(self) -> dict:
+        if self._registry is None:
+            from imageselector.embedding.registry import RegistryError, load_registry
+
+            try:
+                self._registry = load_registry(self.models_file, self.settings)
+            except RegistryError as exc:
+                raise SearchError(f"model registry: {exc}", 500) from None
+        return self._registry
+
+    def encoder(self, name: str):  # type: ignore[no-untyped-def]
+        enc = self._encoders.get(name)
+        if enc is None:
+            spec = self.registry().get(name)
+            if spec is None:
+                raise SearchError(f"model {name} is not in the model registry", 500)
+            from imageselector.embedding.encoders import load_encoder
+
+            t0 = time.monotonic()
+            enc = self._encoders[name] = load_encoder(spec, self.device, self.dtype)
+            log.info("loaded query encoder %s in %.1f s", name, time.monotonic() - t0)
+        return enc
+
+    def refresh(self) -> list[str]:
+        return self.indexes.refresh()
+
+    # ---------------------------------------------------------------- queries
+    def search_image(self, image: Image.Image, k: int = 20, models: Sequence[str] | None = None) -> dict:
+        k = _clamp_k(k)
+        with self._lock:
+            self.refresh()
+            names = self._choose(models, EMBED_MODELS, "image")
+            t0 = time.monotonic()
+            vectors, warns = {}, []
+            for name in names:
+                try:
+                    vectors[name] = self.encoder(name).encode_images([image])
+                except SearchError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one broken model must not sink the query
+                    log.exception("%s: cannot embed the query image", name)
+                    warns.append(f"{name}: cannot embed the query ({type(exc).__name__}: {exc})")
+            if not vectors:
+                raise SearchError("no model could embed the query image: " + "; ".join(warns), 500)
+            t_enc = time.monotonic() - t0
+            return self._rank(vectors, k, {"type": "image"}, t_enc, warns)
+
+    def search_text(self, text: str, k: int = 20, models: Sequence[str] | None = None) -> dict:
+        k = _clamp_k(k)
+        text = (text or "").strip()
+        if not text:
+            raise SearchError("type something to search for")
+        if len(text) > self.limits.max_text_chars:
+            raise SearchError(f"the text is longer than {self.limits.max_text_chars} characters")
+        with self._lock:
+            self.refresh()
+            targets = self._text_targets(models)
+            t0 = time.monotonic()
+            vectors: dict[str, np.ndarray] = {}
+            queries, warns = {}, []
+            for index_name, model in targets:
+                try:
+                    if model not in vectors:
+                        vectors[model] = self.encoder(model).encode_texts([text])
+                except SearchError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("%s: cannot embed the query text", model)
+                    warns.append(f"{model}: cannot embed the query ({type(exc).__name__}: {exc})")
+                    continue
+                queries[index_name] = vectors[model]
+            if not queries:
+                raise SearchError("no CLIP model could embed the text: " + "; ".join(warns), 500)
+            t_enc = time.monotonic() - t0
+            return self._rank(queries, k, {"type": "text", "text": text}, t_enc, warns)
+
+    def _choose(self, models: Sequence[str] | None, allowed: Iterable[str], what: str) -> list[str]:
+        allowed = list(allowed)
+        wanted = list(models) if models else allowed
+        bad = [m for m in wanted if m not in allowed]
+        if bad:
+            raise SearchError(f"unknown {what} model(s) {', '.join(bad)}; choose from {', '.join(allowed)}")
+        have = [m for m in wanted if self.indexes.get(m) is not None]
+        if not have:
+            raise SearchError(
+                f"no index for {', '.join(wanted)} in {self.settings.embeddings_dir}: run image_search_v2/embed.py first",
+                404,
+            )
+        return have
+
+    def _text_targets(self, models: Sequence[str] | None) -> list[tuple[str, str]]:
+        """(index name, CLIP model) pairs: each CLIP model against its image index and its listing-text index."""
+        allowed = [*TEXT_MODELS, *TEXT_INDEXES]
+        wanted = list(models) if models else list(TEXT_MODELS)
+        bad = [m for m in wanted if m not in allowed]
+        if bad:
+            raise SearchError(f"text search uses the CLIP models only ({', '.join(allowed)}); not {', '.join(bad)}")
+        pairs: list[tuple[str, str]] = []
+        for m in wanted:
+            names = [m] if m.endswith("_text") else [m, f"{m}_text"]
+            pairs += [(n, n.removesuffix("_text")) for n in names if self.indexes.get(n) is not None]
+        if not pairs:
+            raise SearchError(
+                f"no CLIP index in {self.settings.embeddings_dir}: run image_search_v2/embed.py first", 404
+            )
+        return list(dict.fromkeys(pairs))
+
+    def _rank(self, queries: dict[str, np.ndarray], k: int, query: dict, t_enc: float, warns: list[str]) -> dict:
+        t0 = time.monotonic()
+        per_model_k = min(max(100, 10 * k), 2000)
+        raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for index_name, vec in queries.items():
+            idx = self.indexes.get(index_name)
+            if idx is None:
+                continue
+            if vec.shape[-1] != idx.dim:
+                warns.append(
+                    f"{index_name}: the query model gives {vec.shape[-1]} dims, the index has {idx.dim}; skipped"
+                )
+                continue
+            scores, ids = idx.search(vec, per_model_k)
+            raw[index_name] = (scores[0], ids[0])
+        t_search = time.monotonic() - t0
+        conn = self.conn()
+        gids = [int(i) for n, (_, ids) in raw.items() if not n.endswith("_text") for i in ids if i >= 0]
+        where = catalog.locate_gids(conn, gids)
+        per_model = {}
+        for name, (scores, ids) in raw.items():
+            if name.endswith("_text"):  # listing-text indexes are keyed by listing id
+                per_model[name] = aggregate_max(ids, scores, lambda key: key)
+            else:
+                per_model[name] = aggregate_max(ids, scores, lambda gid: where.get(gid, (None,))[0])
+        weights_raw, method = load_weights(self.settings.embeddings_dir)
+        weights = {name: weight_for(weights_raw, name) for name in per_model}
+        fused = rrf_fuse(per_model, weights, self.rrf_k)[:k]
+        cards = catalog.listing_cards(conn, [f.listing_id for f in fused])
+        results = []
+        for rank, f in enumerate(fused, start=1):
+            card = cards[f.listing_id]
+            matched = {
+                n: (key if n.endswith("_text") else where.get(key, (None, None))[1]) for n, key in f.keys.items()
+            }
+            results.append(
+                {
+                    "rank": rank,
+                    **card.to_dict(),
+                    "image_url": (
+                        f"/image/{f.listing_id}/{card.primary_image_id}" if card.primary_image_id is not None else None
+                    ),
+                    "fused_score": round(f.fused, 6),
+                    "n_models": f.n_models,
+                    "scores": {n: round(s, 4) for n, s in f.scores.items()},
+                    "ranks": f.ranks,
+                    "matched_image_ids": {n: v for n, v in matched.items() if not n.endswith("_text")},
+                }
+            )
+        return {
+            "query": {**query, "k": k, "per_model_k": per_model_k},
+            "models": list(raw),
+            "fusion": {
+                "method": f"weighted reciprocal-rank fusion (k={self.rrf_k:g})",
+                "weights": weights,
+                "weights_source": method,
+            },
+            "warnings": self.warnings() + warns,
+            "indexes": {n: self.indexes.get(n).describe() for n in raw},  # type: ignore[union-attr]
+            "results": results,
+            "timing_ms": {
+                "encode": round(t_enc * 1000, 1),
+                "search": round(t_search * 1000, 1),
+                "total": round((t_enc + time.monotonic() - t0) * 1000, 1),
+            },
+        }
+
+    # ---------------------------------------------------------------- status
+    def warnings(self) -> list[str]:
+        out: list[str] = []
+        try:
+            sw = db.kv_get(self.conn(), "status_warning")
+        except (SearchError, sqlite3.Error):
+            sw = None
+        if sw:
+            out.append(sw)
+        manifest_models = self.indexes.manifest.get("models") or {}
+        standins = sorted(n for n, m in manifest_models.items() if isinstance(m, dict) and m.get("standin"))
+        if standins:
+            out.append(f"{STANDIN_WARNING} ({', '.join(standins)})")
+        out += [e for e in self.indexes.errors.values()]
+        return list(dict.fromkeys(out))
+
+    def status(self) -> dict:
+        """What the page shows above the results: models, index kinds, weights in force, warnings."""
+        with self._lock:
+            self.refresh()
+        weights_raw, method = load_weights(self.settings.embeddings_dir)
+        names = [n for n in (*EMBED_MODELS, *TEXT_INDEXES) if self.indexes.get(n) is not None]
+        return {
+            "image_models": [n for n in EMBED_MODELS if self.indexes.get(n) is not None],
+            "text_indexes": [n for n in names if n in TEXT_INDEXES or n in TEXT_MODELS],
+            "indexes": {n: self.indexes.get(n).describe() for n in names},  # type: ignore[union-attr]
+            "fusion": {
+                "method": f"weighted reciprocal-rank fusion (k={self.rrf_k:g})",
+                "weights": {n: weight_for(weights_raw, n) for n in names},
+                "weights_source": method,
+            },
+            "warnings": self.warnings(),
+            "manifest_version": self.indexes.manifest.get("version"),
+            "limits": {
+                "max_upload_mb": self.limits.max_upload_bytes // (1024 * 1024),
+                "max_pixels": self.limits.max_pixels,
+            },
+        }
+
+
+def dump(result: dict) -> str:
+    return json.dumps(result, indent=2, ensure_ascii=False)
+
+
+def read_path_image(path: str | Path, limits: Limits) -> Image.Image:
+    p = Path(path)
+    if not p.is_file():
+        raise SearchError(f"no such file: {p}")
+    if p.stat().st_size > limits.max_upload_bytes:
+        raise SearchError(f"{p} is larger than {limits.max_upload_bytes // (1024 * 1024)} MB")
+    return open_query_image(p.read_bytes(), limits)
