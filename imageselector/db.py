@@ -322,8 +322,14 @@ def _exec_script(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(stmt)
 
 
+def _migration_2(conn: sqlite3.Connection) -> None:
+    """Sync: failed image-batch attempts per listing, so a listing whose batch keeps failing cannot stall the queue."""
+    conn.execute("ALTER TABLE listings ADD COLUMN images_attempts INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
+    _migration_2,
     # append new migrations here: def _migration_N(conn): ...
 ]
 
