@@ -42,7 +42,9 @@ class StageSpec:
 
 DEFAULT_STAGES: dict[str, StageSpec] = {
     "sync": StageSpec("sync", "sync_data.py", (), None, "sync", "sync_data"),
-    "download": StageSpec("download", "scripts/image_downloader.py", ("--watch",), "KILL_DL", "download", "image_downloader"),
+    "download": StageSpec(
+        "download", "scripts/image_downloader.py", ("--watch",), "KILL_DL", "download", "image_downloader"
+    ),
     "bg": StageSpec("bg", "scripts/bg_remover.py", ("--watch", "--gpu"), "KILL_BG", "bg", "bg_remover"),
     "embed": StageSpec(
         "embed",

@@ -1,0 +1,622 @@
+"""`scripts/pipeline_monitor.py`: run the four stages, restart what crashes or hangs, tune the QPS, stop on KILL.
+
+One `StageRunner` per worker. Each tick (1 s) the monitor:
+- polls every child: a crash is restarted after an exponential backoff; `crash_loop_max` crashes within
+  `crash_loop_window_s` stop that stage (logged loudly) while the others keep running; a clean exit with
+  the stage's kill file present waits for the file to go; exit code 2 (bad usage/config) is not retried;
+- checks heartbeats (`<home>/.run/*.heartbeat` carrying the child's pid): none for `hang_timeout_s`
+  means hung -> SIGTERM, then SIGKILL after `term_grace_s`, then restart like a crash;
+- every `qps.interval_s` adjusts qps_config.json (imageselector/qps_tuner.py);
+- every `status_interval_s` logs one line per stage: state, rate, backlog, restarts.
+On `KILL` (or SIGTERM/SIGINT to the monitor) it writes KILL_DL, KILL_BG, KILL_EMBED, gives every worker
+`kill_timeout_s` (30 s) to exit, then SIGTERM, then SIGKILL; logs what each did and exits 0.
+Children log to `<home>/<log>.log` themselves; their stdout/stderr go to the same file for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imageselector import db, monitor_config, qps_tuner, status
+from imageselector.config import PROJECT_ROOT, Settings, load_settings
+from imageselector.fsutil import atomic_write_text, pid_alive
+from imageselector.logs import fmt_duration, setup_logging
+from imageselector.monitor_config import MonitorConfig, StageSpec
+from imageselector.stopping import KILL, STAGE_KILL_FILES, Stopper, remove_kill_files
+
+log = logging.getLogger("pipeline")
+
+STATE_FILE = "pipeline_monitor.json"  # under .run/: what the monitor is doing, for the demo, chaos bench, humans
+PID_FILE = "pipeline_monitor.pid"
+
+
+def describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit code {rc}"
+
+
+def scan_heartbeats(run_dir: Path) -> list[dict[str, Any]]:
+    """Every readable heartbeat file, with its name added."""
+    out = []
+    try:
+        paths = list(run_dir.glob("*.heartbeat"))
+    except OSError:
+        return out
+    for p in paths:
+        try:
+            hb = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(hb, dict):
+            hb["_name"] = p.name[: -len(".heartbeat")]
+            out.append(hb)
+    return out
+
+
+@dataclass
+class StageRunner:
+    """Supervises one worker: start, watch, restart with backoff, give up on a crash loop."""
+
+    spec: StageSpec
+    cfg: MonitorConfig
+    home: Path
+    state: str = "waiting"  # waiting | running | held | finished | failed
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    next_start: float = 0.0
+    starts: int = 0
+    consecutive: int = 0
+    crashes: collections.deque[float] = field(default_factory=collections.deque)
+    delays: list[float] = field(default_factory=list)
+    hangs: int = 0
+    last_exit: str = ""
+    last_beat: float | None = None
+    term_sent_at: float | None = None
+    hang_reason: str | None = None
+    held_logged: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def restarts(self) -> int:
+        return max(0, self.starts - 1)
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / f"{self.spec.log_name}.log"
+
+    def kill_file_present(self) -> str | None:
+        for name in (self.spec.kill_file,) if self.spec.kill_file else ():
+            if (self.home / name).exists():
+                return name
+        return None
+
+    # ------------------------------------------------------------------ starting
+
+    def command(self) -> list[str]:
+        script = Path(self.spec.script)
+        if not script.is_absolute():
+            script = PROJECT_ROOT / script
+        return [sys.executable, str(script), *self.spec.args]
+
+    def start(self, now: float) -> None:
+        cmd = self.command()
+        env = {**os.environ, **self.spec.env, "IMAGESELECTOR_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=str(PROJECT_ROOT),
+                env=env,
+                start_new_session=True,  # the monitor alone decides how its children stop
+            )
+        self.starts += 1
+        self.started_at = now
+        self.last_beat = None
+        self.term_sent_at = None
+        self.hang_reason = None
+        self.state = "running"
+        pid_file = self.home / ".run" / f"{self.name}.pid"
+        atomic_write_text(pid_file, json.dumps({"pid": self.proc.pid, "started": now, "cmd": cmd}))
+        what = "started" if self.starts == 1 else f"restarted (restart #{self.restarts})"
+        log.info("%s %s: pid %d, %s, log %s", self.name, what, self.proc.pid, " ".join(cmd[1:]), self.log_path.name)
+
+    # ------------------------------------------------------------------ each tick
+
+    def tick(self, now: float, beats: list[dict[str, Any]]) -> None:
+        if self.state == "running":
+            assert self.proc is not None
+            rc = self.proc.poll()
+            if rc is None:
+                self._check_hang(now, beats)
+            else:
+                self._on_exit(rc, now)
+        if self.state == "held" and self.kill_file_present() is None:
+            log.info("%s: %s removed; starting it again", self.name, self.spec.kill_file)
+            self.state, self.next_start, self.held_logged = "waiting", now, False
+        if self.state == "waiting" and now >= self.next_start:
+            found = self.kill_file_present()
+            if found:
+                self.state = "held"
+                if not self.held_logged:
+                    log.warning("%s: %s present; not starting it until the file is removed", self.name, found)
+                    self.held_logged = True
+            else:
+                self.start(now)
+
+    def _beat_ts(self, beats: list[dict[str, Any]]) -> float | None:
+        assert self.proc is not None
+        newest = None
+        for hb in beats:
+            ts = hb.get("ts")
+            if not isinstance(ts, int | float) or ts < self.started_at:
+                continue
+            if hb.get("pid") == self.proc.pid or hb.get("_name") == self.spec.heartbeat:
+                newest = ts if newest is None else max(newest, ts)
+        return newest
+
+    def _check_hang(self, now: float, beats: list[dict[str, Any]]) -> None:
+        assert self.proc is not None
+        if self.term_sent_at is not None:
+            if now - self.term_sent_at >= self.cfg.term_grace_s:
+                log.error(
+                    "%s: pid %d ignored SIGTERM for %.0fs; sending SIGKILL",
+                    self.name,
+                    self.proc.pid,
+                    now - self.term_sent_at,
+                )
+                self._signal(signal.SIGKILL)
+                self.term_sent_at = float("inf")
+            return
+        if self.spec.heartbeat is None:
+            return
+        beat = self._beat_ts(beats)
+        if beat is not None:
+            self.last_beat = beat
+        if self.last_beat is None:
+            silent, limit, what = now - self.started_at, self.cfg.startup_timeout_s, "no heartbeat since start"
+        else:
+            silent, limit, what = now - self.last_beat, self.cfg.hang_timeout_s, "no heartbeat"
+        if silent > limit:
+            self.hangs += 1
+            self.hang_reason = f"hung: {what} for {silent:.0f}s (limit {limit:.0f}s)"
+            log.error("%s (pid %d) %s; sending SIGTERM", self.name, self.proc.pid, self.hang_reason)
+            self._signal(signal.SIGTERM)
+            self.term_sent_at = now
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    def _on_exit(self, rc: int, now: float) -> None:
+        ran = now - self.started_at
+        how = self.hang_reason or describe_exit(rc)
+        self.last_exit = f"{how} after {fmt_duration(ran)}"
+        self.proc = None
+        if self.hang_reason is None and rc == 0:
+            found = self.kill_file_present()
+            if found:
+                log.info("%s stopped by %s (exit 0); waiting for %s to be removed", self.name, found, found)
+                self.state, self.held_logged = "held", True
+            elif self.spec.restart_on_success_s is None:
+                log.info("%s finished (exit 0 after %s); not restarting it", self.name, fmt_duration(ran))
+                self.state = "finished"
+            else:
+                log.info(
+                    "%s finished (exit 0 after %s); next run in %s",
+                    self.name,
+                    fmt_duration(ran),
+                    fmt_duration(self.spec.restart_on_success_s),
+                )
+                self.consecutive = 0
+                self.state, self.next_start = "waiting", now + self.spec.restart_on_success_s
+            return
+        if self.hang_reason is None and rc == 2:
+            self._give_up(
+                f"exited with code 2 (bad usage or configuration); restarting will not help. See {self.log_path.name}"
+            )
+            return
+        if ran >= self.cfg.stable_after_s:
+            self.consecutive = 0
+        self.crashes.append(now)
+        while self.crashes and now - self.crashes[0] > self.cfg.crash_loop_window_s:
+            self.crashes.popleft()
+        if len(self.crashes) >= self.cfg.crash_loop_max:
+            self._give_up(
+                f"CRASH LOOP: {len(self.crashes)} crashes within {fmt_duration(self.cfg.crash_loop_window_s)} "
+                f"(last: {self.last_exit}). See {self.log_path.name}"
+            )
+            return
+        delay = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * (2**self.consecutive))
+        self.consecutive += 1
+        self.delays.append(delay)
+        self.state, self.next_start = "waiting", now + delay
+        log.warning(
+            "%s %s (%s); restarting in %s (crash %d of %d allowed within %s)",
+            self.name,
+            "hung" if self.hang_reason else "crashed",
+            self.last_exit,
+            fmt_duration(delay) if delay >= 1 else f"{delay:.1f}s",
+            len(self.crashes),
+            self.cfg.crash_loop_max,
+            fmt_duration(self.cfg.crash_loop_window_s),
+        )
+
+    def _give_up(self, why: str) -> None:
+        self.state = "failed"
+        bar = "!" * 78
+        log.critical(bar)
+        log.critical("%s STOPPED, NOT RESTARTING: %s", self.name, why)
+        log.critical(
+            "the other stages keep running; fix the cause, then restart the monitor (touch KILL; start it again)"
+        )
+        log.critical(bar)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "pid": self.proc.pid if self.proc is not None else None,
+            "starts": self.starts,
+            "restarts": self.restarts,
+            "crashes_in_window": len(self.crashes),
+            "hangs": self.hangs,
+            "backoff_delays": self.delays[-20:],
+            "last_exit": self.last_exit,
+            "up_s": round(now - self.started_at, 1) if self.proc is not None else None,
+            "next_start_in_s": round(self.next_start - now, 1) if self.state == "waiting" else None,
+        }
+
+
+class Monitor:
+    """The supervisor loop. `run()` returns the exit code (0 after a graceful stop)."""
+
+    def __init__(self, settings: Settings, cfg: MonitorConfig, *, install_signals: bool = True) -> None:
+        self.settings = settings
+        self.home = settings.home
+        self.cfg = cfg
+        self.run_dir = settings.run_dir
+        self.stopper = Stopper(self.home, [KILL], install_signals=install_signals)
+        self.runners = [StageRunner(s, cfg, self.home) for s in cfg.enabled_stages()]
+        self.conn = None
+        self.qps_prev: qps_tuner.SyncStats | None = None
+        self.sync_prev_requests: tuple[float, int] | None = None
+        self.shutdown_report: dict[str, Any] = {}
+        self._last_state = ""
+
+    # ------------------------------------------------------------------ start-up
+
+    def _claim_pid_file(self) -> bool:
+        pid_file = self.run_dir / PID_FILE
+        try:
+            other = int(pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            other = None
+        if other and other != os.getpid() and pid_alive(other):
+            log.error(
+                "another pipeline monitor is running (pid %d, from %s); stop it first (touch KILL), "
+                "or remove the file if that pid is not a monitor",
+                other,
+                pid_file,
+            )
+            return False
+        atomic_write_text(pid_file, f"{os.getpid()}\n")
+        return True
+
+    def _stop_orphans(self) -> None:
+        """Workers left running by a monitor that was killed hard would otherwise run twice."""
+        for r in self.runners:
+            pid_file = self.run_dir / f"{r.name}.pid"
+            try:
+                info = json.loads(pid_file.read_text())
+                pid = int(info["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if not pid_alive(pid) or Path(r.spec.script).name not in _command_of(pid):
+                continue
+            log.warning("%s: pid %d from an earlier monitor is still running; stopping it (SIGTERM)", r.name, pid)
+            _terminate_pid(pid, self.cfg.kill_timeout_s)
+
+    def _init_qps(self) -> None:
+        q = self.cfg.qps
+        path = self.settings.qps_config_path
+        cur = qps_tuner.read_config(path)
+        if isinstance(cur.get("qps"), int | float) and cur["qps"] > 0:
+            log.info("qps_config.json: qps %.2f (min %s, max %s)", cur["qps"], cur.get("min_qps"), cur.get("max_qps"))
+            return
+        qps_tuner.write_config(path, q.initial_qps, q.min_qps, q.max_qps, "initial value", self.settings.tmp_dir)
+        log.info("qps_config.json written: qps %.2f (min %.2f, max %.2f)", q.initial_qps, q.min_qps, q.max_qps)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        if not self._claim_pid_file():
+            return 1
+        try:
+            return self._run()
+        finally:
+            try:
+                (self.run_dir / PID_FILE).unlink()
+            except FileNotFoundError:
+                pass
+            if self.conn is not None:
+                self.conn.close()
+
+    def _run(self) -> int:
+        removed = remove_kill_files(self.home)
+        if removed:
+            log.info("removed stale kill files from the last stop: %s", " ".join(removed))
+        names = ", ".join(r.name for r in self.runners) or "none"
+        log.info("pipeline monitor started (pid %d) in %s; stages: %s", os.getpid(), self.home, names)
+        self.conn = db.connect(self.settings.db_path)
+        self._stop_orphans()
+        tune = self.cfg.qps.enabled and any(r.name == "sync" for r in self.runners)
+        if tune:
+            self._init_qps()
+        now = time.time()
+        next_qps = now + self.cfg.qps.interval_s
+        next_status = now + min(self.cfg.status_interval_s, 60.0)
+        while not self.stopper.should_stop():
+            now = time.time()
+            beats = scan_heartbeats(self.run_dir)
+            for r in self.runners:
+                r.tick(now, beats)
+            if tune and now >= next_qps:
+                self._tune_qps(now)
+                next_qps = now + self.cfg.qps.interval_s
+            if now >= next_status:
+                self.log_status(now)
+                next_status = now + self.cfg.status_interval_s
+            self._write_state(now)
+            self.stopper.wait(self.cfg.tick_s)
+        self.shutdown(self.stopper.reason or "stop requested")
+        return 0
+
+    # ------------------------------------------------------------------ QPS
+
+    def _tune_qps(self, now: float) -> None:
+        try:
+            stats = qps_tuner.parse_stats(db.kv_get(self.conn, "sync_stats"))  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - a status read must never stop the monitor
+            log.warning("qps tuning: could not read sync_stats: %s", exc)
+            return
+        path = self.settings.qps_config_path
+        current = qps_tuner.read_config(path)
+        qps = current.get("qps")
+        if not isinstance(qps, int | float) or qps <= 0:
+            qps = self.cfg.qps.initial_qps
+        q = self.cfg.qps
+        base = qps_tuner.Policy(
+            q.min_qps, q.max_qps, q.increase, q.decrease, q.headroom, q.stale_after_s, q.quota_horizon_s
+        )
+        policy = qps_tuner.policy_from_file(current, base)
+        decision = qps_tuner.decide(float(qps), self.qps_prev, stats, policy, now)
+        if stats is not None:
+            self.qps_prev = stats
+        if decision.changed:
+            qps_tuner.write_config(
+                path, decision.qps, policy.min_qps, policy.max_qps, decision.reason, self.settings.tmp_dir
+            )
+            log.info("qps %.2f -> %.2f (%s)", qps, decision.qps, decision.reason)
+        else:
+            log.debug("qps stays %.2f (%s)", qps, decision.reason)
+
+    # ------------------------------------------------------------------ status
+
+    def status_lines(self, now: float) -> list[str]:
+        try:
+            data = status.collect(self.conn, now)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001
+            return [f"status unavailable: {exc}"]
+        lines = []
+        for r in self.runners:
+            proc = f"running pid {r.proc.pid}, up {fmt_duration(now - r.started_at)}" if r.proc else r.state
+            lines.append(f"{r.name:<8} {proc} | {self._stage_work(r.name, data, now)} | restarts {r.restarts}")
+        return lines
+
+    def _stage_work(self, name: str, data: dict[str, Any], now: float) -> str:
+        stages = data["stages"]
+        if name == "sync":
+            stats = qps_tuner.parse_stats(db.kv_get(self.conn, "sync_stats"))  # type: ignore[arg-type]
+            qps = qps_tuner.read_config(self.settings.qps_config_path).get("qps", "?")
+            if stats is None:
+                return f"no sync stats yet, qps {qps}, {data['total']:,} images known"
+            rate = "?"
+            if self.sync_prev_requests and stats.ts > self.sync_prev_requests[0]:
+                rate = f"{(stats.requests - self.sync_prev_requests[1]) / (stats.ts - self.sync_prev_requests[0]):.2f}"
+            self.sync_prev_requests = (stats.ts, stats.requests)
+            pending = self.conn.execute(  # type: ignore[union-attr]
+                "SELECT COUNT(*) FROM listings WHERE images_fetched_at IS NULL"
+            ).fetchone()[0]
+            return (
+                f"{rate} requests/s, qps {qps}, {stats.requests:,} requests, {stats.http_429:,} 429s | "
+                f"backlog {pending:,} listings without images | {data['total']:,} images known"
+            )
+        if name == "embed":
+            models = {k: v for k, v in stages.items() if k.startswith("embed_")}
+            if not models:
+                return "no embed stages"
+            slow = min(models, key=lambda k: models[k]["per_min_10m"])
+            most = max(models, key=lambda k: models[k]["backlog"])
+            parked = sum(v["parked"] for v in models.values())
+            return (
+                f"{models[slow]['per_min_10m']:.1f}/min (slowest model, {slow[6:]}) | "
+                f"backlog {models[most]['backlog']:,} (largest, {most[6:]}) | parked {parked:,}"
+            )
+        key = {"download": "download", "bg": "bg"}.get(name)
+        if key is None or key not in stages:
+            return "-"
+        s = stages[key]
+        return f"{s['per_min_10m']:.1f}/min | backlog {s['backlog']:,} | parked {s['parked']:,}"
+
+    def log_status(self, now: float) -> None:
+        for line in self.status_lines(now):
+            log.info("status: %s", line)
+
+    def _write_state(self, now: float, final: bool = False) -> None:
+        body = {r.name: r.snapshot(now) for r in self.runners}
+        sig = json.dumps(
+            {k: {kk: vv for kk, vv in v.items() if kk not in ("up_s", "next_start_in_s")} for k, v in body.items()}
+        )
+        if sig == self._last_state and not final:
+            return
+        self._last_state = sig
+        state = {
+            "pid": os.getpid(),
+            "updated_at": now,
+            "stages": body,
+            "stopping": final,
+            "shutdown": self.shutdown_report,
+        }
+        try:
+            atomic_write_text(self.run_dir / STATE_FILE, json.dumps(state, indent=1))
+        except OSError as exc:
+            log.warning("could not write %s: %s", STATE_FILE, exc)
+
+    # ------------------------------------------------------------------ stopping
+
+    def shutdown(self, reason: str) -> None:
+        t0 = time.time()
+        log.info("stopping (%s): writing %s and asking every worker to exit", reason, ", ".join(STAGE_KILL_FILES))
+        for name in STAGE_KILL_FILES:
+            (self.home / name).touch()
+        running = {r.name: r for r in self.runners if r.proc is not None and r.proc.poll() is None}
+        for r in self.runners:
+            if r.proc is not None and r.name not in running:
+                r.proc.poll()
+        if not (self.home / KILL).exists():
+            for r in running.values():
+                if r.spec.kill_file is None:
+                    log.info(
+                        "%s stops on KILL, which is absent (monitor was signalled): sending SIGTERM (graceful)", r.name
+                    )
+                    r._signal(signal.SIGTERM)
+        for r in self.runners:
+            if r.name not in running:
+                self.shutdown_report[r.name] = {"how": f"not running ({r.state})"}
+        deadline = t0 + self.cfg.kill_timeout_s
+        self._wait(running, deadline, t0, "exited")
+        if running:
+            for r in running.values():
+                log.warning(
+                    "%s (pid %d) still running after %.0fs: sending SIGTERM", r.name, r.proc.pid, time.time() - t0
+                )  # type: ignore[union-attr]
+                r._signal(signal.SIGTERM)
+            self._wait(running, time.time() + self.cfg.term_grace_s, t0, "exited after SIGTERM")
+        if running:
+            for r in running.values():
+                log.error("%s (pid %d) ignored SIGTERM: sending SIGKILL (last resort)", r.name, r.proc.pid)  # type: ignore[union-attr]
+                r._signal(signal.SIGKILL)
+            self._wait(running, time.time() + 10.0, t0, "killed with SIGKILL")
+        for r in running.values():
+            log.critical("%s (pid %d) survived SIGKILL; giving up on it", r.name, r.proc.pid)  # type: ignore[union-attr]
+        log.info(
+            "pipeline monitor stopped after %.1fs; restarts: %s",
+            time.time() - t0,
+            ", ".join(f"{r.name} {r.restarts}" for r in self.runners) or "none",
+        )
+        self._write_state(time.time(), final=True)
+
+    def _wait(self, running: dict[str, StageRunner], deadline: float, t0: float, how: str) -> None:
+        while running:
+            for name, r in list(running.items()):
+                rc = r.proc.poll()  # type: ignore[union-attr]
+                if rc is not None:
+                    after = time.time() - t0
+                    log.info("%s %s (%s) after %.1fs", name, how, describe_exit(rc), after)
+                    self.shutdown_report[name] = {"how": how, "code": rc, "after_s": round(after, 2)}
+                    r.state, r.proc = "stopped", None
+                    del running[name]
+            if not running or time.time() >= deadline:
+                return
+            time.sleep(0.1)
+
+
+def _command_of(pid: int) -> str:
+    try:
+        return subprocess.run(
+            ["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, timeout=5
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _terminate_pid(pid: int, wait_s: float) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    end = time.time() + wait_s
+    while time.time() < end and pid_alive(pid):
+        time.sleep(0.2)
+    if pid_alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def build_config(args: argparse.Namespace, home: Path) -> MonitorConfig:
+    cfg = monitor_config.load(home, Path(args.config) if args.config else None)
+    if args.stages:
+        cfg = monitor_config.only_stages(cfg, [s.strip() for s in args.stages.split(",") if s.strip()])
+    overrides: dict[str, Any] = {}
+    if args.kill_timeout is not None:
+        overrides["kill_timeout_s"] = args.kill_timeout
+    if args.status_interval is not None:
+        overrides["status_interval_s"] = args.status_interval
+    if args.hang_timeout is not None:
+        overrides["hang_timeout_s"] = args.hang_timeout
+    if args.no_qps_tuning:
+        overrides["qps"] = {"enabled": False}
+    return monitor_config.from_dict(overrides, cfg) if overrides else cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="scripts/pipeline_monitor.py",
+        description="Run sync, downloader, background remover and embedder; restart them on crash or hang; "
+        "tune qps_config.json; stop everything gracefully on `touch KILL`. Config: <home>/pipeline_monitor.json "
+        "(see docs/monitor.md).",
+    )
+    ap.add_argument("--home", help="data home (default: IMAGESELECTOR_HOME or the project root)")
+    ap.add_argument("--config", help="config file (default: <home>/pipeline_monitor.json when present)")
+    ap.add_argument("--stages", help="comma-separated stages to run, e.g. download,bg,embed (default: all enabled)")
+    ap.add_argument("--kill-timeout", type=float, help="seconds each worker gets to exit after KILL (default 30)")
+    ap.add_argument("--hang-timeout", type=float, help="seconds without a heartbeat before a worker counts as hung")
+    ap.add_argument("--status-interval", type=float, help="seconds between status lines in pipeline.log")
+    ap.add_argument("--no-qps-tuning", action="store_true", help="leave qps_config.json alone")
+    ap.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
+    args = ap.parse_args(argv)
+    settings = load_settings(args.home)
+    try:
+        cfg = build_config(args, settings.home)
+    except ValueError as exc:
+        print(f"pipeline_monitor: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    setup_logging("pipeline", settings.home, secrets=settings.secrets())
+    return Monitor(settings, cfg).run()
