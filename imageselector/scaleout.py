@@ -157,9 +157,7 @@ class RayPool:
         self.pending: dict[Any, _Task] = {}  # ref -> task
         self.done: deque[tuple[Any, Any]] = deque()
         self.restarts = 0
-        log.info(
-            "Ray pool: %d actor(s) with %s each (cluster has %d CPU, %d GPU)", self.n, self.options, cpus, gpus
-        )
+        log.info("Ray pool: %d actor(s) with %s each (cluster has %d CPU, %d GPU)", self.n, self.options, cpus, gpus)
 
     def _new_actor(self) -> Any:
         return self._actor_cls.options(**self.options, max_restarts=0).remote(self.factory, self.kwargs, self.threads)

@@ -49,7 +49,7 @@ def cluster(tmp_path_factory):
 def test_pool_maps_every_batch_once_across_actors(cluster) -> None:
     pool = RayPool("tests.helpers.ray_compute:make_doubler", {"delay_s": 0.05}, address=cluster, replicas=2)
     try:
-        out = dict(pool.map(((k, [k, k + 1]) for k in range(10))))
+        out = dict(pool.map((k, [k, k + 1]) for k in range(10)))
         assert out.keys() == set(range(10))
         assert all(out[k]["out"] == [2 * k, 2 * k + 2] for k in out)
         assert len({v["pid"] for v in out.values()}) == 2  # both replicas worked
