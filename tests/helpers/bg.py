@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imageselector import db, layout
+from imageselector import layout
 from imageselector.background.standin import build_standin_u2net
 from tests.helpers.rows import seed_images
 
@@ -56,5 +56,7 @@ def run_cli(home: Path, *args: str, timeout: float = 60) -> subprocess.Completed
 
 
 def flags(conn) -> dict[str, int]:
-    r = conn.execute("SELECT SUM(bg_removed) AS done, SUM(bg_parked) AS parked, COUNT(*) AS n FROM image_status").fetchone()
+    r = conn.execute(
+        "SELECT SUM(bg_removed) AS done, SUM(bg_parked) AS parked, COUNT(*) AS n FROM image_status"
+    ).fetchone()
     return {"done": r["done"] or 0, "parked": r["parked"] or 0, "n": r["n"]}
