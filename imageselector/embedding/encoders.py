@@ -222,7 +222,13 @@ _CLASSES: dict[str, type[Encoder]] = {
 
 
 def _build(spec: ModelSpec, device: str, dtype: str) -> Encoder:
-    return _CLASSES[spec.library](spec, device, dtype)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # open_clip narrates every load step on the root logger
+    try:
+        return _CLASSES[spec.library](spec, device, dtype)
+    finally:
+        root.setLevel(level)
 
 
 def load_encoder(spec: ModelSpec, device: str = "auto", dtype: str = "auto") -> Encoder:

@@ -56,9 +56,14 @@ class ModelSpec:
 
     def describe(self) -> str:
         """A short provenance string, stored in the manifest so mixed sources can be detected."""
-        parts = [self.library, self.source]
+
+        def short(v: str) -> str:  # a local path counts by its last component, so a moved folder still matches
+            path = v.removeprefix("local-dir:")
+            return Path(path).name if os.path.isabs(path) else v
+
+        parts = [self.library, short(self.source)]
         if self.pretrained:
-            parts.append(self.pretrained)
+            parts.append(short(self.pretrained))
         return ":".join(parts)
 
     def fallback_spec(self) -> ModelSpec | None:

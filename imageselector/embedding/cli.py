@@ -1,0 +1,111 @@
+"""`image_search_v2/embed.py`: embed bg-removed images with one or all five models into embeddings/.
+
+    venv/bin/python image_search_v2/embed.py --model all --batch-size 8 [--watch]
+
+Stops between batches on KILL_EMBED (or KILL, SIGTERM, Ctrl-C), flushing what it has and flagging it.
+Exit codes: 0 done or stopped gracefully, 2 bad usage/config (unknown model, bad models file, an index
+built by a different model, another embed.py already embedding the same model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from imageselector import db
+from imageselector.config import load_settings
+from imageselector.fsutil import clean_tmp
+from imageselector.logs import setup_logging
+from imageselector.stopping import KILL, KILL_EMBED, Stopper, refuse_if_killed
+from imageselector.worker import Heartbeat
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="embed.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="all", help="all, or one name from the models file (e.g. clip_vitb32)")
+    ap.add_argument("--batch-size", type=int, default=8, help="images per model per forward pass (default 8)")
+    ap.add_argument("--device", default="auto", choices=["auto", "mps", "cuda", "cpu"], help="auto: mps, cuda, cpu")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="auto: fp16 on mps/cuda, bf16 on a CPU with native bf16, else fp32 (docs/embedding.md)",
+    )
+    ap.add_argument("--watch", action="store_true", help="keep polling for new images instead of exiting when done")
+    ap.add_argument("--models-file", help="registry JSON to use instead of the shipped one (IMAGESELECTOR_MODELS_FILE)")
+    ap.add_argument("--workers", type=int, default=2, help="decode/preprocess threads (default 2)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--flush-every", type=int, default=1024, help="flush after this many new vectors (default 1024)")
+    ap.add_argument("--flush-seconds", type=float, default=60.0, help="flush at least this often (default 60)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1 or args.workers < 1:
+        print("embed.py: --batch-size and --workers must be at least 1", file=sys.stderr)
+        return 2
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+    settings = load_settings()
+    log = setup_logging("embed", settings.home, secrets=settings.secrets())
+    stopper = Stopper(settings.home, (KILL_EMBED, KILL))
+    if refuse_if_killed(stopper):
+        return 0
+
+    from imageselector.embedding.registry import RegistryError, load_registry
+
+    try:
+        registry = load_registry(args.models_file, settings)
+    except RegistryError as exc:
+        log.error("%s", exc)
+        return 2
+    if args.model == "all":
+        names = list(registry)
+    elif args.model in registry:
+        names = [args.model]
+    else:
+        log.error("unknown model %r; the models file has: %s", args.model, ", ".join(registry))
+        return 2
+
+    import torch
+
+    from imageselector.embedding.encoders import load_encoder
+    from imageselector.embedding.stage import EmbedStage, Options
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        encoders = {n: load_encoder(registry[n], args.device, args.dtype) for n in names}
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be loaded is a config problem, said in one line
+        log.error("cannot load a model: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return 2
+    clean_tmp(settings.tmp_dir)
+    conn = db.connect(settings.db_path)
+    opts = Options(
+        batch_size=args.batch_size,
+        watch=args.watch,
+        workers=args.workers,
+        flush_every=args.flush_every,
+        flush_s=args.flush_seconds,
+    )
+    stage = EmbedStage(settings, conn, encoders, opts, stopper)
+    try:
+        stage.open()
+    except (RuntimeError, ValueError) as exc:
+        log.error("%s", exc)
+        stage.store.close()
+        return 2
+    log.info(
+        "embedding with %s; batch %d, %d decode threads, %d torch threads",
+        ", ".join(f"{n} ({e.device}/{e.dtype_name})" for n, e in encoders.items()),
+        args.batch_size,
+        args.workers,
+        torch.get_num_threads(),
+    )
+    stage.run(Heartbeat(settings.run_dir, "embed"))
+    conn.close()
+    return 0

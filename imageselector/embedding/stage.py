@@ -1,0 +1,526 @@
+"""The embed stage: claim bg-removed images per model, decode each once, embed, store, flag when durable.
+
+One process may run several models (`--model all`). Each model is its own stage (`embed_<model>`) with
+its own claims, flags and failures. A prefetch thread claims a round (up to a batch per model), decodes
+every distinct image once in worker threads and preprocesses it for each model that claimed it, so the
+models run while the next round is being read. The main thread runs the models, appends vectors to the
+in-memory indexes, and periodically flushes (store.py) and only then sets the flags.
+
+Crash consistency, per model m (its index file has one writer, held by a lock):
+- flags are set only after the index file that holds those vectors is durable, so a flag of 1 never
+  lies unless the file is later lost;
+- at start, `reconcile` repairs both gaps a crash (or a restored backup) can leave: an id in the file
+  whose flag is 0 (killed between the file rename and the flag commit) is adopted, i.e. flagged, since
+  the vector is this model's output for that very image; if the row is gone, parked or no longer
+  ready, the vector is removed instead. A flag of 1 whose vector is not in the file is reset to 0 (the
+  image is embedded again). Index ids == rows flagged 1, exactly, before any new work starts;
+- a vector is never added twice: claimed rows have flag 0, flag-0 rows are not in the file after
+  reconcile, and `VectorIndex.add` replaces rather than duplicates an id that is somehow present.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from imageselector import db
+from imageselector.config import Settings
+from imageselector.embedding.encoders import Encoder
+from imageselector.embedding.store import Store
+from imageselector.layout import image_path
+from imageselector.logs import Progress
+from imageselector.worker import ClaimedBatch, Heartbeat
+
+log = logging.getLogger("embed")
+
+STANDIN_WARNING = "stand-in models with random weights"
+_CHUNK = 500
+
+
+@dataclass
+class Options:
+    batch_size: int = 8
+    watch: bool = False
+    workers: int = 2
+    prefetch: int = 2
+    flush_every: int = 1024
+    flush_s: float = 60.0
+    poll_s: float = 10.0
+    progress_s: float = 30.0
+
+
+@dataclass
+class Round:
+    """One prefetched unit of work: per model, the claimed rows, their tensors, and the rows that failed."""
+
+    rows: dict[str, list[sqlite3.Row]] = field(default_factory=dict)
+    ok: dict[str, list[sqlite3.Row]] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: dict[str, list[tuple[sqlite3.Row, str, bool]]] = field(default_factory=dict)
+    images: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows
+
+
+def _chunks(seq: Sequence[Any], n: int = _CHUNK) -> list[Sequence[Any]]:
+    return [seq[i : i + n] for i in range(0, len(seq), n)]
+
+
+def find_image(settings: Settings, row: Any) -> Path | None:
+    """The file of a row: images/, else (archived) the backup location via cleanup.locate_image."""
+    p = image_path(settings.images_dir, row["listing_id"], row["image_id"])
+    if p.is_file():
+        return p
+    try:
+        from imageselector.cleanup import locate_image
+    except ImportError:  # pragma: no cover - cleanup not installed
+        return None
+    return locate_image(settings, row)
+
+
+def decode(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        im.load()
+        return im.copy() if im.mode in ("RGB", "RGBA", "L", "P", "LA") else im.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefetch: claim + decode once + preprocess per model, ahead of the models
+# --------------------------------------------------------------------------------------------------
+
+
+class Prefetcher(threading.Thread):
+    def __init__(
+        self, settings: Settings, owner: str, encoders: dict[str, Encoder], opts: Options, stopper: Any
+    ) -> None:
+        super().__init__(name="embed-prefetch", daemon=True)
+        self.settings = settings
+        self.owner = owner
+        self.encoders = encoders
+        self.opts = opts
+        self.stopper = stopper
+        self.q: queue.Queue[Round | BaseException] = queue.Queue(maxsize=max(1, opts.prefetch))
+        self.halt = threading.Event()
+        self.pool = ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="embed-decode")
+
+    def _stop_now(self) -> bool:
+        return self.halt.is_set() or self.stopper.should_stop()
+
+    def run(self) -> None:
+        conn = db.connect(self.settings.db_path)
+        try:
+            while not self._stop_now():
+                rnd = self.make_round(conn)
+                while not self.halt.is_set():
+                    try:
+                        self.q.put(rnd, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                else:
+                    self._release(conn, rnd)
+                    break
+                if rnd.empty and (not self.opts.watch or self.halt.wait(self.opts.poll_s)):
+                    break
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which logs and exits
+            self.q.put(exc)
+        finally:
+            conn.close()
+            self.pool.shutdown(wait=True)
+
+    def _release(self, conn: sqlite3.Connection, rnd: Round) -> None:
+        for m, rows in rnd.rows.items():
+            db.release(conn, f"embed_{m}", self.owner, [r["rid"] for r in rows])
+
+    def make_round(self, conn: sqlite3.Connection) -> Round:
+        rnd = Round()
+        for m in self.encoders:
+            rows = db.claim_batch(conn, f"embed_{m}", self.owner, self.opts.batch_size)
+            if rows:
+                rnd.rows[m] = rows
+        if rnd.empty:
+            return rnd
+        wanted: dict[int, list[str]] = {}
+        by_gid: dict[int, sqlite3.Row] = {}
+        for m, rows in rnd.rows.items():
+            for r in rows:
+                wanted.setdefault(r["gid"], []).append(m)
+                by_gid[r["gid"]] = r
+        gids = list(by_gid)
+        results = list(self.pool.map(lambda g: self._load(by_gid[g], wanted[g]), gids))
+        rnd.images = len(gids)
+        per_gid = dict(zip(gids, results, strict=True))
+        for m, rows in rnd.rows.items():
+            ok, tens, errs = [], [], []
+            for r in rows:
+                res = per_gid[r["gid"]]
+                if isinstance(res, tuple):
+                    errs.append((r, res[0], res[1]))
+                elif isinstance(res[m], str):
+                    errs.append((r, res[m], True))
+                else:
+                    ok.append(r)
+                    tens.append(res[m])
+            rnd.ok[m], rnd.errors[m] = ok, errs
+            if tens:
+                rnd.tensors[m] = torch.stack(tens)
+        return rnd
+
+    def _load(self, row: sqlite3.Row, models: list[str]) -> tuple[str, bool] | dict[str, Any]:
+        """Decode once, preprocess for each model. Returns (error, permanent) or {model: tensor | error}."""
+        path = find_image(self.settings, row)
+        if path is None:
+            return ("image file missing", False)
+        try:
+            img = decode(path)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            return (f"undecodable image: {type(exc).__name__}: {exc}", True)
+        out: dict[str, Any] = {}
+        for m in models:
+            try:
+                out[m] = self.encoders[m].preprocess(img)
+            except Exception as exc:  # noqa: BLE001 - one bad image must not stop the stage
+                out[m] = f"preprocessing failed: {type(exc).__name__}: {exc}"
+        return out
+
+    def get(self) -> Round:
+        while True:
+            try:
+                item = self.q.get(timeout=0.5)
+            except queue.Empty:
+                if not self.is_alive() and self.q.empty():
+                    return Round()
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+    def shutdown(self, conn: sqlite3.Connection) -> None:
+        """Stop claiming; hand back every round still queued."""
+        self.halt.set()
+        while self.is_alive() or not self.q.empty():
+            try:
+                item = self.q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(item, Round):
+                self._release(conn, item)
+        self.join()
+
+
+# --------------------------------------------------------------------------------------------------
+# Listing text for the CLIP text indexes
+# --------------------------------------------------------------------------------------------------
+
+
+def listing_text(title: str | None, tags: str | None) -> str:
+    """Title and tags, the way the text index sees a listing. Tags may be a JSON list or comma-separated."""
+    tag_list: list[str] = []
+    if tags:
+        try:
+            parsed = json.loads(tags)
+            tag_list = [str(t) for t in parsed] if isinstance(parsed, list) else [str(parsed)]
+        except ValueError:
+            tag_list = [t.strip() for t in tags.split(",")]
+    tag_list = [t for t in tag_list if t]
+    parts = [p for p in ((title or "").strip(), ", ".join(tag_list)) if p]
+    return ". ".join(parts)
+
+
+def listing_texts(conn: sqlite3.Connection, listing_ids: Sequence[int]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for chunk in _chunks(list(listing_ids)):
+        q = ",".join("?" * len(chunk))
+        for r in conn.execute(f"SELECT listing_id, title, tags FROM listings WHERE listing_id IN ({q})", tuple(chunk)):
+            text = listing_text(r["title"], r["tags"])
+            if text:
+                out[int(r["listing_id"])] = text
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+
+class EmbedStage:
+    def __init__(
+        self,
+        settings: Settings,
+        conn: sqlite3.Connection,
+        encoders: dict[str, Encoder],
+        opts: Options,
+        stopper: Any,
+        owner: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.conn = conn
+        self.encoders = encoders
+        self.opts = opts
+        self.stopper = stopper
+        self.owner = owner or db.make_owner("embed")
+        self.store = Store(settings.embeddings_dir, settings.tmp_dir)
+        self.pending: dict[str, list[tuple[ClaimedBatch, list[int]]]] = {m: [] for m in encoders}
+        self.since_flush = 0
+        self.last_flush = time.monotonic()
+        self.oldest_pending: float | None = None
+        self.forward_s: dict[str, float] = dict.fromkeys(encoders, 0.0)
+        self.progress = {
+            m: Progress(log, f"{m} images", interval=opts.progress_s, remaining=self._remaining_fn(m)) for m in encoders
+        }
+        self.prefetcher: Prefetcher | None = None
+
+    def _remaining_fn(self, m: str):  # type: ignore[no-untyped-def]
+        st = db.stage(f"embed_{m}")
+        return lambda: self.conn.execute(f"SELECT COUNT(*) FROM image_status WHERE {st.pending_sql}").fetchone()[0]
+
+    # ---- start-up ------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Lock and load every model's index, refuse a source change, reconcile flags and files."""
+        for m, enc in self.encoders.items():
+            rec = self.store.recorded(m)
+            source = enc.spec.describe()
+            if rec and rec.get("count") and (rec.get("source") != source or int(rec.get("dim", enc.dim)) != enc.dim):
+                raise RuntimeError(
+                    f"{m}: embeddings/{m}.faiss was built with {rec.get('source')} (dim {rec.get('dim')}), "
+                    f"now loading {source} (dim {enc.dim}); the vectors would not be comparable. "
+                    f"Use the same model, or move embeddings/{m}.faiss away to start that index afresh."
+                )
+            self.store.open_model(m, enc.dim, text=enc.has_text, source=source, standin=enc.spec.standin)
+            db.reclaim_dead(self.conn, f"embed_{m}")
+        for m in self.encoders:
+            self.reconcile(m)
+            if self.encoders[m].has_text:
+                self.backfill_texts(m)
+        self.store.flush(force_meta=True)
+        self._status_warning()
+
+    def _status_warning(self) -> None:
+        standins = [m for m, e in self.encoders.items() if e.spec.standin]
+        current = db.kv_get(self.conn, "status_warning") or ""
+        if standins:
+            msg = f"{STANDIN_WARNING} ({', '.join(standins)}): search results are meaningless"
+            if current != msg:
+                db.kv_set(self.conn, "status_warning", msg)
+        elif current.startswith(STANDIN_WARNING):
+            db.kv_set(self.conn, "status_warning", "")
+
+    def reconcile(self, m: str) -> dict[str, int]:
+        """Make index ids == rows flagged 1 for model m (see the module docstring). Returns repair counts."""
+        st = db.stage(f"embed_{m}")
+        ix = self.store.images[m]
+        flagged = {int(r[0]) for r in self.conn.execute(f"SELECT gid FROM image_status WHERE {st.done_col}=1")}
+        extra = sorted(ix.ids - flagged)
+        missing = sorted(flagged - ix.ids)
+        adopted = removed = reset = 0
+        if extra:
+            adopt: list[int] = []
+            for chunk in _chunks(extra):
+                q = ",".join("?" * len(chunk))
+                ready = {
+                    int(r[0])
+                    for r in self.conn.execute(
+                        f"SELECT gid FROM image_status WHERE gid IN ({q}) AND {st.ready_sql} AND {st.parked_col}=0",
+                        tuple(chunk),
+                    )
+                }
+                adopt += [g for g in chunk if g in ready]
+                removed += ix.remove([g for g in chunk if g not in ready])
+            adopted = self._adopt(st, adopt)
+        for chunk in _chunks(missing):
+            q = ",".join("?" * len(chunk))
+            reset += db.reset_rows(self.conn, st.name, f"{st.done_col}=1 AND gid IN ({q})", tuple(chunk))
+        # Every id we hold gets (re)checked into image_index.json at the next flush.
+        for r in self.conn.execute(f"SELECT gid, listing_id, image_id FROM image_status WHERE {st.done_col}=1"):
+            if int(r[0]) in ix.ids:
+                self.store.new_entries[int(r[0])] = (int(r[1]), int(r[2]))
+        counts = {"adopted": adopted, "removed": removed, "reset": reset, "vectors": len(ix)}
+        if adopted or removed or reset:
+            log.warning(
+                "%s: reconciled index and flags: %d vector(s) flagged (written before a crash), "
+                "%d stray vector(s) removed, %d flag(s) without a vector reset to 0",
+                m,
+                adopted,
+                removed,
+                reset,
+            )
+        else:
+            log.info("%s: index and flags agree (%d vectors)", m, len(ix))
+        return counts
+
+    @db.retry_on_lock
+    def _adopt(self, st: db.Stage, gids: list[int]) -> int:
+        n = 0
+        with db.Transaction(self.conn):
+            for chunk in _chunks(gids):
+                q = ",".join("?" * len(chunk))
+                n += self.conn.execute(
+                    f"UPDATE image_status SET {st.done_col}=1, {st.claim_col}=NULL, {st.not_before_col}=0,"
+                    f" {st.error_col}=NULL WHERE gid IN ({q}) AND {st.done_col}=0",
+                    tuple(chunk),
+                ).rowcount
+        return n
+
+    def backfill_texts(self, m: str) -> int:
+        """Text vectors for every listing with an embedded image that lacks one (e.g. after a crash)."""
+        st = db.stage(f"embed_{m}")
+        tix = self.store.texts[m]
+        listings = [
+            int(r[0])
+            for r in self.conn.execute(f"SELECT DISTINCT listing_id FROM image_status WHERE {st.done_col}=1")
+            if int(r[0]) not in tix
+        ]
+        added = self._add_texts(m, listings)
+        if added:
+            log.info("%s: added %d missing listing text vector(s)", m, added)
+        return added
+
+    def _add_texts(self, m: str, listing_ids: Sequence[int]) -> int:
+        tix = self.store.texts[m]
+        todo = sorted({int(x) for x in listing_ids if int(x) not in tix})
+        if not todo:
+            return 0
+        texts = listing_texts(self.conn, todo)
+        keys = [k for k in todo if k in texts]
+        added = 0
+        for i in range(0, len(keys), 64):
+            chunk = keys[i : i + 64]
+            added += tix.add(chunk, self.encoders[m].encode_texts([texts[k] for k in chunk]))
+        return added
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run_batch(self) -> int:
+        assert self.prefetcher is not None
+        rnd = self.prefetcher.get()
+        if rnd.empty:
+            self.maybe_flush(force=self.store.dirty() or any(self.pending.values()))
+            return 0
+        handled = 0
+        for m, rows in rnd.rows.items():
+            batch = ClaimedBatch(self.conn, f"embed_{m}", self.owner, rows)
+            try:
+                for row, reason, permanent in rnd.errors.get(m, []):
+                    parked = batch.fail(row["rid"], reason, permanent=permanent)
+                    log.warning(
+                        "%s: image %s/%s %s: %s",
+                        m,
+                        row["listing_id"],
+                        row["image_id"],
+                        "parked" if parked else "will retry",
+                        reason,
+                    )
+                ok = rnd.ok.get(m, [])
+                if ok:
+                    t0 = time.perf_counter()
+                    vecs = self.encoders[m].encode_batch(rnd.tensors[m])
+                    self.forward_s[m] += time.perf_counter() - t0
+                    self.add_vectors(m, ok, vecs)
+            except BaseException:
+                batch.__exit__(None, None, None)  # nothing of this batch is durable: hand it back
+                raise
+            self.pending[m].append((batch, [r["rid"] for r in ok]))
+            if self.oldest_pending is None:
+                self.oldest_pending = time.monotonic()
+            self.since_flush += len(ok)
+            self.progress[m].add(len(ok), failed=len(rnd.errors.get(m, [])))
+            handled += len(rows)
+        self.maybe_flush()
+        return handled
+
+    def add_vectors(self, m: str, rows: Sequence[sqlite3.Row], vecs: np.ndarray) -> None:
+        gids = [int(r["gid"]) for r in rows]
+        self.store.images[m].add(gids, vecs)
+        for r in rows:
+            self.store.new_entries[int(r["gid"])] = (int(r["listing_id"]), int(r["image_id"]))
+        if m in self.store.texts:
+            self._add_texts(m, [int(r["listing_id"]) for r in rows])
+
+    def maybe_flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force:
+            if not self.since_flush:
+                return
+            lease_pressure = self.oldest_pending is not None and now - self.oldest_pending >= self._lease_s() / 2
+            due = self.since_flush >= self.opts.flush_every or now - self.last_flush >= self.opts.flush_s
+            # Never spend more than ~10% of the time rewriting big index files.
+            too_soon = now - self.last_flush < 10 * self.store.last_write_s
+            if not lease_pressure and (not due or too_soon):
+                return
+        self.flush()
+
+    def _lease_s(self) -> float:
+        return min(db.stage(f"embed_{m}").lease_s for m in self.encoders)
+
+    def flush(self) -> None:
+        """Write the files, then flag exactly the rows whose vectors they hold."""
+        done: dict[str, int] = {}
+
+        def on_durable(m: str) -> None:
+            n = 0
+            for batch, rids in self.pending[m]:
+                n += len(batch.complete(rids)) if rids else 0
+                batch.__exit__(None, None, None)
+            self.pending[m] = []
+            done[m] = n
+
+        took = self.store.flush(on_durable, force_meta=True)
+        self.since_flush = 0
+        self.last_flush = time.monotonic()
+        self.oldest_pending = None
+        if done and any(done.values()):
+            log.info(
+                "flushed in %.2fs; flagged %s",
+                took,
+                ", ".join(f"{m} {n}" for m, n in done.items() if n),
+            )
+
+    def release_pending(self) -> None:
+        for m, items in self.pending.items():
+            for batch, _ in items:
+                batch.__exit__(None, None, None)
+            self.pending[m] = []
+
+    def run(self, heartbeat: Heartbeat | None = None) -> int:
+        from imageselector.worker import run_loop
+
+        self.prefetcher = Prefetcher(self.settings, self.owner, self.encoders, self.opts, self.stopper)
+        self.prefetcher.start()
+        total = 0
+        try:
+            total = run_loop(self.run_batch, self.stopper, watch=self.opts.watch, heartbeat=heartbeat, logger=log)
+            self.flush()
+        except BaseException:
+            try:
+                self.flush()  # the vectors computed so far are valid: keep them if the files can be written
+            except Exception as exc:  # noqa: BLE001
+                log.error("could not flush at exit (%s); unflagged rows will be embedded again", exc)
+            raise
+        finally:
+            self.release_pending()
+            self.prefetcher.shutdown(self.conn)
+            for m, p in self.progress.items():
+                if p.done or p.failed:
+                    p.report(final=True)
+                    log.info(
+                        "%s: model time %.1fs (%.1f images/s in the model)",
+                        m,
+                        self.forward_s[m],
+                        p.done / self.forward_s[m] if self.forward_s[m] else 0.0,
+                    )
+            self.store.close()
+        return total
