@@ -35,6 +35,9 @@ class Verdict:
         return self.kind == OK
 
 
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF")
+
+
 def _jpeg_complete(body: bytes) -> bool:
     """A JPEG ends with FF D9 (EOI); some encoders pad a few zero bytes after it."""
     tail = body[-64:].rstrip(b"\0")
@@ -70,6 +73,8 @@ def check_image(body: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Verdict:
                         Image.MAX_IMAGE_PIXELS = old
                 return Verdict(OK, "", w, h, fmt)
     except UnidentifiedImageError:
+        if body.startswith(_MAGIC):
+            return Verdict(TRUNCATED, f"image header cut short ({len(body):,} bytes)")
         head = body[:40].decode("latin-1", "replace").replace("\n", " ").strip()
         return Verdict(NOT_IMAGE, f"not an image ({len(body):,} bytes starting {head!r})")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -1,0 +1,432 @@
+"""The download stage: rows with `to_download=1 AND download_done=0` -> photos in images/.
+
+For each claimed row the URL is built from (shop_id, hex, image_id, suffix) under ETSY_CDN_BASE with a
+size tag (570xN by default), the body is checked to be a whole image (imagecheck), written atomically
+to `layout.image_path()` and only then is `download_done` set. 404/410, non-images and bodies still cut
+off after the retries are parked with their reason; 429/5xx/timeouts are retried (Retry-After honoured)
+and then left to the database's backoff.
+
+Rows flow through a pipeline, not lock-step batches: a new batch is claimed whenever fewer than
+`2 x concurrency` rows are in flight, and finished rows are flagged in small groups, so the CDN
+connections never wait for the slowest image of a batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import random
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from imageselector import db, layout
+from imageselector.config import load_settings
+from imageselector.download_engines import (
+    DONE,
+    ENGINES,
+    PARK,
+    RELEASE,
+    RETRY,
+    Engine,
+    FetchOptions,
+    Job,
+    Outcome,
+    make_engine,
+)
+from imageselector.etsy.cdn import SIZES, build_image_url, parse_image_url
+from imageselector.fsutil import clean_tmp
+from imageselector.imagecheck import DEFAULT_MAX_PIXELS
+from imageselector.logs import Progress, setup_logging
+from imageselector.stopping import KILL, KILL_DL, Stopper, refuse_if_killed
+from imageselector.worker import ClaimedBatch, Heartbeat, run_loop
+
+STAGE = "download"
+SCRIPT = "image_downloader"
+DEFAULT_ENGINE = "threads"
+log = logging.getLogger(SCRIPT)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reconciliation: a flag of 1 must mean a file on disk
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReconcileResult:
+    checked: int = 0
+    missing: int = 0
+    full: bool = False
+
+
+def _missing(images_dir: Path, rows: list[sqlite3.Row]) -> list[int]:
+    return [r["rid"] for r in rows if not layout.image_path(images_dir, r["listing_id"], r["image_id"]).is_file()]
+
+
+def _reset_missing(conn: sqlite3.Connection, rids: list[int]) -> None:
+    """Download again; and since the new file will have its background, remove that again too."""
+    for i in range(0, len(rids), 500):
+        chunk = rids[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        db.reset_rows(conn, STAGE, f"rowid IN ({marks})", chunk)
+        db.reset_rows(conn, "bg", f"rowid IN ({marks}) AND bg_removed=1", chunk)
+
+
+def reconcile(conn: sqlite3.Connection, images_dir: Path, *, full: bool = False, sample: int = 2000) -> ReconcileResult:
+    """Reset `download_done` for rows whose file is gone (archived rows live on the backup disk: skipped).
+
+    Default: a random sample of `sample` rowids (O(sample) index look-ups, milliseconds even for a million
+    rows); if the sample finds one missing file, escalate to checking every row. `full` checks every row
+    from the start (a stat per image: about a minute per million on an SSD).
+    """
+    res = ReconcileResult(full=full)
+    base = "SELECT rowid AS rid, listing_id, image_id FROM image_status WHERE download_done=1 AND archived_at IS NULL"
+    if not full:
+        top = conn.execute("SELECT MAX(rowid) FROM image_status").fetchone()[0] or 0
+        picks = sorted(random.sample(range(1, top + 1), min(sample, top))) if top else []
+        missing: list[int] = []
+        for i in range(0, len(picks), 500):
+            chunk = picks[i : i + 500]
+            rows = conn.execute(f"{base} AND rowid IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+            res.checked += len(rows)
+            missing += _missing(images_dir, rows)
+        if not missing:
+            return res
+        log.warning(
+            "sample check: %d of %d flagged images missing on disk; checking every row", len(missing), res.checked
+        )
+        res.full = True
+    res.checked = 0
+    cur = conn.execute(base)
+    lost: list[int] = []
+    while rows := cur.fetchmany(5000):
+        res.checked += len(rows)
+        lost += _missing(images_dir, rows)
+    _reset_missing(conn, lost)
+    res.missing = len(lost)
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline: claim -> engine -> flags
+# --------------------------------------------------------------------------------------------------
+
+
+def backlog(conn: sqlite3.Connection) -> int:
+    st = db.stage(STAGE)
+    return conn.execute(
+        f"SELECT COUNT(*) FROM image_status INDEXED BY ix_{st.prefix}_todo WHERE {st.pending_sql}"
+    ).fetchone()[0]
+
+
+class Pipeline:
+    """Keeps the engine fed from claimed batches and turns its outcomes into complete/fail/release."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        engine: Engine,
+        *,
+        images_dir: Path,
+        cdn_base: str,
+        size: str,
+        batch_size: int,
+        stopper: Stopper,
+        progress: Progress,
+        owner: str | None = None,
+    ) -> None:
+        self.conn = conn
+        self.engine = engine
+        self.images_dir = images_dir
+        self.cdn_base = cdn_base
+        self.size = size
+        self.batch_size = batch_size
+        self.low_water = max(2 * engine.opts.concurrency, batch_size // 2)
+        self.stopper = stopper
+        self.progress = progress
+        self.owner = owner or db.make_owner(STAGE)
+        self.open: dict[int, ClaimedBatch] = {}  # rid -> its batch, for rows handed to the engine
+        self.left: dict[int, int] = {}  # id(batch) -> rows of it still in the engine
+        self.last_renew = time.monotonic()
+        self.counts: dict[str, int] = defaultdict(int)
+
+    # -- claiming
+    def _job(self, row: sqlite3.Row) -> Job:
+        url = build_image_url(self.cdn_base, row["shop_id"], row["hex"], row["image_id"], row["suffix"], self.size)
+        parse_image_url(url)  # strict pattern check: a row with a missing or odd part raises ValueError here
+        dest = layout.image_path(self.images_dir, row["listing_id"], row["image_id"])
+        return Job(row["rid"], f"{row['listing_id']}_{row['image_id']}", url, dest)
+
+    def _claim(self) -> int:
+        batch = ClaimedBatch.claim(self.conn, STAGE, self.owner, self.batch_size)
+        if not batch.rows:
+            return 0
+        self.left[id(batch)] = 0
+        for row in batch.rows:
+            try:
+                job = self._job(row)
+            except (ValueError, TypeError) as exc:  # a row without shop/hex/suffix cannot be fetched, ever
+                batch.fail(row["rid"], f"cannot build URL: {exc}", permanent=True)
+                self.counts[PARK] += 1
+                continue
+            self.open[job.rid] = batch
+            self.left[id(batch)] += 1
+            self.engine.submit(job)
+        self._close_finished([batch])
+        return len(batch.rows)
+
+    # -- outcomes
+    def _collect(self, timeout: float, linger: float = 0.05) -> list[Outcome]:
+        try:
+            first = self.engine.results.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        got = [first]
+        until = time.monotonic() + linger
+        while True:
+            try:
+                got.append(self.engine.results.get(timeout=max(0.0, until - time.monotonic())))
+            except queue.Empty:
+                return got
+
+    def _apply(self, outcomes: list[Outcome]) -> int:
+        done: dict[int, list[Outcome]] = defaultdict(list)  # id(batch) -> outcomes
+        batches: dict[int, ClaimedBatch] = {}
+        for out in outcomes:
+            batch = self.open.pop(out.job.rid, None)
+            if batch is None:
+                continue
+            batches[id(batch)] = batch
+            self.left[id(batch)] -= 1
+            self.counts[out.kind] += 1
+            if out.kind == DONE:
+                done[id(batch)].append(out)
+            elif out.kind == PARK:
+                batch.fail(out.job.rid, out.reason, permanent=True)
+                self.progress.add(0, failed=1)
+                log.info("parked %s: %s", out.job.name, out.reason)
+            elif out.kind == RETRY:
+                parked = batch.fail(out.job.rid, out.reason)
+                self.progress.add(0, failed=1)
+                log.warning("%s %s: %s", "parked" if parked else "will retry later", out.job.name, out.reason)
+            else:
+                batch.release([out.job.rid])
+        for key, outs in done.items():
+            batches[key].complete([o.job.rid for o in outs])
+            self.progress.add(len(outs), nbytes=sum(o.nbytes for o in outs))
+        self._close_finished(batches.values())
+        return len(outcomes)
+
+    def _close_finished(self, batches: Iterable[ClaimedBatch]) -> None:
+        for b in batches:
+            if self.left.get(id(b)) == 0:
+                del self.left[id(b)]
+                b.__exit__(None, None, None)  # nothing left open; releases strays if any
+
+    def _renew_leases(self) -> None:
+        """Rows queued behind slow ones must not lose their lease to another worker."""
+        if time.monotonic() - self.last_renew < db.stage(STAGE).lease_s / 3:
+            return
+        self.last_renew = time.monotonic()
+        if self.open:
+            db.renew(self.conn, STAGE, self.owner, sorted(self.open))
+
+    # -- the unit run_loop drives
+    def run_batch(self) -> int:
+        """Claim a batch if there is room, then handle outcomes until there is room again (or all is done)."""
+        claimed = 0
+        if len(self.open) < self.low_water and not self.stopper.should_stop():
+            claimed = self._claim()
+        handled = 0
+        while self.open and not self.stopper.should_stop():
+            if claimed and len(self.open) < self.low_water:
+                break
+            handled += self._apply(self._collect(timeout=0.25))
+            self._renew_leases()
+        return claimed + handled
+
+    def shutdown(self, grace_s: float = 3.0) -> None:
+        """Stop: start nothing new, let transfers in flight finish for `grace_s`, release the rest."""
+        self.engine.drain()
+        deadline = time.monotonic() + grace_s
+        while self.open and time.monotonic() < deadline:
+            self._apply(self._collect(timeout=0.1))
+        if self.open:
+            self.engine.abort()
+            self._apply(self._collect(timeout=0.3, linger=0.2))
+        leftover = sorted(self.open)
+        if leftover:
+            log.info("releasing %d unfinished rows for the next run", len(leftover))
+            for b in {id(b): b for b in self.open.values()}.values():
+                b.release([rid for rid in leftover if self.open.get(rid) is b])
+            self.open.clear()
+            self.left.clear()
+        self.engine.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser(settings_get=lambda name, default: default) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    p = argparse.ArgumentParser(
+        prog="image_downloader.py",
+        description="Download product photos from the Etsy CDN into images/ (stop: touch KILL_DL).",
+    )
+    p.add_argument(
+        "--watch", action="store_true", help="keep polling for new rows instead of exiting when none are left"
+    )
+    p.add_argument(
+        "--size",
+        default=settings_get("DOWNLOAD_SIZE", "570xN"),
+        choices=SIZES,
+        help="CDN size tag (default 570xN: about 70 KB, enough for 224-pixel models; fullxfull = original)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=int(settings_get("DOWNLOAD_CONCURRENCY", 32)),
+        help="requests in flight (default 32)",
+    )
+    p.add_argument(
+        "--per-host",
+        type=int,
+        default=int(settings_get("DOWNLOAD_PER_HOST", 32)),
+        help="most requests in flight to one host (default 32)",
+    )
+    p.add_argument("--batch-size", type=int, default=200, help="rows claimed per database transaction (default 200)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=20.0,
+        help="read timeout in seconds: the longest silence of a response (default 20)",
+    )
+    p.add_argument("--connect-timeout", type=float, default=5.0, help="connect timeout in seconds (default 5)")
+    p.add_argument("--total-timeout", type=float, default=60.0, help="longest one request may take in all (default 60)")
+    p.add_argument(
+        "--tries",
+        type=int,
+        default=3,
+        help="attempts per image within one claim before the database's backoff takes over (default 3)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="decompression-bomb guard: park images with more pixels",
+    )
+    p.add_argument(
+        "--engine",
+        choices=sorted(ENGINES),
+        default=DEFAULT_ENGINE,
+        help=f"concurrency design (default {DEFAULT_ENGINE}; see docs/download.md)",
+    )
+    p.add_argument(
+        "--poll", type=float, default=10.0, help="with --watch: seconds between polls when idle (default 10)"
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="at start check every flagged image's file (default: a random sample of 2,000)",
+    )
+    p.add_argument("--no-reconcile", action="store_true", help="skip the start-up check of flags against files")
+    p.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines (default 30)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings()
+    args = build_parser(lambda n, d: settings.get(n) or d).parse_args(argv)
+    if args.concurrency < 1 or args.per_host < 1 or args.batch_size < 1 or args.tries < 1:
+        print("image_downloader: --concurrency, --per-host, --batch-size and --tries must be at least 1")
+        return 2
+    setup_logging(SCRIPT, settings.home, stage=STAGE, secrets=settings.secrets())
+    stopper = Stopper(settings.home, (KILL_DL, KILL))
+    if refuse_if_killed(stopper):
+        return 0
+
+    removed = clean_tmp(settings.tmp_dir)
+    if removed:
+        log.info("removed %d temp files left by an earlier run in %s", removed, settings.tmp_dir)
+    conn = db.connect(settings.db_path)
+    freed = db.reclaim_dead(conn, STAGE)
+    if freed:
+        log.info("freed %d rows claimed by downloaders that are no longer running", freed)
+    if not args.no_reconcile:
+        res = reconcile(conn, settings.images_dir, full=args.verify)
+        log.info(
+            "checked %d flagged images against files (%s): %d missing, reset to download again",
+            res.checked,
+            "every row" if res.full else "random sample",
+            res.missing,
+        )
+
+    opts = FetchOptions(
+        concurrency=args.concurrency,
+        per_host=args.per_host,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.timeout,
+        total_timeout=args.total_timeout,
+        tries=args.tries,
+        max_pixels=args.max_pixels,
+    )
+    engine = make_engine(args.engine, opts, settings.tmp_dir)
+    progress = Progress(log, "images", interval=args.progress_interval, remaining=lambda: backlog(conn))
+    pipeline = Pipeline(
+        conn,
+        engine,
+        images_dir=settings.images_dir,
+        cdn_base=settings.cdn_base,
+        size=args.size,
+        batch_size=args.batch_size,
+        stopper=stopper,
+        progress=progress,
+    )
+    log.info(
+        "downloading %s images from %s into %s: engine %s, %d in flight (%d per host), %d rows waiting",
+        args.size,
+        settings.cdn_base,
+        settings.images_dir,
+        engine.name,
+        opts.concurrency,
+        opts.per_host,
+        backlog(conn),
+    )
+    heartbeat = Heartbeat(settings.run_dir, STAGE)
+    try:
+        run_loop(pipeline.run_batch, stopper, watch=args.watch, heartbeat=heartbeat, poll_s=args.poll, logger=log)
+    finally:
+        pipeline.shutdown()
+        progress.report(final=True)
+        c = pipeline.counts
+        log.info(
+            "downloaded %d, parked %d, to retry later %d, handed back %d",
+            c[DONE],
+            c[PARK],
+            c[RETRY],
+            c[RELEASE],
+        )
+        _log_waiting(conn)
+        conn.close()
+    return 0
+
+
+def _log_waiting(conn: sqlite3.Connection) -> None:
+    st = db.stage(STAGE)
+    row = conn.execute(
+        f"SELECT COUNT(*), MIN({st.not_before_col}) FROM image_status INDEXED BY ix_{st.prefix}_todo"
+        f" WHERE {st.pending_sql} AND {st.not_before_col} > ?",
+        (time.time(),),
+    ).fetchone()
+    if row[0]:
+        when = time.strftime("%H:%M:%S", time.localtime(row[1]))
+        log.info("%d rows wait for a retry (first at %s): run again later or use --watch", row[0], when)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
