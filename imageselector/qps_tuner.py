@@ -7,7 +7,8 @@ Each interval the monitor compares the newest `sync_stats` with the previous one
 - otherwise (sync idle, stats stale, no headroom) -> hold.
 The result stays within [min_qps, max_qps] and under the server's `x-limit-per-second`. The daily quota is
 a rolling 24 h window (docs/etsy API notes), so what is left today is spread over `quota_horizon_s`
-but never throttled below the sustainable rate `x-limit-per-day / 86400`; the quota cap wins over min_qps.
+but never throttled below the sustainable rate `x-limit-per-day / 86400`, nor below min_qps (sync clamps
+to it anyway; when the quota runs out, sync's own daily reserve pauses requests).
 `decide()` is pure (no clock, no files) so the policy is unit-tested directly.
 """
 
@@ -131,11 +132,11 @@ def decide(current: float, prev: SyncStats | None, stats: SyncStats | None, poli
     top = policy.max_qps
     if stats is not None and stats.limit_per_second:
         top = min(top, stats.limit_per_second)
-    new = min(max(new, policy.min_qps), max(top, policy.min_qps))
     cap = quota_cap(stats, policy) if stats is not None else None
     if cap is not None and new > cap:
         new = cap
         reason += f"; daily quota: {stats.remaining_today:,.0f} left -> at most {cap:.2f}/s"  # type: ignore[union-attr]
+    new = min(max(new, policy.min_qps), max(top, policy.min_qps))
     new = round(max(new, QPS_FLOOR), 3)
     return Decision(new, reason, abs(new - current) > 1e-9)
 

@@ -111,3 +111,19 @@ def test_status_lines_name_every_stage(settings, home, caplog):
         assert mt.stop() == 0
     line = next(ln for ln in caplog.text.splitlines() if "status: download" in ln)
     assert "backlog 0" in line and "restarts 0" in line and "running pid" in line
+
+
+def test_leases_of_a_crashed_worker_are_freed_at_once(settings, home, conn, caplog):
+    from imageselector import db
+    from tests.helpers.rows import seed_images
+
+    caplog.set_level(logging.INFO)
+    seed_images(conn, 8)
+    stage = fake_stage("download", "crash", "KILL_DL", "--claim", "download", "--crash-after", "0")
+    cfg = make_config({"download": stage}, crash_loop_max=1)
+    with MonitorThread(settings, cfg) as mt:
+        wait_for(lambda: mt.runner("download").state == "failed")
+        assert mt.stop() == 0
+    assert conn.execute("SELECT COUNT(*) FROM image_status WHERE download_claim IS NOT NULL").fetchone()[0] == 0
+    assert "freed 5 row(s) leased by the exited worker (download)" in caplog.text
+    assert len(db.claim_batch(conn, "download", db.make_owner(), 10)) == 8  # all claimable again

@@ -41,12 +41,15 @@ def test_stays_within_min_max_and_the_server_limit():
 
 def test_daily_quota_caps_the_rate():
     # 2,160 requests left, spread over the 6 h horizon -> 0.1/s; sustainable 1,000/day -> 0.0116/s
-    d = decide(5.0, st(NOW - 30, 0), st(NOW, 50, lpd=1000, rtd=2160), P, NOW)
+    low = Policy(min_qps=0.05, max_qps=10.0)
+    d = decide(5.0, st(NOW - 30, 0), st(NOW, 50, lpd=1000, rtd=2160), low, NOW)
     assert d.qps == 0.1 and "daily quota" in d.reason
+    # ... but never below min_qps (sync clamps to it; its daily reserve pauses requests instead)
+    assert decide(5.0, st(NOW - 30, 0), st(NOW, 50, lpd=1000, rtd=2160), P, NOW).qps == 1.0
     # plenty left: the quota does not bind
     assert decide(5.0, st(NOW - 30, 0), st(NOW, 50, lpd=1e7, rtd=1e7), P, NOW).qps == 5.5
-    # exhausted: fall to the sustainable rate, never to zero
-    assert decide(5.0, st(NOW - 30, 0), st(NOW, 50, lpd=86400, rtd=0), P, NOW).qps == 1.0
+    # exhausted: fall to the sustainable rate (2/s here), never to zero
+    assert decide(5.0, st(NOW - 30, 0), st(NOW, 50, lpd=2 * 86400, rtd=0), P, NOW).qps == 2.0
 
 
 def test_parse_stats_accepts_header_spellings():

@@ -29,8 +29,15 @@ def main() -> int:
     ap.add_argument("--crash-after", type=float, default=0.2)
     ap.add_argument("--crash-times", type=int, default=2, help="crash-first: crash this many starts, then behave")
     ap.add_argument("--beat-every", type=float, default=0.1)
+    ap.add_argument("--claim", metavar="STAGE", help="lease 5 rows of this stage at start (and never release them)")
     args = ap.parse_args()
     settings = load_settings()
+    if args.claim:
+        from imageselector import db
+
+        conn = db.connect(settings.db_path)
+        db.claim_batch(conn, args.claim, db.make_owner("fake"), 5)
+        conn.close()
     starts = settings.home / f"{args.name}.starts"
     with open(starts, "a") as f:
         f.write(f"{os.getpid()} {time.time()}\n")

@@ -1,0 +1,137 @@
+"""Which models the demo can use: the real five (and u2net) where their weights are reachable, else stand-ins.
+
+"Reachable" means already in a local cache, or the hub answers within a few seconds (then the workers
+download on first use). Every check is offline-safe: cache look-ups never touch the network, and
+the one network probe is a HEAD request with a short timeout, skipped under HF_HUB_OFFLINE=1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from imageselector.config import Settings
+
+log = logging.getLogger(__name__)
+
+STANDIN_WARNING = (
+    "DEMO WITH STAND-IN MODELS (random weights): search results are only structural, not visual similarity. "
+    "Install the real model weights for meaningful results (docs/monitor.md)."
+)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    real_embed: bool
+    real_bg: bool
+    registry: Path | None  # a registry file for embed.py / search (None: the shipped models.json)
+    bg_model_path: Path | None  # a custom ONNX for bg_remover.py --model-path (None: rembg's u2net)
+    u2net_home: Path | None
+    why: list[str]
+
+    @property
+    def warning(self) -> str | None:
+        return None if self.real_embed and self.real_bg else STANDIN_WARNING
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("IMAGESELECTOR_OFFLINE") == "1"
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    if _offline():
+        return False
+    try:
+        import requests
+
+        requests.head(url, timeout=timeout, allow_redirects=False)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not reachable"
+        return False
+
+
+def _hf_cached(repo: str, filenames: tuple[str, ...]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    for name in filenames:
+        got = try_to_load_from_cache(repo.strip("/"), name)
+        if isinstance(got, str) and Path(got).is_file():
+            return True
+    return False
+
+
+def embedding_weights_cached(spec) -> bool:  # type: ignore[no-untyped-def]
+    """True when `spec`'s weights load without a download (local files or the Hugging Face cache)."""
+    if spec.standin:
+        return True
+    if spec.pretrained and Path(spec.pretrained).is_file():
+        return True
+    if Path(spec.source).is_dir():
+        return True
+    if spec.library == "open_clip":
+        try:
+            import open_clip
+
+            cfg = open_clip.get_pretrained_cfg(spec.source, spec.pretrained or "")
+        except Exception:  # noqa: BLE001
+            return False
+        hub = (cfg or {}).get("hf_hub")
+        return bool(hub) and _hf_cached(hub, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+    if spec.library == "transformers":
+        return _hf_cached(spec.source, ("model.safetensors", "pytorch_model.bin"))
+    return False
+
+
+def _u2net_file(settings: Settings) -> Path | None:
+    candidates = []
+    if settings.get("U2NET_HOME"):
+        candidates.append(Path(settings.get("U2NET_HOME")).expanduser())  # type: ignore[arg-type]
+    candidates += [settings.home / "models" / "rembg", Path.home() / ".u2net"]
+    for d in candidates:
+        if (d / "u2net.onnx").is_file():
+            return d
+    return None
+
+
+def choose(settings: Settings, mode: str, standin_dir: Path) -> ModelChoice:
+    """mode: "auto" (real where reachable), "real", or "standin". Builds stand-ins into `standin_dir` as needed."""
+    why: list[str] = []
+    real_embed = real_bg = mode == "real"
+    u2net_home = _u2net_file(settings)
+    if mode == "auto":
+        from imageselector.embedding.registry import load_registry
+
+        specs = load_registry(settings=settings)
+        missing = [n for n, s in specs.items() if not embedding_weights_cached(s)]
+        if not missing:
+            real_embed = True
+            why.append("embedding weights found in the local cache")
+        elif reachable("https://huggingface.co"):
+            real_embed = True
+            why.append(f"Hugging Face reachable; will download {', '.join(missing)} on first use")
+        else:
+            why.append(f"no cached weights for {', '.join(missing)} and the hub is unreachable")
+        if u2net_home is not None:
+            real_bg = True
+            why.append(f"u2net.onnx found in {u2net_home}")
+        elif reachable("https://github.com"):
+            real_bg = True
+            why.append("GitHub reachable; rembg will download u2net.onnx on first use")
+        else:
+            why.append("no u2net.onnx and GitHub unreachable")
+    registry = bg_model = None
+    if not real_embed:
+        from imageselector.embedding.standins import build_standins
+
+        registry = build_standins(standin_dir / "embedding")
+        why.append(f"embedding stand-ins built: {registry}")
+    if not real_bg:
+        from imageselector.background.standin import build_standin_u2net
+
+        bg_model = build_standin_u2net(standin_dir / "u2net_standin.onnx")
+        why.append(f"background stand-in built: {bg_model}")
+    return ModelChoice(real_embed, real_bg, registry, bg_model, u2net_home if real_bg else None, why)

@@ -1,0 +1,209 @@
+"""Does the data home tell the truth? Every flag against its artifact, ids, leases, and where each row ended.
+
+Used by the chaos test and bench after a run, and by hand: `python -m imageselector.verify [--home DIR]`.
+Checks, for rows not moved to the backup disk:
+- `download_done=1` -> the file exists and decodes fully;
+- `bg_removed=1` -> also carries the background-removal marker (and download_done=1);
+- `embed_<m>=1` -> gid is in `embeddings/<m>.faiss` and `image_index.json[gid]` is [listing_id, image_id];
+- no gid or (listing_id, image_id) twice, no id twice in any index;
+- no lease held by a process that is gone (a stuck lease);
+- every row a stage should handle is done, or parked with a reason ("unfinished" otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from imageselector import db, layout
+from imageselector.config import Settings, load_settings
+from imageselector.fsutil import pid_alive
+
+
+@dataclass
+class VerifyReport:
+    rows: int = 0
+    done: dict[str, int] = field(default_factory=dict)
+    parked: dict[str, int] = field(default_factory=dict)
+    unfinished: dict[str, int] = field(default_factory=dict)
+    stuck_leases: int = 0
+    orphan_vectors: int = 0
+    inconsistencies: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.inconsistencies and not self.stuck_leases and not any(self.unfinished.values())
+
+    def add(self, msg: str) -> None:
+        if len(self.inconsistencies) < 10_000:
+            self.inconsistencies.append(msg)
+
+    def summary(self) -> str:
+        return (
+            f"rows {self.rows:,}; done {sum(self.done.values()):,} stage-rows; parked {sum(self.parked.values()):,}; "
+            f"unfinished {sum(self.unfinished.values()):,}; stuck leases {self.stuck_leases}; "
+            f"orphan vectors {self.orphan_vectors}; inconsistencies {len(self.inconsistencies)}"
+        )
+
+
+def _decodes(path: Path) -> str | None:
+    """None when the file is a whole image, else why not."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return None
+    except FileNotFoundError:
+        return "missing"
+    except Exception as exc:  # noqa: BLE001 - any decode failure is the finding
+        return f"does not decode ({type(exc).__name__}: {exc})"
+
+
+def _is_marked(path: Path) -> bool:
+    from imageselector.background.imaging import is_marked
+
+    try:
+        with Image.open(path) as im:
+            return is_marked(im.info.get("comment"))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _index_ids(path: Path) -> list[int] | None:
+    if not path.exists():
+        return None
+    from imageselector.embedding.store import index_ids, read_index
+
+    return [int(i) for i in index_ids(read_index(path))]
+
+
+def verify(settings: Settings, *, check_files: bool = True, stages: tuple[str, ...] | None = None) -> VerifyReport:
+    rep = VerifyReport()
+    conn = db.connect(settings.db_path)
+    try:
+        _check(conn, settings, rep, check_files, stages or tuple(db.STAGES))
+    finally:
+        conn.close()
+    return rep
+
+
+def _check(conn: Any, settings: Settings, rep: VerifyReport, check_files: bool, stages: tuple[str, ...]) -> None:
+    rows = conn.execute("SELECT rowid AS rid, * FROM image_status").fetchall()
+    rep.rows = len(rows)
+    for what, sql in (
+        ("gid", "SELECT gid, COUNT(*) FROM image_status GROUP BY gid HAVING COUNT(*) > 1"),
+        (
+            "(listing_id, image_id)",
+            "SELECT listing_id, COUNT(*) FROM image_status GROUP BY listing_id, image_id HAVING COUNT(*) > 1",
+        ),
+    ):
+        for r in conn.execute(sql):
+            rep.add(f"duplicated {what}: {r[0]} appears {r[1]} times")
+    host = socket.gethostname()
+    for name in stages:
+        st = db.stage(name)
+        for r in conn.execute(f"SELECT DISTINCT {st.claim_col} FROM image_status WHERE {st.claim_col} IS NOT NULL"):
+            owner = db.owner_pid(r[0])
+            n = conn.execute(f"SELECT COUNT(*) FROM image_status WHERE {st.claim_col}=?", (r[0],)).fetchone()[0]
+            if owner is None or (owner[0] == host and not pid_alive(owner[1])):
+                rep.stuck_leases += n
+    image_index = _load_image_index(settings)
+    ids_by_model: dict[str, set[int]] = {}
+    for m in db.EMBED_MODELS:
+        if f"embed_{m}" not in stages:
+            continue
+        ids = _index_ids(settings.embeddings_dir / f"{m}.faiss")
+        if ids is None:
+            ids_by_model[m] = set()
+            continue
+        uniq = set(ids)
+        if len(uniq) != len(ids):
+            rep.add(f"{m}.faiss holds {len(ids) - len(uniq)} duplicated ids")
+        ids_by_model[m] = uniq
+    for name in stages:
+        rep.done[name] = rep.parked[name] = rep.unfinished[name] = 0
+    flagged_gids: dict[str, set[int]] = {m: set() for m in ids_by_model}
+    for r in rows:
+        _check_row(r, settings, rep, check_files, stages, image_index, ids_by_model, flagged_gids)
+    for m, ids in ids_by_model.items():
+        rep.orphan_vectors += len(ids - flagged_gids[m])
+
+
+def _load_image_index(settings: Settings) -> list[Any]:
+    try:
+        data = json.loads((settings.embeddings_dir / "image_index.json").read_text())
+        return data if isinstance(data, list) else []
+    except (OSError, ValueError):
+        return []
+
+
+def _check_row(r, settings, rep, check_files, stages, image_index, ids_by_model, flagged_gids) -> None:  # type: ignore[no-untyped-def]
+    key = f"{r['listing_id']}_{r['image_id']} (gid {r['gid']})"
+    archived = r["archived_at"] is not None
+    path = layout.image_path(settings.images_dir, r["listing_id"], r["image_id"])
+    for name in stages:
+        st = db.stage(name)
+        ready = bool(conn_ready(r, name))
+        done, parked = r[st.done_col] == 1, r[st.parked_col] == 1
+        if done:
+            rep.done[name] += 1
+        elif parked:
+            rep.parked[name] += 1
+            if not r[st.error_col]:
+                rep.add(f"{key}: parked in {name} without a reason")
+        elif ready:
+            rep.unfinished[name] += 1
+        if done and not ready:
+            rep.add(f"{key}: {name} done but its input stage is not")
+    if archived or not check_files:
+        pass
+    elif r["download_done"] == 1 and "download" in stages:
+        why = _decodes(path)
+        if why:
+            rep.add(f"{key}: download_done=1 but the file {why}")
+        elif r["bg_removed"] == 1 and "bg" in stages and not _is_marked(path):
+            rep.add(f"{key}: bg_removed=1 but the file has no background-removal marker")
+    for m, ids in ids_by_model.items():
+        if r[f"embed_{m}"] != 1:
+            continue
+        flagged_gids[m].add(r["gid"])
+        if r["gid"] not in ids:
+            rep.add(f"{key}: embed_{m}=1 but gid not in {m}.faiss")
+        entry = image_index[r["gid"]] if 0 <= r["gid"] < len(image_index) else None
+        if entry is None or list(entry) != [r["listing_id"], r["image_id"]]:
+            rep.add(f"{key}: image_index.json[{r['gid']}] is {entry}, not [{r['listing_id']}, {r['image_id']}]")
+
+
+def conn_ready(r: Any, name: str) -> int:
+    """Whether the row is input for stage `name` (its ready condition)."""
+    if name == "download":
+        return r["to_download"]
+    if name == "bg":
+        return r["download_done"]
+    return r["bg_removed"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m imageselector.verify", description=__doc__.split("\n")[0])
+    ap.add_argument("--home", help="data home (default IMAGESELECTOR_HOME or the project root)")
+    ap.add_argument("--no-files", action="store_true", help="skip decoding image files")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    rep = verify(load_settings(args.home), check_files=not args.no_files)
+    if args.json:
+        print(json.dumps({**asdict(rep), "ok": rep.ok}, indent=2))
+    else:
+        print(rep.summary())
+        for msg in rep.inconsistencies[:50]:
+            print("  " + msg)
+    return 0 if rep.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
