@@ -38,3 +38,23 @@ def assert_flags_match_files(conn: sqlite3.Connection, images_dir: Path) -> None
         assert verdict.ok, f"{p}: {verdict.detail}"
     claimed = [r["rid"] for r in rows if r["download_claim"] is not None]
     assert not claimed, f"rows still claimed: {claimed[:5]}"
+
+
+def catalogue_rows(cat, n: int | None = None) -> list[dict]:  # type: ignore[no-untyped-def]
+    """image_status rows for the first `n` images of a simulator Catalogue, as the crawler would store them."""
+    rows = []
+    for j in range(len(cat.image_ids) if n is None else n):
+        i = cat.listing_of_image(j)
+        rows.append(
+            dict(
+                listing_id=int(cat.listing_ids[i]),
+                image_id=int(cat.image_ids[j]),
+                shop_id=int(cat.shop_ids[int(cat.shop_of[i])]),
+                hex=cat.image_hex(j),
+                suffix=cat.image_suffix(j),
+                is_primary=int(j == int(cat.img_start[i])),
+                when_made=None,
+                price=None,
+            )
+        )
+    return rows
