@@ -11,6 +11,7 @@ flagged, unstarted rows are released, nothing is left half-written.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sqlite3
@@ -34,6 +35,7 @@ from imageselector.worker import ClaimedBatch
 
 STAGE = "bg"
 MAX_CONSECUTIVE_ERRORS = 10
+PREFETCH_AHEAD = 4  # images decoded and prepared ahead of the model
 
 
 class FatalStageError(RuntimeError):
@@ -144,10 +146,16 @@ class BgStage:
         with ClaimedBatch.claim(self.conn, STAGE, self.owner, limit) as batch:
             if not batch:
                 return 0
-            pending = deque(self.prefetch.submit(self.load, row) for row in batch.rows)
+            rows = iter(batch.rows)
+            pending: deque[Future[Item]] = deque()
             writes: deque[tuple[Item, Future[None]]] = deque()
             try:
-                while pending and not self.stopper.should_stop():
+                while not self.stopper.should_stop():
+                    # keep a few images decoded ahead, not the whole claim (a full-size photo is ~30 MB decoded)
+                    for row in itertools.islice(rows, self.model.max_batch + PREFETCH_AHEAD - len(pending)):
+                        pending.append(self.prefetch.submit(self.load, row))
+                    if not pending:
+                        break
                     group = self._next_group(batch, pending)
                     if group:
                         self._infer(batch, group, writes)

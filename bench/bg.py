@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Benchmark the background-removal stage against bare onnxruntime on the same model and images.
+
+Model: U^2-Net at its published size (bench/u2net_arch.py, 44.0M parameters, random weights since
+the real ones are on GitHub), exported once to bench/out/u2net_home/u2net.onnx and loaded the
+production way: `--model u2net` found in U2NET_HOME, no download.
+Images: skimage's bundled photos resized to Etsy's 570xN, written as JPEG downloads.
+
+Two ways, same session (providers, threads, batch size), same images, same 320x320 input:
+  end to end: BgStage under worker.run_loop, as scripts/bg_remover.py runs it (claim rows, read and
+              decode, prepare, onnxruntime, mask, composite, JPEG with marker, atomic write with
+              fsync, flag), timed from the first claim to the last flag; process start and model load excluded
+  bare:       inner_session.run on pre-made input tensors
+Rounds alternate (bare, end to end, ...) and the best of each is kept, as the machine is shared.
+Prints images/s for each and the ratio end-to-end / bare last (goal >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from imageselector import db, layout  # noqa: E402
+from imageselector.background.providers import choose_providers  # noqa: E402
+from imageselector.background.session import open_model  # noqa: E402
+from imageselector.background.stage import BgOptions, BgStage  # noqa: E402
+from imageselector.config import load_settings  # noqa: E402
+from imageselector.stopping import Stopper  # noqa: E402
+from imageselector.worker import run_loop  # noqa: E402
+
+OUT = ROOT / "bench" / "out"
+U2NET_HOME = OUT / "u2net_home"
+SAMPLES = (
+    "astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "ihc.png",
+    "hubble_deep_field.jpg", "retina.jpg", "color.png", "horse.png",
+)  # fmt: skip
+
+
+def ensure_model() -> Path:
+    path = U2NET_HOME / "u2net.onnx"
+    if not path.is_file():
+        sys.path.insert(0, str(ROOT / "bench"))
+        from u2net_arch import export_u2net
+
+        t0 = time.perf_counter()
+        params = export_u2net(path)
+        print(
+            f"exported U2NET ({params / 1e6:.1f}M params, random weights) to {path} in {time.perf_counter() - t0:.0f}s"
+        )
+    return path
+
+
+def sample_images(n: int) -> list[bytes]:
+    import io
+
+    import skimage.data
+
+    folder = Path(skimage.data.__file__).parent
+    out = []
+    for i in range(n):
+        im = Image.open(folder / SAMPLES[i % len(SAMPLES)]).convert("RGB")
+        if i >= len(SAMPLES):
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        im = im.resize((570, max(2, round(570 * im.height / im.width))), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=88)
+        out.append(buf.getvalue())
+    return out
+
+
+def fresh_home(images: list[bytes]) -> Path:
+    home = OUT / "bg_home"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    conn = db.connect(home / "etsy_data.db")
+    rows = [
+        dict(listing_id=7000 + i, image_id=8_000_000 + i, shop_id=1, hex="abcdef", suffix="x", is_primary=1,
+             when_made="2020_2026", price=1.0)
+        for i in range(len(images))
+    ]  # fmt: skip
+    db.upsert_images(conn, rows)
+    conn.execute("UPDATE image_status SET download_done=1")
+    conn.close()
+    for r, data in zip(rows, images, strict=True):
+        p = layout.image_path(home / "images", r["listing_id"], r["image_id"])
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return home
+
+
+def run_e2e(model, images: list[bytes], claim_size: int) -> float:
+    home = fresh_home(images)
+    settings = load_settings(home)
+    conn = db.connect(settings.db_path)
+    log = logging.getLogger("bench.bg")
+    stage = BgStage(
+        settings, conn, model, BgOptions(claim_size=claim_size), Stopper(home, [], install_signals=False), log
+    )
+    t0 = time.perf_counter()
+    run_loop(stage.run_batch, stage.stopper, watch=False, logger=log)
+    dt = time.perf_counter() - t0
+    stage.close()
+    done = conn.execute("SELECT COUNT(*) FROM image_status WHERE bg_removed=1").fetchone()[0]
+    conn.close()
+    assert done == len(images) == stage.processed, (done, stage.processed)
+    return len(images) / dt
+
+
+def run_bare(model, tensors: list[np.ndarray]) -> float:
+    sess, name, b = model.session.inner_session, model.input_name, model.max_batch
+    batches = [np.stack(tensors[i : i + b]) for i in range(0, len(tensors), b)]
+    t0 = time.perf_counter()
+    for x in batches:
+        sess.run(None, {name: x})
+    return len(tensors) / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--claim-size", type=int, default=32)
+    ap.add_argument("--provider")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    ensure_model()
+    os.environ["U2NET_HOME"] = str(U2NET_HOME)
+    images = sample_images(args.images)
+    settings = load_settings(OUT / "bg_home")
+    choice = choose_providers(provider=args.provider)
+    model = open_model(
+        settings, "u2net", model_path=None, choice=choice, threads=args.threads, batch_size=args.batch_size
+    )
+    assert model.fast
+    from imageselector.background.imaging import decode
+
+    tensors = [model.prepare(decode(b).img) for b in images]  # type: ignore[arg-type]
+    run_bare(model, tensors[:2])  # warm-up
+    print(
+        f"model u2net (U2NET architecture, 44.0M params, random weights), {len(images)} images 570xN -> 320x320, "
+        f"provider {model.providers[0]}, intra-op threads {args.threads}, batch {model.max_batch}, cores {os.cpu_count()}"
+    )
+    bare, e2e = [], []
+    for r in range(args.rounds):
+        bare.append(run_bare(model, tensors))
+        e2e.append(run_e2e(model, images, args.claim_size))
+        print(f"round {r + 1}: bare {bare[-1]:.3f} img/s, end to end {e2e[-1]:.3f} img/s")
+    b, e = max(bare), max(e2e)
+    print(f"bare onnxruntime run:        {b:.3f} images/s ({1 / b * 1000:.0f} ms/image)")
+    print(f"bg_remover end to end:       {e:.3f} images/s ({1 / e * 1000:.0f} ms/image)")
+    print(f"ratio end-to-end / bare: {e / b:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
