@@ -304,26 +304,59 @@ class Crawler:
 
     # ---- shops ---------------------------------------------------------------------------------
 
-    def _paged(self, path: str, params: dict[str, Any], notes: list[str]) -> list[dict[str, Any]]:
-        """All results of a paged endpoint (up to the offset cap)."""
+    def _paged(self, path: str, params: dict[str, Any], notes: list[str]) -> tuple[list[dict[str, Any]], int, bool]:
+        """Results of a paged endpoint as far as offsets reach: (items, count, reached_the_end)."""
         out: list[dict[str, Any]] = []
-        off = 0
+        off, count = 0, 0
         while True:
             res = self.client.get(path, {**params, "limit": self.cfg.page_limit, "offset": off})
-            if res is not None:
+            if res is None:  # malformed JSON after retries: recorded by the client; skip the page
+                notes.append(f"{path} offset {off}: malformed JSON, page skipped")
+                page: list[dict[str, Any]] = []
+                count = max(count, off + 2 * self.cfg.page_limit)  # unknown: look at the next page
+            else:
                 page = [x for x in (res.get("results") or []) if isinstance(x, dict)]
                 out += page
-                count = res.get("count") if isinstance(res.get("count"), int) else 0
-            else:
-                notes.append(f"{path}@{off}: malformed JSON skipped")
-                count = off + 2 * self.cfg.page_limit  # unknown: try the next page
-                page = [{}] * self.cfg.page_limit
+                count = res["count"] if isinstance(res.get("count"), int) else 0
             off += self.cfg.page_limit
-            if off >= count or not page:
-                return out
+            if res is not None and (off >= count or not page):
+                return out, count, True
             if off > self.cfg.max_offset:
-                notes.append(f"{path}: {count:,} results, only the first {off:,} reachable")
-                return out
+                return out, count, False
+
+    def _shop_listings(self, shop_id: int, notes: list[str]) -> list[dict[str, Any]]:
+        """All active listings of a shop; past the offset cap, the other end is read in ascending order."""
+        path = f"/shops/{shop_id}/listings/active"
+        items, count, complete = self._paged(path, {"sort_on": "created", "sort_order": "desc"}, notes)
+        if not complete:
+            more, _, _ = self._paged(path, {"sort_on": "created", "sort_order": "asc"}, notes)
+            items = list({x.get("listing_id"): x for x in items + more}.values())
+            if count > len(items):
+                notes.append(f"{path}: {count:,} active listings, {len(items):,} reachable from both ends")
+        return items
+
+    def _shop_reviews(self, shop_id: int, notes: list[str]) -> list[dict[str, Any]]:
+        """All reviews of a shop (newest first); past the offset cap, continue below the oldest one seen
+        with `max_created` (inclusive: the overlap is deduplicated on the natural key)."""
+        path = f"/shops/{shop_id}/reviews"
+        seen: dict[str, dict[str, Any]] = {}
+        params: dict[str, Any] = {}
+        floor: int | None = None
+        while True:
+            items, _count, complete = self._paged(path, params, notes)
+            for r in items:
+                seen[store.review_key(shop_id, r)] = r
+            if complete:
+                return list(seen.values())
+            stamps = [
+                t for t in (r.get("create_timestamp", r.get("created_timestamp")) for r in items) if isinstance(t, int)
+            ]
+            oldest = min(stamps, default=None)
+            if oldest is None or (floor is not None and oldest >= floor):
+                notes.append(f"{path}: more reviews than offsets reach at one timestamp; kept {len(seen):,}")
+                return list(seen.values())
+            floor = oldest
+            params = {"max_created": oldest + 1}
 
     def fetch_shop(self, shop_id: int) -> ShopData:
         """getShop, then every active listing and every review of the shop (runs on a client thread)."""
@@ -331,8 +364,8 @@ class Crawler:
         shop = self.client.get(f"/shops/{shop_id}")
         if shop is None or not isinstance(shop.get("shop_id"), int):
             raise RetriesExhausted(f"getShop {shop_id}: no usable body")
-        listings = self._paged(f"/shops/{shop_id}/listings/active", {}, notes)
-        reviews = self._paged(f"/shops/{shop_id}/reviews", {}, notes)
+        listings = self._shop_listings(shop_id, notes)
+        reviews = self._shop_reviews(shop_id, notes)
         return ShopData(shop, listings, reviews, notes)
 
     def step_shops(self) -> int:
