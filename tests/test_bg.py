@@ -250,3 +250,14 @@ def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_models_outside_the_u2net_family_go_through_rembg_predict(settings, conn, model, monkeypatch):
+    """The generic path (any rembg model): session.predict per image, same result for a u2net-like model."""
+    from imageselector.background import session as bgsession
+
+    monkeypatch.setattr(bgsession, "U2NET_FAMILY", frozenset())
+    (p,) = seed_downloaded(conn, settings.images_dir, 1)
+    assert run(model) == 0
+    assert "rembg predict per image" in (settings.home / "bg_remover.log").read_text()
+    assert comment(p).startswith(MARKER) and flags(conn)["done"] == 1
