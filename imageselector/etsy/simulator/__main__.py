@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-retry-after", action="store_true", help="omit retry-after on 429s (the real API sometimes does)"
     )
+    p.add_argument(
+        "--when-made-drift",
+        type=float,
+        default=0.0,
+        help="share of listings whose when_made is a 2026-era value outside the OAS enum (default 0)",
+    )
     return p
 
 
@@ -61,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         api_key=args.api_key,
         shared_secret=args.shared_secret,
         retry_after=not args.no_retry_after,
+        when_made_drift=args.when_made_drift,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -65,7 +65,7 @@ def _b36(v: int, width: int) -> str:
 class Catalogue:
     """Shops, listings, images and reviews for `n_listings` listings, identical for identical (n, seed)."""
 
-    def __init__(self, n_listings: int = 200, seed: int = 1, now: int = SIM_NOW):
+    def __init__(self, n_listings: int = 200, seed: int = 1, now: int = SIM_NOW, when_made_drift: float = 0.0):
         if n_listings < 1:
             raise ValueError("need at least one listing")
         self.n, self.seed, self.now = int(n_listings), int(seed), int(now)
@@ -101,7 +101,8 @@ class Catalogue:
         self.favorers = (rng.pareto(1.5, n) * 8).astype(np.int64)
         self.views = self.favorers * rng.integers(5, 40, n) + rng.integers(0, 30, n)
         self.when_i = rng.integers(0, len(vocab.WHEN_MADE), n)
-        self.when_2026 = rng.random(n) < 0.03
+        # when_made outside the OAS copy's (2025) enum, as the real API sends after its yearly change
+        self.when_2026 = rng.random(n) < when_made_drift
         self.who_i = rng.integers(0, 3, n)
         self.taxonomy = np.array([p.taxonomy_id for p in vocab.PRODUCTS])[self.prod]
         self.score = self.favorers * 3 + (self.listing_ids % 97)

@@ -123,8 +123,8 @@ class Look:
         self.hue_jitter = r.uniform(-12, 12)
         self.crop = (r.uniform(0, 0.1), r.uniform(0, 0.1), r.uniform(0.9, 1.0), r.uniform(0.9, 1.0))
         self.flip = r.random() < 0.5
-        self.tint = r.uniform(0.35, 0.6)  # how strongly the object takes the colour word's hue
-        self.obj_frac = r.uniform(0.55, 0.78)
+        self.tint = r.uniform(0.5, 0.75)  # how strongly the object takes the colour word's hue
+        self.obj_frac = r.uniform(0.62, 0.85)
         bg_h = (self.hue + 180 + r.uniform(-60, 60)) % 360
         self.bg = _hsv_rgb(bg_h, r.uniform(0.08, 0.35), r.uniform(0.7, 0.97))
         self.bg2 = _hsv_rgb(bg_h + r.uniform(-25, 25), r.uniform(0.1, 0.4), r.uniform(0.45, 0.8))

@@ -52,6 +52,16 @@ class Stats(Counter):
             for k in keys:
                 self[k] += n
 
+    def enter(self, gauge: str) -> None:
+        """Count one more request in flight for `gauge`, tracking the peak in `<gauge>_max`."""
+        with self._lock:
+            self[gauge] += 1
+            self[gauge + "_max"] = max(self[gauge + "_max"], self[gauge])
+
+    def leave(self, gauge: str) -> None:
+        with self._lock:
+            self[gauge] -= 1
+
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self)
@@ -83,7 +93,12 @@ def _float(q: dict, name: str) -> float | None:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "EtsySimulator/1.0"
+    wbufsize = 256 << 10  # one send per answer (flushed by handle_one_request): no Nagle/delayed-ACK stalls
     sim: Simulator  # set on the per-simulator subclass
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format, *args):  # noqa: A002 - quiet: tests and benches make thousands of requests
         pass
@@ -204,6 +219,13 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- CDN -----------------------------------------------------------------------------------------------------
     def _cdn(self, path: str) -> None:
+        self.sim.stats.enter("cdn_inflight")
+        try:
+            self._cdn_answer(path)
+        finally:
+            self.sim.stats.leave("cdn_inflight")
+
+    def _cdn_answer(self, path: str) -> None:
         sim, st, f = self.sim, self.sim.stats, self.sim.faults
         st.add("cdn_requests")
         if sim.cdn_latency_ms:
@@ -273,8 +295,9 @@ class Simulator:
         retry_after: bool = True,
         cache_mb: int = 256,
         jpeg_quality: int = 85,
+        when_made_drift: float = 0.0,
     ):
-        self.catalogue = Catalogue(listings, seed)
+        self.catalogue = Catalogue(listings, seed, when_made_drift=when_made_drift)
         self.seed = seed
         self.faults = faults if faults is not None else Faults()
         self.max_offset = max_offset
