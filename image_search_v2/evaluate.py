@@ -1,0 +1,12 @@
+#!/usr/bin/env python3
+"""Retrieval quality per model and fusion: `venv/bin/python image_search_v2/evaluate.py [--sample N --seed S --json --fit-weights]`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from imageselector.cli_evaluate import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,478 @@
+"""Running the evaluation on the catalogue: open each index once, sample queries, search, score, fit weights.
+
+Every `.faiss` file is read exactly once (memory-mapped). Query vectors are reconstructed from that same
+loaded IndexIDMap2 (never re-embedded, never a second copy of the index), then all queries of a model are
+searched in one batch. gid -> listing comes from the status database (the truth for every gid).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imageselector import evaluation as ev
+from imageselector.config import Settings
+from imageselector.db import EMBED_MODELS
+from imageselector.search.ensemble import DEFAULT_RRF_K, WEIGHTS_FILE, load_weights
+from imageselector.search.indexes import TEXT_INDEXES, index_ids, read_index, read_manifest, reconstruct_positions
+
+log = logging.getLogger(__name__)
+
+TEXT_OF = {t.removesuffix("_text"): t for t in TEXT_INDEXES}
+
+
+@dataclass
+class LoadedIndex:
+    """One index file, opened once, with its ids and a sorted key -> storage position lookup."""
+
+    name: str
+    index: Any
+    ids: np.ndarray
+    _order: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    @classmethod
+    def open(cls, name: str, path: Path) -> LoadedIndex:
+        index = read_index(path)
+        ids = index_ids(index)
+        return cls(name, index, ids, np.argsort(ids, kind="stable"))
+
+    def positions(self, keys: Sequence[int]) -> np.ndarray:
+        """Storage positions of `keys` (KeyError if one is not in the index)."""
+        k = np.asarray(keys, dtype=np.int64)
+        sorted_ids = self.ids[self._order]
+        at = np.searchsorted(sorted_ids, k)
+        at_c = np.minimum(at, len(sorted_ids) - 1)
+        if len(k) and (len(sorted_ids) == 0 or not np.array_equal(sorted_ids[at_c], k)):
+            raise KeyError(f"{self.name}: some keys are not in the index")
+        return self._order[at_c]
+
+    @property
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def vectors(self, keys: Sequence[int]) -> np.ndarray:
+        """Stored vectors of `keys`, reconstructed from the loaded index."""
+        positions = self.positions(keys)
+        order = np.argsort(positions, kind="stable")
+        out = np.empty((len(keys), self.dim), dtype=np.float32)
+        out[order] = reconstruct_positions(self.index, positions[order])
+        return out
+
+    def sample_vectors(self, n: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        positions = np.sort(rng.choice(self.count, min(n, self.count), replace=False))
+        return reconstruct_positions(self.index, positions)
+
+
+def load_indexes(embeddings_dir: Path, models: Sequence[str], with_text: bool) -> dict[str, LoadedIndex]:
+    """Open `{model}.faiss` (and the CLIP models' `_text` indexes) once each; missing files are skipped."""
+    out: dict[str, LoadedIndex] = {}
+    names = list(models) + ([TEXT_OF[m] for m in models if m in TEXT_OF] if with_text else [])
+    for name in names:
+        path = Path(embeddings_dir) / f"{name}.faiss"
+        if not path.exists():
+            if name in models:
+                log.warning("%s: no index at %s; skipped", name, path)
+            continue
+        out[name] = LoadedIndex.open(name, path)
+        log.info("%s: %d vectors of dim %d", name, out[name].count, out[name].dim)
+    return out
+
+
+def gid_listings(conn: sqlite3.Connection) -> np.ndarray:
+    """listing_of[gid] (-1 where the gid is unknown)."""
+    top = conn.execute("SELECT COALESCE(MAX(gid), -1) FROM image_status").fetchone()[0]
+    out = np.full(int(top) + 1, -1, dtype=np.int64)
+    for gid, listing in conn.execute("SELECT gid, listing_id FROM image_status"):
+        out[int(gid)] = int(listing)
+    return out
+
+
+def eligible_groups(image_indexes: Mapping[str, LoadedIndex], listing_of: np.ndarray) -> dict[int, np.ndarray]:
+    """Listing -> its gids present in EVERY image index, for listings with two or more such images.
+
+    The same queries and relevant sets for every model make the models (and their fusions) comparable.
+    """
+    common: np.ndarray | None = None
+    for li in image_indexes.values():
+        common = li.ids if common is None else np.intersect1d(common, li.ids)
+    if common is None or common.size == 0:
+        return {}
+    common = np.unique(common[(common >= 0) & (common < len(listing_of))])
+    listings = listing_of[common]
+    keep = listings >= 0
+    common, listings = common[keep], listings[keep]
+    order = np.argsort(listings, kind="stable")
+    common, listings = common[order], listings[order]
+    uniq, starts, counts = np.unique(listings, return_index=True, return_counts=True)
+    return {int(lid): common[s : s + c] for lid, s, c in zip(uniq, starts, counts, strict=True) if c >= 2}
+
+
+def sample_queries(groups: Mapping[int, np.ndarray], n: int | None, seed: int) -> list[ev.Query]:
+    """Up to n listings at random (seeded; all when n is None), one random image of each as the query."""
+    rng = np.random.default_rng(seed)
+    listings = sorted(groups)
+    if n is not None and n < len(listings):
+        listings = sorted(rng.choice(listings, n, replace=False).tolist())
+    rng.shuffle(listings)
+    out = []
+    for lid in listings:
+        gids = [int(g) for g in groups[lid]]
+        q = gids[int(rng.integers(len(gids)))]
+        out.append(ev.Query(q, int(lid), frozenset(g for g in gids if g != q)))
+    return out
+
+
+def search_all(
+    indexes: Mapping[str, LoadedIndex],
+    queries: Sequence[ev.Query],
+    listing_of: np.ndarray,
+    depth: int,
+    timing_queries: int = 20,
+) -> tuple[list[ev.QueryHits], dict[str, dict[str, float]]]:
+    """Search every index with every query (one batch per index). Returns hits and per-index timings.
+
+    An image index is queried with its own stored vector of the query image; a CLIP text index with the
+    CLIP image vector of the query (image -> listing text). Timings: the batch's time per query, and the
+    mean latency of single queries (what one search on the page pays per model).
+    """
+    hits = [ev.QueryHits(q) for q in queries]
+    timings: dict[str, dict[str, float]] = {}
+    gids = [q.gid for q in queries]
+
+    def listing_fn(gid: int) -> int | None:
+        return int(listing_of[gid]) if 0 <= gid < len(listing_of) and listing_of[gid] >= 0 else None
+
+    for name, li in indexes.items():
+        source = indexes.get(name.removesuffix("_text")) if name.endswith("_text") else li
+        if source is None:
+            continue
+        q = source.vectors(gids)
+        k = min(depth + 1, li.count)
+        t0 = time.perf_counter()
+        scores, ids = li.index.search(q, k)
+        batch_s = time.perf_counter() - t0
+        n_single = min(timing_queries, len(q))
+        li.index.search(q[:1], k)  # warm-up: the first single query pays one-off costs
+        t0 = time.perf_counter()
+        for i in range(n_single):
+            li.index.search(q[i : i + 1], k)
+        single_s = (time.perf_counter() - t0) / max(1, n_single)
+        timings[name] = {"batch_ms_per_query": 1000 * batch_s / max(1, len(q)), "single_ms": 1000 * single_s}
+        for qh, row_ids, row_scores in zip(hits, ids, scores, strict=True):
+            if name.endswith("_text"):  # keyed by listing id; the query image is not in it
+                qh.listings[name] = ev.aggregate_max(row_ids[:depth], row_scores[:depth], lambda key: key)
+            else:
+                qh.images[name], qh.listings[name] = ev.hits_from_search(
+                    row_ids, row_scores, qh.query.gid, listing_fn, depth
+                )
+    return hits, timings
+
+
+# --------------------------------------------------------------------------------------------------
+# Costs: embedding seconds per image
+# --------------------------------------------------------------------------------------------------
+
+_MODEL_TIME_RE = re.compile(r"\b(\w+): model time ([0-9.]+)s \(([0-9.]+) images/s in the model\)")
+_AVG_RE = re.compile(r"([0-9][0-9,]*\.?[0-9]*)/s avg")
+
+
+def costs_from_log(log_paths: Sequence[Path], models: Sequence[str]) -> dict[str, float]:
+    """Seconds per image per model from the embed stage's logs (`embed.log` and its rotations).
+
+    Best source: embed.py's exit line "<model>: model time Ts (R images/s in the model)", pooled over all
+    runs (total model time / total images). Else the last Progress line "... <model> images done, ... X/s avg"
+    (wall time, so it includes decoding and the other models of the same batch).
+    """
+    model_time: dict[str, float] = {}
+    model_images: dict[str, float] = {}
+    avg: dict[str, float] = {}
+    for path in sorted(log_paths, key=lambda p: p.stat().st_mtime if p.exists() else 0):
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            hit = _MODEL_TIME_RE.search(line)
+            if hit and hit.group(1) in models:
+                t, rate = float(hit.group(2)), float(hit.group(3))
+                if t > 0 and rate > 0:
+                    model_time[hit.group(1)] = model_time.get(hit.group(1), 0.0) + t
+                    model_images[hit.group(1)] = model_images.get(hit.group(1), 0.0) + t * rate
+                continue
+            a = _AVG_RE.search(line)
+            if a:
+                for m in models:
+                    if f"{m} images done" in line:
+                        rate = float(a.group(1).replace(",", ""))
+                        if rate > 0:
+                            avg[m] = 1.0 / rate
+    out = dict(avg)
+    out.update({m: model_time[m] / model_images[m] for m in model_time if model_images.get(m)})
+    return out
+
+
+def measure_costs(
+    settings: Settings, models: Sequence[str], image_paths: Sequence[Path], *, device: str = "auto", batch: int = 8
+) -> dict[str, float]:
+    """Seconds per image per model, measured here: load each encoder, warm up, time `image_paths`."""
+    from PIL import Image
+
+    from imageselector.embedding.encoders import load_encoder
+    from imageselector.embedding.registry import load_registry
+
+    specs = load_registry(settings=settings)
+    images = [Image.open(p).convert("RGB") for p in image_paths]
+    if not images:
+        return {}
+    out: dict[str, float] = {}
+    for m in models:
+        if m not in specs:
+            continue
+        enc = load_encoder(specs[m], device=device)
+        enc.encode_images(images[: min(2, len(images))])  # warm-up (lazy init, kernels)
+        t0 = time.perf_counter()
+        for i in range(0, len(images), batch):
+            enc.encode_images(images[i : i + batch])
+        out[m] = (time.perf_counter() - t0) / len(images)
+        del enc
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    sample: int | None = 500
+    seed: int = 0
+    depth: int = 100
+    fit_frac: float = 0.3
+    n_boot: int = 1000
+    with_text: bool = True
+    models: Sequence[str] = EMBED_MODELS
+    rrf_k: float = DEFAULT_RRF_K
+    timing_queries: int = 20
+    measure_cost: bool = False
+    cost_images: int = 16
+
+
+def _method(name: str, kind: str, values: dict[str, np.ndarray], n_boot: int, seed: int, **extra: Any) -> dict:
+    metrics = {}
+    for m in ev.METRICS:
+        v = values[m]
+        metrics[m] = None if np.isnan(v).all() else ev.summarize(v, n_boot=n_boot, seed=seed).to_dict()
+    return {"name": name, "kind": kind, "metrics": metrics, **extra}
+
+
+def _fusion_ms(hits: Sequence[ev.QueryHits], models: Sequence[str], method: str, weights, calib, rrf_k) -> float:  # type: ignore[no-untyped-def]
+    sample = hits[: min(50, len(hits))]
+    if not sample:
+        return 0.0
+    t0 = time.perf_counter()
+    for qh in sample:
+        ev.fuse(method, {m: qh.listings[m] for m in models if m in qh.listings}, weights, calib, rrf_k)
+    return 1000 * (time.perf_counter() - t0) / len(sample)
+
+
+def run(settings: Settings, conn: sqlite3.Connection, opts: Options) -> dict[str, Any]:
+    """Evaluate models and fusions; return the JSON-able results (see docs/evaluation.md)."""
+    t_start = time.time()
+    indexes = load_indexes(settings.embeddings_dir, opts.models, opts.with_text)
+    image_models = [m for m in opts.models if m in indexes]
+    if not image_models:
+        raise ValueError(f"no image index found in {settings.embeddings_dir}: run image_search_v2/embed.py first")
+    listing_of = gid_listings(conn)
+    groups = eligible_groups({m: indexes[m] for m in image_models}, listing_of)
+    queries = sample_queries(groups, opts.sample, opts.seed)
+    if len(queries) < 2:
+        raise ValueError(
+            f"only {len(queries)} listing(s) have two or more images embedded by every model "
+            f"({', '.join(image_models)}): embed more before evaluating"
+        )
+    n_fit = int(round(len(queries) * opts.fit_frac)) if opts.fit_frac > 0 else 0
+    n_fit = min(max(n_fit, 1 if opts.fit_frac > 0 else 0), len(queries) - 1)
+    log.info(
+        "%d eligible listings; %d sampled: %d to fit weights, %d to evaluate",
+        len(groups),
+        len(queries),
+        n_fit,
+        len(queries) - n_fit,
+    )
+    hits, timings = search_all(indexes, queries, listing_of, opts.depth, opts.timing_queries)
+    fit_hits, eval_hits = hits[:n_fit], hits[n_fit:]
+    calib = {m: ev.calibrate(indexes[m].sample_vectors(1000, opts.seed)) for m in image_models}
+    text_names = [n for n in indexes if n.endswith("_text")]
+
+    methods: list[dict] = []
+    per_query: dict[str, dict[str, np.ndarray]] = {}
+    seed = opts.seed
+    for m in [*image_models, *text_names]:
+        vals = ev.evaluate_single(eval_hits, m)
+        per_query[m] = vals
+        kind = "text" if m.endswith("_text") else "model"
+        methods.append(_method(m, kind, vals, opts.n_boot, seed, query_ms=timings[m]["single_ms"]))
+
+    weights: dict[str, dict[str, float]] = {}
+    fitted_score: dict[str, float] = {}
+    for method in ("max", "rrf"):
+        if n_fit and len(image_models) > 1:
+            weights[method], fitted_score[method] = ev.fit_weights(fit_hits, image_models, method, calib, opts.rrf_k)
+        else:
+            weights[method] = {m: 1.0 for m in image_models}
+    in_force, in_force_src = load_weights(settings.embeddings_dir)
+    variants: list[tuple[str, str, Sequence[str], Mapping[str, float] | None]] = [
+        ("max", "max", image_models, None),
+        ("max (weighted)", "max", image_models, weights["max"]),
+        ("rrf", "rrf", image_models, None),
+        ("rrf (weighted)", "rrf", image_models, weights["rrf"]),
+    ]
+    if in_force:
+        variants.append(
+            ("rrf (weights in force)", "rrf", image_models, {m: in_force.get(m, 1.0) for m in image_models})
+        )
+    if text_names:
+        variants.append(("rrf + text", "rrf", [*image_models, *text_names], None))
+    for name, method, members, w in variants:
+        vals = ev.evaluate_fusion(eval_hits, members, method, w, calib, opts.rrf_k)
+        per_query[name] = vals
+        ms = sum(timings[m]["single_ms"] for m in members) + _fusion_ms(
+            eval_hits, members, method, w, calib, opts.rrf_k
+        )
+        methods.append(_method(name, "fusion", vals, opts.n_boot, seed, query_ms=ms, weights=dict(w) if w else None))
+
+    ablation = []
+    if len(image_models) > 1:
+        full = per_query["rrf"]
+        for m in image_models:
+            rest = [x for x in image_models if x != m]
+            vals = ev.evaluate_fusion(eval_hits, rest, "rrf", None, calib, opts.rrf_k, listing_only=True)
+            ablation.append(
+                {
+                    "model": m,
+                    "delta": {
+                        k: ev.summarize(full[k] - vals[k], n_boot=opts.n_boot, seed=seed).to_dict()
+                        for k in ev.LISTING_METRICS
+                    },
+                    "query_ms_saved": timings[m]["single_ms"],
+                }
+            )
+
+    costs = _costs(settings, image_models, queries, opts)
+    manifest = read_manifest(settings.embeddings_dir)
+    return {
+        "generated_at": t_start,
+        "elapsed_s": time.time() - t_start,
+        "home": str(settings.home),
+        "options": {
+            "sample": opts.sample,
+            "seed": opts.seed,
+            "depth": opts.depth,
+            "fit_frac": opts.fit_frac,
+            "n_boot": opts.n_boot,
+            "rrf_k": opts.rrf_k,
+        },
+        "eligible_listings": len(groups),
+        "queries": {"sampled": len(queries), "fit": n_fit, "eval": len(eval_hits)},
+        "models": {
+            m: {
+                "count": indexes[m].count,
+                "dim": indexes[m].dim,
+                "standin": bool(manifest.get("models", {}).get(m, {}).get("standin", False)),
+            }
+            for m in image_models
+        },
+        "text_indexes": text_names,
+        "methods": methods,
+        "weights": {
+            "fitted": weights,
+            "fitted_on": n_fit,
+            "fit_metric": "listing_map10",
+            "fit_score": fitted_score,
+            "in_force": in_force,
+            "in_force_source": in_force_src,
+        },
+        "ablation": ablation,
+        "costs": costs,
+        "calibration": {m: {"mu": c.mu, "sigma": c.sigma} for m, c in calib.items()},
+        "timings": timings,
+    }
+
+
+def _costs(settings: Settings, models: Sequence[str], queries: Sequence[ev.Query], opts: Options) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    logged = costs_from_log(sorted(settings.home.glob("embed*.log*")), models)
+    for m, sec in logged.items():
+        out[m] = {"sec_per_image": sec, "source": "embed.log"}
+    if opts.measure_cost:
+        from imageselector.cleanup import locate_image
+        from imageselector.db import connect
+
+        conn = connect(settings.db_path, readonly=True)
+        try:
+            paths = []
+            for q in queries:
+                row = conn.execute("SELECT listing_id, image_id FROM image_status WHERE gid=?", (q.gid,)).fetchone()
+                p = locate_image(settings, row, conn) if row is not None else None
+                if p is not None:
+                    paths.append(p)
+                if len(paths) >= opts.cost_images:
+                    break
+        finally:
+            conn.close()
+        for m, sec in measure_costs(settings, models, paths).items():
+            out[m] = {"sec_per_image": sec, "source": f"measured on {len(paths)} images"}
+    for m in models:
+        c = out.get(m)
+        if c is not None:
+            c["hours_per_million"] = c["sec_per_image"] * 1e6 / 3600
+    return out
+
+
+def write_weights(settings: Settings, results: Mapping[str, Any], method: str = "rrf") -> Path:
+    """Write `<home>/embeddings/fusion_weights.json`, the file the search reads (search/ensemble.py)."""
+    from imageselector.fsutil import atomic_write_text
+
+    doc = {
+        "method": method,
+        "weights": results["weights"]["fitted"][method],
+        "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": "image_search_v2/evaluate.py --fit-weights",
+        "metric": "listing mAP@10",
+        "fit_queries": results["weights"]["fitted_on"],
+        "fit_score": results["weights"]["fit_score"].get(method),
+        "seed": results["options"]["seed"],
+    }
+    path = settings.embeddings_dir / WEIGHTS_FILE
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n", settings.tmp_dir)
+    return path
+
+
+def weights_blocker(results: Mapping[str, Any], min_fit: int) -> str | None:
+    """Why the fitted RRF weights should not be written (too few held-out listings, or they lose), or None."""
+    n = results["weights"]["fitted_on"]
+    if n < min_fit:
+        return f"fitted on only {n} held-out listings (need --min-fit {min_fit}; raise --sample or --fit-frac)"
+    by_name = {m["name"]: m["metrics"]["listing_map10"] for m in results["methods"]}
+    equal, fitted = by_name.get("rrf"), by_name.get("rrf (weighted)")
+    if equal and fitted and fitted["mean"] < equal["mean"]:
+        return (
+            f"the fitted weights did worse than equal weights on the evaluation listings "
+            f"(listing mAP@10 {fitted['mean']:.3f} < {equal['mean']:.3f})"
+        )
+    return None

@@ -1,0 +1,134 @@
+"""image_search_v2/evaluate.py end to end: the simulator's catalogue, embedded by the real embed stage with stand-ins."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from imageselector import eval_run
+from imageselector.cli_evaluate import main
+from imageselector.search.ensemble import load_weights
+from tests.helpers.embed_fixtures import standin_registry  # noqa: F401 - session fixture
+from tests.helpers.search_home import build_search_home
+
+MODELS = ["clip_vitb32", "clip_vitl14", "dinov2_base", "dinov2_large", "dinov3_base"]
+FUSIONS = ["max", "max (weighted)", "rrf", "rrf (weighted)", "rrf + text"]
+
+
+@pytest.fixture(scope="module")
+def evaluated_home(tmp_path_factory, standin_registry):  # noqa: F811
+    return build_search_home(tmp_path_factory.mktemp("evalhome") / "home", standin_registry, listings=12, seed=5)
+
+
+def _run(capsys, args: list[str]) -> tuple[int, dict | None]:
+    rc = main(args)
+    out = capsys.readouterr().out
+    return rc, (json.loads(out) if rc == 0 and "--json" in args else None)
+
+
+def _check_stat(stat: dict, n: int) -> None:
+    assert stat["n"] == n
+    for k in ("mean", "lo", "hi"):
+        assert isinstance(stat[k], float) and math.isfinite(stat[k]) and 0.0 <= stat[k] <= 1.0
+    assert stat["lo"] - 1e-9 <= stat["mean"] <= stat["hi"] + 1e-9
+
+
+def test_report_end_to_end(evaluated_home, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("IMAGESELECTOR_HOME", str(evaluated_home.home))
+    monkeypatch.setenv("IMAGESELECTOR_MODELS_FILE", str(evaluated_home.registry))
+    out_dir = tmp_path / "report"
+    args = ["--json", "--sample", "0", "--bootstrap", "200", "--fit-weights", "--min-fit", "1", "--out", str(out_dir)]
+    rc, res = _run(capsys, args)
+    assert rc == 0
+    n_eval = res["queries"]["eval"]
+    assert n_eval >= 5 and res["queries"]["fit"] >= 1
+    assert res["queries"]["sampled"] == res["eligible_listings"]  # --sample 0 = every eligible listing
+    names = [m["name"] for m in res["methods"]]
+    assert names == [*MODELS, "clip_vitb32_text", "clip_vitl14_text", *FUSIONS]
+    for m in res["methods"]:
+        for metric, stat in m["metrics"].items():
+            if m["kind"] == "text" and metric.startswith("image_"):
+                assert stat is None  # a listing-text index has no image level
+            else:
+                _check_stat(stat, n_eval)
+        assert math.isfinite(m["query_ms"]) and m["query_ms"] >= 0
+    assert all(res["models"][m]["standin"] for m in MODELS)
+    for m in MODELS:  # the embed stage ran in this home: its log gives each model's time per image
+        assert res["costs"][m]["source"] == "embed.log" and res["costs"][m]["sec_per_image"] > 0
+    assert {a["model"] for a in res["ablation"]} == set(MODELS)
+    for a in res["ablation"]:
+        d = a["delta"]["listing_map10"]
+        assert -1 <= d["lo"] <= d["mean"] <= d["hi"] <= 1
+
+    # the report on disk
+    md = (out_dir / "report.md").read_text()
+    assert "![recall chart](chart.png)" in md and "Stand-in models" in md and "| rrf (weighted) |" in md
+    with Image.open(out_dir / "chart.png") as img:
+        assert img.format == "PNG" and img.width == 900
+    assert json.loads((out_dir / "results.json").read_text())["queries"] == res["queries"]
+
+    # --fit-weights: written in the format search reads, unless the fitted weights lost to equal weights
+    fitted = res["weights"]["fitted"]["rrf"]
+    assert set(fitted) == set(MODELS) and max(fitted.values()) == 1.0
+    emb = evaluated_home.home / "embeddings"
+    if res["weights"].get("written"):
+        weights, method = load_weights(emb)
+        assert weights == fitted and method == "rrf"
+    else:
+        assert "did worse than equal weights" in res["weights"]["not_written"]
+
+
+def test_reproducible_and_one_read_per_index(evaluated_home, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("IMAGESELECTOR_HOME", str(evaluated_home.home))
+    reads: list[str] = []
+    real = eval_run.read_index
+    monkeypatch.setattr(eval_run, "read_index", lambda p, *a, **k: reads.append(Path(p).name) or real(p, *a, **k))
+    args = ["--json", "--sample", "6", "--seed", "3", "--bootstrap", "100", "--out", str(tmp_path / "a")]
+    rc1, r1 = _run(capsys, args)
+    assert rc1 == 0
+    assert sorted(reads) == sorted(f"{n}.faiss" for n in [*MODELS, "clip_vitb32_text", "clip_vitl14_text"])
+    rc2, r2 = _run(capsys, [*args[:-1], str(tmp_path / "b")])
+    assert rc2 == 0
+    assert r1["queries"]["sampled"] == 6
+    assert [m["metrics"] for m in r1["methods"]] == [m["metrics"] for m in r2["methods"]]
+    # the terminal table
+    rc3 = main(["--sample", "6", "--bootstrap", "50", "--out", str(tmp_path / "c")])
+    table = capsys.readouterr().out
+    assert rc3 == 0 and "L mAP@10" in table and "Drop one model" in table and "rrf (weighted)" in table
+
+
+def test_measure_cost_times_the_encoder(evaluated_home, monkeypatch):
+    from imageselector.config import load_settings
+
+    monkeypatch.setenv("IMAGESELECTOR_MODELS_FILE", str(evaluated_home.registry))
+    settings = load_settings(evaluated_home.home)
+    paths = [p for imgs in evaluated_home.images.values() for _, p in imgs][:3]
+    got = eval_run.measure_costs(settings, ["clip_vitb32"], paths, device="cpu")
+    assert set(got) == {"clip_vitb32"} and 0 < got["clip_vitb32"] < 60
+
+
+def test_refuses_without_data(home, capsys):
+    assert main(["--sample", "5"]) == 2  # no database
+    from imageselector import db
+    from imageselector.config import load_settings
+
+    db.connect(load_settings().db_path).close()
+    assert main(["--sample", "5"]) == 2  # no index
+    assert main(["--models", "clip_vitb32,nope"]) == 2
+
+
+def test_costs_from_log_lines(tmp_path):
+    log = tmp_path / "embed.log"
+    log.write_text(
+        "2026-01-01 INFO [embed] 80 clip_vitb32 images done, 2.00/s now, 4.00/s avg, 10 left, ETA 3s\n"
+        "2026-01-01 INFO [embed] clip_vitb32: model time 10.0s (5.0 images/s in the model)\n"
+        "2026-01-02 INFO [embed] clip_vitb32: model time 30.0s (2.5 images/s in the model)\n"
+        "2026-01-02 INFO [embed] 40 dinov2_base images done, 1.00/s now, 0.50/s avg, 0 left, ETA 0s\n"
+    )
+    got = eval_run.costs_from_log([log], MODELS)
+    # clip: (10 + 30) s over (50 + 75) images; dino: only the wall-clock average
+    assert got == {"clip_vitb32": pytest.approx(40 / 125), "dinov2_base": pytest.approx(2.0)}
