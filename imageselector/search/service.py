@@ -212,7 +212,7 @@ class SearchService:
         bad = [m for m in wanted if m not in allowed]
         if bad:
             raise SearchError(f"unknown {what} model(s) {', '.join(bad)}; choose from {', '.join(allowed)}")
-        have = [m for m in wanted if self.indexes.get(m) is not None]
+        have = [m for m in allowed if m in wanted and self.indexes.get(m) is not None]
         if not have:
             raise SearchError(
                 f"no index for {', '.join(wanted)} in {self.settings.embeddings_dir}: run image_search_v2/embed.py first",
@@ -307,16 +307,16 @@ class SearchService:
     # ---------------------------------------------------------------- status
     def warnings(self) -> list[str]:
         out: list[str] = []
-        try:
-            sw = db.kv_get(self.conn(), "status_warning")
-        except (SearchError, sqlite3.Error):
-            sw = None
-        if sw:
-            out.append(sw)
         manifest_models = self.indexes.manifest.get("models") or {}
         standins = sorted(n for n, m in manifest_models.items() if isinstance(m, dict) and m.get("standin"))
         if standins:
             out.append(f"{STANDIN_WARNING} ({', '.join(standins)})")
+        try:
+            sw = db.kv_get(self.conn(), "status_warning")
+        except (SearchError, sqlite3.Error):
+            sw = None
+        if sw and not (standins and "stand-in" in sw):  # embed.py's own stand-in note says the same thing
+            out.append(sw)
         out += [e for e in self.indexes.errors.values()]
         return list(dict.fromkeys(out))
 

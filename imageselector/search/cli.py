@@ -1,0 +1,147 @@
+"""`image_search_v2/search.py`: query by image or text, serve the web page, or build the HNSW caches.
+
+    venv/bin/python image_search_v2/search.py --image PATH [--k 20] [--models clip_vitb32 dinov2_base] [--json]
+    venv/bin/python image_search_v2/search.py --text "blue ceramic mug" [--k 20] [--json]
+    venv/bin/python image_search_v2/search.py --serve [--host 127.0.0.1] [--port 8765]
+    venv/bin/python image_search_v2/search.py --build-index      # HNSW caches for indexes above SEARCH_HNSW_MIN
+
+Exit codes: 0 done; 2 bad usage or a query the search cannot answer (the message says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from imageselector.config import load_settings
+from imageselector.logs import setup_logging
+from imageselector.search.service import SearchError, SearchService, read_path_image
+
+log = logging.getLogger("search")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="image_search_v2/search.py",
+        description="Ensemble search over the five image indexes (and the CLIP listing-text indexes).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+    )
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", metavar="PATH", help="query by this image file")
+    what.add_argument("--text", metavar="TEXT", help="query by text (the two CLIP text towers)")
+    what.add_argument("--serve", action="store_true", help="run the web page")
+    what.add_argument(
+        "--build-index", action="store_true", help="build/update the HNSW caches of big indexes, then exit"
+    )
+    what.add_argument("--status", action="store_true", help="print the indexes, fusion weights and warnings as JSON")
+    ap.add_argument("--k", type=int, default=20, help="listings to return (default 20, at most 200)")
+    ap.add_argument("--models", nargs="+", metavar="NAME", help="a subset of the models (space or comma separated)")
+    ap.add_argument("--json", action="store_true", help="print the full result as JSON")
+    ap.add_argument("--host", default="127.0.0.1", help="address for --serve (default 127.0.0.1: this machine only)")
+    ap.add_argument("--port", type=int, default=8765, help="port for --serve (default 8765; 0 picks a free one)")
+    ap.add_argument("--models-file", help="model registry (default: IMAGESELECTOR_MODELS_FILE, else the shipped one)")
+    ap.add_argument("--device", default="auto", help="auto|cpu|mps|cuda for the query encoders")
+    ap.add_argument("--dtype", default="auto", help="auto|fp32|fp16|bf16 for the query encoders")
+    ap.add_argument("--no-build", action="store_true", help="with --serve: do not build HNSW caches in the background")
+    return ap
+
+
+def _models(raw: list[str] | None) -> list[str] | None:
+    if not raw:
+        return None
+    return [m for part in raw for m in part.split(",") if m]
+
+
+def _print_table(result: dict) -> None:
+    q = result["query"]
+    print(
+        f"{len(result['results'])} listings for {q.get('text') or 'the image'} "
+        f"({', '.join(result['models'])}; {result['fusion']['method']}; {result['timing_ms']['total']} ms)"
+    )
+    for w in result["warnings"]:
+        print(f"WARNING: {w}")
+    for r in result["results"]:
+        price = f"{r['price']:.2f} {r['currency'] or ''}".strip() if r["price"] is not None else "-"
+        title = (r["title"] or "")[:60]
+        print(
+            f"{r['rank']:3d}. {r['listing_id']:>12}  {r['n_models']}/{len(result['models'])} models  "
+            f"{r['fused_score']:.4f}  {price:>12}  {(r['shop_name'] or '-')[:20]:20s}  {title}"
+        )
+        print(f"      {r['url']}")
+
+
+def _serve(service: SearchService, args: argparse.Namespace) -> int:
+    from imageselector.search.web import CacheBuilder, make_server
+
+    try:
+        server = make_server(service, args.host, args.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    service.indexes.refresh(force=True)
+    builder = None
+    if not args.no_build:
+        builder = CacheBuilder(service)
+        builder.start()
+    host, port = server.server_address[:2]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: other machines on the network can use this search page", args.host)
+    print(f"SEARCH READY http://{host}:{port}/", flush=True)
+    log.info("search page at http://%s:%s/ (Ctrl-C or SIGTERM stops it)", host, port)
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping the search server", signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        if builder is not None:
+            builder.stop.set()
+        server.server_close()
+    log.info("search server stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = load_settings()
+    setup_logging("search", settings.home, secrets=settings.secrets())
+    service = SearchService(settings, models_file=args.models_file, device=args.device, dtype=args.dtype)
+    try:
+        if args.serve:
+            return _serve(service, args)
+        if args.build_index:
+            service.indexes.refresh(force=True)
+            names = _models(args.models) or list(service.indexes.models)
+            done = service.indexes.build_caches(names, tmp_dir=settings.tmp_dir)
+            for name, m in service.indexes.models.items():
+                print(
+                    f"{name:18s} {m.count:>10,} vectors  {m.kind:4s}  {m.note}"
+                    + (f"  (+{done[name]} added)" if done.get(name) else "")
+                )
+            return 0
+        if args.status:
+            print(json.dumps(service.status(), indent=2))
+            return 0
+        if args.image:
+            result = service.search_image(read_path_image(args.image, service.limits), args.k, _models(args.models))
+        else:
+            result = service.search_text(args.text, args.k, _models(args.models))
+    except SearchError as exc:
+        if args.json:
+            print(json.dumps({"error": str(exc)}))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        _print_table(result)
+    return 0

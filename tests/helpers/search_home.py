@@ -1,0 +1,108 @@
+"""A small searchable data home: the simulator's catalogue as rows and photos, embedded by the real embed stage.
+
+The rows and files are what sync + download would have produced from the simulator (its `Catalogue`
+is the simulator's ground truth, its renderer draws the CDN photos); background removal is skipped
+(flags set), and `image_search_v2/embed.py` (the real stage) embeds everything with stand-in models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from imageselector import db
+from imageselector.config import load_settings
+from imageselector.layout import image_path
+
+PHOTO_SIZE = "170x135"
+
+
+@dataclass
+class SearchHome:
+    home: Path
+    registry: Path
+    # listing_id -> [(image_id, path)], primary first
+    images: dict[int, list[tuple[int, Path]]] = field(default_factory=dict)
+    titles: dict[int, str] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "IMAGESELECTOR_HOME": str(self.home), "IMAGESELECTOR_MODELS_FILE": str(self.registry)}
+
+
+def build_search_home(home: Path, registry: Path, *, listings: int = 8, seed: int = 3) -> SearchHome:
+    """Catalogue rows + photos in `home`, embedded with the stand-ins of `registry` (fp32 on the CPU)."""
+    from imageselector.embedding.cli import main as embed_main
+    from imageselector.etsy.simulator.catalogue import Catalogue
+    from imageselector.etsy.simulator.images import render_jpeg
+
+    settings = load_settings(home)
+    conn = db.connect(settings.db_path)
+    cat = Catalogue(listings, seed=seed)
+    out = SearchHome(home, registry)
+    rows = []
+    for i in range(cat.n):
+        s = int(cat.shop_of[i])
+        lid, shop_id = int(cat.listing_ids[i]), int(cat.shop_ids[s])
+        conn.execute(
+            "INSERT OR IGNORE INTO shops(shop_id, shop_name, currency_code) VALUES (?,?,?)",
+            (shop_id, cat.shop_name(s), cat.currency(s)),
+        )
+        conn.execute(
+            "INSERT INTO listings(listing_id, shop_id, title, tags, currency_code) VALUES (?,?,?,?,?)",
+            (lid, shop_id, cat.title(i), json.dumps(cat.tags(i)), cat.currency(s)),
+        )
+        conn.execute(
+            "INSERT INTO listings_dynamic(listing_id, snapshot_timestamp, state, price) VALUES (?,?,?,?)",
+            (lid, 1_700_000_000, "active", int(cat.price[i]) / 100),
+        )
+        out.titles[lid] = cat.title(i)
+        for j in range(int(cat.img_start[i]), int(cat.img_start[i + 1])):
+            iid = int(cat.image_ids[j])
+            path = image_path(settings.images_dir, lid, iid)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(render_jpeg(cat, j, PHOTO_SIZE))
+            out.images.setdefault(lid, []).append((iid, path))
+            rows.append(
+                dict(
+                    listing_id=lid,
+                    image_id=iid,
+                    shop_id=shop_id,
+                    hex=cat.image_hex(j),
+                    suffix=cat.image_suffix(j),
+                    is_primary=int(j == int(cat.img_start[i])),
+                    when_made=cat.when_made(i),
+                    price=int(cat.price[i]) / 100,
+                )
+            )
+    db.upsert_images(conn, rows)
+    conn.execute("UPDATE image_status SET download_done=1, bg_removed=1")
+    conn.close()
+    old = os.environ.get("IMAGESELECTOR_HOME")
+    os.environ["IMAGESELECTOR_HOME"] = str(home)
+    try:
+        rc = embed_main(["--model", "all", "--models-file", str(registry), "--device", "cpu", "--dtype", "fp32"])
+    finally:
+        if old is None:
+            os.environ.pop("IMAGESELECTOR_HOME", None)
+        else:
+            os.environ["IMAGESELECTOR_HOME"] = old
+    assert rc == 0, f"embed.py exited {rc}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def search_home(standin_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> SearchHome:
+    """One embedded catalogue home for all search tests of the session (about 6 s)."""
+    return build_search_home(tmp_path_factory.mktemp("search") / "home", standin_registry)
+
+
+@pytest.fixture(scope="session")
+def search_service(search_home: SearchHome):
+    from imageselector.search.service import SearchService
+
+    settings = load_settings(search_home.home)
+    return SearchService(settings, models_file=str(search_home.registry), device="cpu", dtype="fp32")

@@ -1,0 +1,113 @@
+"""The CLI (`image_search_v2/search.py`) over a catalogue embedded by the real embed stage with stand-ins."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imageselector.db import EMBED_MODELS
+from imageselector.search.cli import main
+from tests.helpers.embed_fixtures import standin_registry  # noqa: F401 - session fixture
+from tests.helpers.search_home import SearchHome, search_home, search_service  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def env(search_home: SearchHome, monkeypatch: pytest.MonkeyPatch) -> SearchHome:  # noqa: F811
+    monkeypatch.setenv("IMAGESELECTOR_HOME", str(search_home.home))
+    monkeypatch.setenv("IMAGESELECTOR_MODELS_FILE", str(search_home.registry))
+    return search_home
+
+
+def run_json(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, dict]:
+    rc = main([*argv, "--json", "--device", "cpu", "--dtype", "fp32"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def test_image_query_json_from_the_entry_script(env: SearchHome) -> None:
+    listing = sorted(env.images)[2]
+    _, path = env.images[listing][-1]  # not the primary: the card must still show the primary photo
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "image_search_v2/search.py"),
+            "--image",
+            str(path),
+            "--k",
+            "5",
+            "--json",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+        ],
+        env=env.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert res["query"]["type"] == "image" and res["models"] == list(EMBED_MODELS)
+    top = res["results"][0]
+    assert top["listing_id"] == listing and top["n_models"] == 5 and top["rank"] == 1
+    assert set(top["scores"]) == set(EMBED_MODELS)
+    assert all(s == pytest.approx(1.0, abs=1e-3) for s in top["scores"].values())
+    assert top["title"] == env.titles[listing] and top["price"] > 0 and top["currency"] and top["shop_name"]
+    assert top["url"] == f"https://www.etsy.com/listing/{listing}"
+    assert top["primary_image_id"] == env.images[listing][0][0]
+    assert top["image_url"] == f"/image/{listing}/{env.images[listing][0][0]}"
+    assert top["matched_image_ids"]["dinov2_base"] == env.images[listing][-1][0]
+    assert 1 <= len(res["results"]) <= 5
+    assert len({r["listing_id"] for r in res["results"]}) == len(res["results"])  # one row per listing
+    fused = [r["fused_score"] for r in res["results"]]
+    assert fused == sorted(fused, reverse=True)
+    assert any("only structural" in w for w in res["warnings"])
+
+
+def test_text_query_uses_both_clip_towers_on_image_and_text_indexes(env: SearchHome, capsys) -> None:
+    listing = sorted(env.titles)[0]
+    rc, res = run_json(capsys, "--text", env.titles[listing], "--k", "3")
+    assert rc == 0
+    assert res["models"] == ["clip_vitb32", "clip_vitb32_text", "clip_vitl14", "clip_vitl14_text"]
+    assert 1 <= len(res["results"]) <= 3 and res["results"][0]["url"].startswith("https://www.etsy.com/listing/")
+    assert "clip_vitb32_text" in res["fusion"]["weights"]
+
+
+def test_model_subset_and_weights_file(env: SearchHome, capsys) -> None:
+    weights = env.home / "embeddings" / "fusion_weights.json"
+    weights.write_text(json.dumps({"method": "test weights", "weights": {"dinov2_base": 0.25}}))
+    try:
+        listing = sorted(env.images)[0]
+        rc, res = run_json(capsys, "--image", str(env.images[listing][0][1]), "--models", "dinov2_base,clip_vitb32")
+    finally:
+        weights.unlink()
+    assert rc == 0 and res["models"] == ["clip_vitb32", "dinov2_base"]
+    assert res["fusion"]["weights"] == {"clip_vitb32": 1.0, "dinov2_base": 0.25}
+    assert res["fusion"]["weights_source"] == "test weights"
+    assert res["results"][0]["listing_id"] == listing
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--image", "/no/such/file.jpg"], "no such file"),
+        (["--image", __file__], "not a readable image"),
+        (["--text", "mug", "--models", "dinov2_base"], "CLIP models only"),
+        (["--text", "mug", "--k", "0"], "k must be between"),
+        (["--text", "   "], "type something"),
+    ],
+)
+def test_bad_queries_exit_2_with_a_message(env: SearchHome, capsys, argv: list[str], message: str) -> None:
+    rc, res = run_json(capsys, *argv)
+    assert rc == 2 and message in res["error"]
+
+
+def test_no_index_yet_says_what_to_run(home: Path, capsys) -> None:
+    rc, res = run_json(capsys, "--text", "mug")
+    assert rc == 2 and "embed.py" in res["error"]
