@@ -177,6 +177,20 @@ def test_shop_listings_and_reviews_complete(sim, http):
     assert any(r["buyer_user_id"] is None for r in everyone) and any(r["buyer_user_id"] for r in everyone)
 
 
+def test_tick_changes_dynamic_metrics_only():
+    cat = Catalogue(200, seed=4)
+    before = [cat.listing_json(i) for i in range(cat.n)]
+    cat.tick(30)
+    after = [cat.listing_json(i) for i in range(cat.n)]
+    assert [b["listing_id"] for b in before] == [a["listing_id"] for a in after]
+    assert sum(a["num_favorers"] > b["num_favorers"] for a, b in zip(after, before, strict=True)) > 100
+    assert all(a["state"] == b["state"] and a["title"] == b["title"] for a, b in zip(after, before, strict=True))
+    assert all(a["quantity"] >= 1 for a in after if a["state"] == "active")
+    again = Catalogue(200, seed=4)
+    again.tick(30)
+    assert [again.listing_json(i) for i in range(again.n)] == after
+
+
 def test_catalogue_scales_to_100k_listings():
     cat = Catalogue(100_000, seed=1)
     assert cat.n == 100_000 and len(cat.image_ids) >= 100_000

@@ -105,7 +105,7 @@ class Catalogue:
         self.when_2026 = rng.random(n) < when_made_drift
         self.who_i = rng.integers(0, 3, n)
         self.taxonomy = np.array([p.taxonomy_id for p in vocab.PRODUCTS])[self.prod]
-        self.score = self.favorers * 3 + (self.listing_ids % 97)
+        self.score_bias = self.listing_ids % 97
         self.active = self.state == 0
         # images: 1..5 per listing, ids ascending with the listing index
         self.n_images = rng.integers(1, 6, n)
@@ -122,6 +122,23 @@ class Catalogue:
         self._mask_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._query_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._lock = Lock()
+        self.generation = 0  # days passed by tick()
+
+    def tick(self, days: int = 1) -> None:
+        """Let `days` pass for the dynamic metrics (favorers, views, quantity, shop favorers), deterministically.
+
+        Lets re-snapshot passes see changed numbers; the set of listings, their states and images stay fixed.
+        """
+        with self._lock:
+            self.generation += days
+            rng = np.random.default_rng([self.seed, self.n, self.generation])
+            n = self.n
+            self.favorers = self.favorers + rng.poisson(0.3 * days, n)
+            self.views = self.views + rng.poisson(4.0 * days, n)
+            sold = np.minimum(np.maximum(self.quantity - 1, 0), rng.poisson(0.05 * days, n))
+            self.quantity = self.quantity - np.where(self.state == 0, sold, 0)
+            self.shop_favorers = self.shop_favorers + rng.poisson(0.5 * days, self.n_shops)
+            self._query_cache.clear()  # score order depends on favorers
 
     # ---- lookups -------------------------------------------------------------------------------------------------
     def listing_index(self, listing_id: int) -> int | None:
@@ -293,7 +310,12 @@ class Catalogue:
                 idx = idx[mask[idx]]
         else:
             idx = np.nonzero(mask)[0]
-        col = {"created": self.created, "price": self.price, "updated": self.updated, "score": self.score}[sort_on]
+        col = {
+            "created": self.created,
+            "price": self.price,
+            "updated": self.updated,
+            "score": self.favorers * 3 + self.score_bias,
+        }[sort_on]
         desc = sort_on == "score" or sort_order in ("desc", "descending", "down")
         order = np.lexsort((self.listing_ids[idx], col[idx]))
         idx = idx[order[::-1]] if desc else idx[order]

@@ -13,9 +13,10 @@ import math
 import random
 import threading
 from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
 
-from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageChops, ImageDraw, ImageOps
 
 from imageselector.etsy import cdn
 from imageselector.etsy.simulator import vocab
@@ -40,6 +41,7 @@ PHOTOS: dict[str, tuple[str, tuple[float, float, float, float], str]] = {
     "logo": ("logo.png", (0.0, 0.0, 1.0, 1.0), "light_cutout"),
 }
 TEXTURES = ("brick.png", "grass.png", "gravel.png")
+WORK_PX = 800  # largest side composed at full detail
 _DATA_DIR: Path | None = None
 _loaded: dict[str, Image.Image] = {}
 _load_lock = threading.Lock()
@@ -140,7 +142,7 @@ class View:
     def __init__(self, seed: int, image_id: int, rank: int):
         r = random.Random(stable_hash(seed, "view", image_id))
         first = rank == 1
-        self.zoom = 1.0 if first else r.choice((r.uniform(0.7, 0.95), r.uniform(1.15, 1.6), r.uniform(1.7, 2.3)))
+        self.zoom = 1.0 if first else r.choice((r.uniform(0.7, 0.95), r.uniform(1.1, 1.4), r.uniform(1.45, 1.8)))
         self.dx = 0.0 if first else r.uniform(-0.12, 0.12)
         self.dy = 0.0 if first else r.uniform(-0.1, 0.1)
         self.angle = 0.0 if first else r.uniform(-10, 10)
@@ -148,14 +150,37 @@ class View:
         self.light_dir = r.random() < 0.5
 
 
-def _object(look: Look, px: int) -> Image.Image:
-    """The listing's object (RGBA) with its longer side `px` pixels, coloured and framed."""
+class _ObjectCache:
+    """Each listing's coloured, framed object at source resolution (LRU): a listing's images are fetched together."""
+
+    def __init__(self, size: int = 48):
+        self.size = size
+        self._d: OrderedDict[tuple, Image.Image] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, make) -> Image.Image:
+        with self._lock:
+            im = self._d.get(key)
+            if im is not None:
+                self._d.move_to_end(key)
+                return im
+        im = make()
+        with self._lock:
+            self._d[key] = im
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+        return im
+
+
+_objects = _ObjectCache()
+
+
+def _object(look: Look) -> Image.Image:
+    """The listing's object (RGBA, source resolution): cropped, coloured, mirrored and framed."""
     base = _load(look.product.photo)
     w, h = base.size
     x0, y0, x1, y1 = look.crop
     obj = base.crop((round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)))
-    scale = px / max(obj.size)
-    obj = obj.resize((max(1, round(obj.width * scale)), max(1, round(obj.height * scale))), Image.BILINEAR)
     alpha = obj.getchannel("A")
     rgb = obj.convert("RGB")
     if look.color_word == "black":
@@ -171,6 +196,7 @@ def _object(look: Look, px: int) -> Image.Image:
     if look.flip:
         rgb, alpha = ImageOps.mirror(rgb), ImageOps.mirror(alpha)
     if look.framed:
+        px = max(rgb.size)
         mat = max(2, round(px * 0.06))
         edge = max(2, round(px * 0.03))
         framed = Image.new("RGB", (rgb.width + 2 * (mat + edge), rgb.height + 2 * (mat + edge)), look.frame)
@@ -184,15 +210,43 @@ def _object(look: Look, px: int) -> Image.Image:
     return out
 
 
-def _backdrop(look: Look, view: View, w: int, h: int) -> Image.Image:
+def _place(obj: Image.Image, px: int, angle: float) -> Image.Image:
+    """`obj` scaled so its longer side is `px` and turned by `angle` degrees, in one resampling pass."""
+    scale = px / max(obj.size)
+    while scale < 0.5 and min(obj.size) >= 4:  # pre-shrink (box filter) so the affine pass does not alias
+        obj = obj.reduce(2)
+        scale *= 2
+    w, h = obj.size
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    ow = max(1, round(abs(w * scale * c) + abs(h * scale * s)))
+    oh = max(1, round(abs(w * scale * s) + abs(h * scale * c)))
+    a, b, d, e = c / scale, s / scale, -s / scale, c / scale
+    cxo, cyo, cxi, cyi = ow / 2, oh / 2, w / 2, h / 2
+    data = (a, b, cxi - a * cxo - b * cyo, d, e, cyi - d * cxo - e * cyo)
+    return obj.transform((ow, oh), Image.Transform.AFFINE, data, resample=Image.BILINEAR)
+
+
+@lru_cache(maxsize=64)
+def _gradient(w: int, h: int, flip: bool) -> Image.Image:
     grad = Image.linear_gradient("L").resize((w, h), Image.BILINEAR)
-    if view.light_dir:
-        grad = grad.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-    bg = Image.composite(Image.new("RGB", (w, h), look.bg2), Image.new("RGB", (w, h), look.bg), grad)
-    tex = _load(look.texture)
-    tw = max(w, h)
-    tex = tex.resize((tw, tw), Image.BILINEAR).crop((0, 0, w, h)).convert("RGB")
-    return Image.blend(bg, ImageChops.multiply(bg, tex), look.tex_alpha)
+    return grad.transpose(Image.Transpose.FLIP_TOP_BOTTOM) if flip else grad
+
+
+@lru_cache(maxsize=32)
+def _texture(name: str, w: int, h: int) -> Image.Image:
+    side = max(w, h)
+    return _load(name).resize((side, side), Image.BILINEAR).crop((0, 0, w, h)).convert("RGB")
+
+
+def _backdrop(look: Look, view: View, w: int, h: int) -> Image.Image:
+    """The listing's tinted, textured backdrop, lit from above or below and brighter or darker per view."""
+
+    def lit(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+        return tuple(min(255, round(c * view.light)) for c in rgb)  # type: ignore[return-value]
+
+    top, bottom = Image.new("RGB", (w, h), lit(look.bg2)), Image.new("RGB", (w, h), lit(look.bg))
+    bg = Image.composite(top, bottom, _gradient(w, h, view.light_dir))
+    return Image.blend(bg, ImageChops.multiply(bg, _texture(look.texture, w, h)), look.tex_alpha)
 
 
 def render(cat: Catalogue, j: int, size: str) -> Image.Image:
@@ -202,23 +256,22 @@ def render(cat: Catalogue, j: int, size: str) -> Image.Image:
     ow, oh = cdn.size_dims(size, fw, fh)
     s = max(ow / fw, oh / fh)
     sw, sh = max(ow, round(fw * s)), max(oh, round(fh * s))
+    # compose at most WORK_PX wide (the source photos are smaller than that anyway), then scale up
+    ws = min(1.0, WORK_PX / max(sw, sh))
+    ww, wh = max(1, round(sw * ws)), max(1, round(sh * ws))
     look = Look(cat, i)
     view = View(cat.seed, int(cat.image_ids[j]), j - int(cat.img_start[i]) + 1)
-    canvas = _backdrop(look, view, sw, sh)
-    obj = _object(look, max(8, round(min(sw, sh) * look.obj_frac * view.zoom)))
-    if view.angle:
-        obj = obj.rotate(view.angle, resample=Image.BILINEAR, expand=True)
-    # soft shadow under the object
-    shadow = Image.new("RGBA", obj.size, (0, 0, 0, 0))
-    shadow.putalpha(obj.getchannel("A").point(lambda v: v * 0.35))
-    small = max(1, min(obj.size) // 24)
-    shadow = shadow.filter(ImageFilter.BoxBlur(small))
-    cx, cy = sw / 2 + view.dx * sw, sh / 2 + view.dy * sh
+    canvas = _backdrop(look, view, ww, wh)
+    base = _objects.get((cat.seed, int(cat.listing_ids[i])), lambda: _object(look))
+    obj = _place(base, max(8, round(min(ww, wh) * look.obj_frac * view.zoom)), view.angle)
+    alpha = obj.getchannel("A")
+    off = max(1, min(obj.size) // 30)
+    cx, cy = ww / 2 + view.dx * ww, wh / 2 + view.dy * wh
     x, y = round(cx - obj.width / 2), round(cy - obj.height / 2)
-    canvas.paste(shadow, (x + small * 2, y + small * 2), shadow)
-    canvas.paste(obj, (x, y), obj)
-    if view.light != 1.0:
-        canvas = canvas.convert("RGB", _colour_matrix(0, 1.0, view.light))
+    canvas.paste((20, 20, 20), (x + off, y + off), alpha.point(lambda v: v // 4))  # a soft drop shadow
+    canvas.paste(obj, (x, y), alpha)
+    if (ww, wh) != (sw, sh):
+        canvas = canvas.resize((sw, sh), Image.BICUBIC)
     if (sw, sh) != (ow, oh):
         left, top = (sw - ow) // 2, (sh - oh) // 2
         canvas = canvas.crop((left, top, left + ow, top + oh))
