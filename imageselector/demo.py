@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             child_env.setdefault("ETSY_CRAWL_ALL", "0")
             child_env.setdefault("ETSY_MAX_OFFSET", str(max(0, args.max_listings - 100)))
         else:
-            sim_extra = ["--qpd", "0"] + (["--faults", args.faults] if args.faults else [])
+            sim_extra = ["--qpd", "100000000"] + (["--faults", args.faults] if args.faults else [])
             sim, api_base, cdn_base = start_simulator(args.listings, args.seed, sim_extra, home / "simulator.log")
             log.info("simulator ready: %s (%d listings)", api_base, args.listings)
             child_env.update(

@@ -127,7 +127,13 @@ def choose(settings: Settings, mode: str, standin_dir: Path) -> ModelChoice:
     if not real_embed:
         from imageselector.embedding.standins import build_standins
 
-        registry = build_standins(standin_dir / "embedding")
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.WARNING)  # open_clip logs every step of building a model at INFO
+        try:
+            registry = build_standins(standin_dir / "embedding")
+        finally:
+            root.setLevel(level)
         why.append(f"embedding stand-ins built: {registry}")
     if not real_bg:
         from imageselector.background.standin import build_standin_u2net
