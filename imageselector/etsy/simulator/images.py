@@ -42,6 +42,8 @@ PHOTOS: dict[str, tuple[str, tuple[float, float, float, float], str]] = {
 }
 TEXTURES = ("brick.png", "grass.png", "gravel.png")
 WORK_PX = 800  # largest side composed at full detail
+GRAIN_SIGMA = 5.0  # photo grain: real JPEGs carry noise (and so 570xN files weigh ~70 KB at quality 85)
+GRAIN_PAD = 64
 _DATA_DIR: Path | None = None
 _loaded: dict[str, Image.Image] = {}
 _load_lock = threading.Lock()
@@ -148,6 +150,7 @@ class View:
         self.angle = 0.0 if first else r.uniform(-10, 10)
         self.light = 1.0 if first else r.uniform(0.88, 1.1)
         self.light_dir = r.random() < 0.5
+        self.grain_xy = (r.randrange(GRAIN_PAD), r.randrange(GRAIN_PAD))
 
 
 class _ObjectCache:
@@ -238,6 +241,12 @@ def _texture(name: str, w: int, h: int) -> Image.Image:
     return _load(name).resize((side, side), Image.BILINEAR).crop((0, 0, w, h)).convert("RGB")
 
 
+@lru_cache(maxsize=32)
+def _grain(w: int, h: int) -> Image.Image:
+    """Gaussian sensor-like grain around 128, larger than (w, h) so each image can use a different window."""
+    return Image.effect_noise((w + GRAIN_PAD, h + GRAIN_PAD), GRAIN_SIGMA).convert("RGB")
+
+
 def _backdrop(look: Look, view: View, w: int, h: int) -> Image.Image:
     """The listing's tinted, textured backdrop, lit from above or below and brighter or darker per view."""
 
@@ -275,7 +284,9 @@ def render(cat: Catalogue, j: int, size: str) -> Image.Image:
     if (sw, sh) != (ow, oh):
         left, top = (sw - ow) // 2, (sh - oh) // 2
         canvas = canvas.crop((left, top, left + ow, top + oh))
-    return canvas
+    gx, gy = view.grain_xy
+    grain = _grain(ow, oh).crop((gx, gy, gx + ow, gy + oh))
+    return ImageChops.add(canvas, grain, 1.0, -128)
 
 
 def render_jpeg(cat: Catalogue, j: int, size: str, quality: int = 85) -> bytes:
