@@ -49,10 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     settings = load_settings()
     log = setup_logging("embed", settings.home, secrets=settings.secrets())
-    stopper = Stopper(settings.home, (KILL_EMBED, KILL))
-    if refuse_if_killed(stopper):
-        return 0
+    import logging
 
+    logging.getLogger("faiss").setLevel(logging.WARNING)
     from imageselector.embedding.registry import RegistryError, load_registry
 
     try:
@@ -67,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log.error("unknown model %r; the models file has: %s", args.model, ", ".join(registry))
         return 2
+
+    stopper = Stopper(settings.home, (KILL_EMBED, KILL))
+    if refuse_if_killed(stopper):
+        return 0
 
     import torch
 

@@ -284,6 +284,7 @@ class EmbedStage:
             m: Progress(log, f"{m} images", interval=opts.progress_s, remaining=self._remaining_fn(m)) for m in encoders
         }
         self.prefetcher: Prefetcher | None = None
+        self.repairs: dict[str, dict[str, int]] = {}
 
     def _remaining_fn(self, m: str):  # type: ignore[no-untyped-def]
         st = db.stage(f"embed_{m}")
@@ -304,7 +305,7 @@ class EmbedStage:
             self.store.open_model(m, enc.dim, text=enc.has_text, source=source, standin=enc.spec.standin)
             db.reclaim_dead(self.conn, f"embed_{m}")
         for m in self.encoders:
-            self.reconcile(m)
+            self.repairs[m] = self.reconcile(m)
             if self.encoders[m].has_text:
                 self.backfill_texts(m)
         self.store.flush(force_meta=True)

@@ -128,8 +128,8 @@ def build_standins(directory: str | Path, models: Iterable[str] = EMBED_MODELS, 
     out = Path(directory).resolve()
     out.mkdir(parents=True, exist_ok=True)
     specs: dict[str, ModelSpec] = {}
-    for i, name in enumerate(models):
-        s = seed * 1000 + i
+    for name in models:
+        s = seed * 1000 + (EMBED_MODELS.index(name) if name in EMBED_MODELS else 999)
         if name in _CLIP:
             specs[name] = _build_clip(name, out, s)
         elif name in _DINOV2:

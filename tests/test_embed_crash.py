@@ -1,0 +1,101 @@
+"""kill -9 embed.py mid-run, then restart: never a duplicate, never a flag without its vector; all done at the end."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from imageselector import db
+from imageselector.embedding.cli import main
+from tests.conftest import ROOT, venv_python
+from tests.helpers.embed_checks import check_image_index, check_no_lies, check_texts
+from tests.helpers.embed_data import seed_embeddable
+from tests.helpers.embed_fixtures import standin_registry  # noqa: F401
+
+ALL = ["clip_vitb32", "clip_vitl14", "dinov2_base", "dinov2_large", "dinov3_base"]
+N = 60
+
+
+def _cmd(registry: Path, *extra: str) -> list[str]:
+    return [
+        venv_python(),
+        str(ROOT / "image_search_v2" / "embed.py"),
+        *("--model", "all", "--models-file", str(registry), "--batch-size", "3", "--flush-every", "6"),
+        *("--dtype", "fp32", *extra),
+    ]
+
+
+def _done(conn) -> int:
+    return conn.execute("SELECT SUM(embed_dinov2_base) FROM image_status").fetchone()[0] or 0
+
+
+def _kill_at_some_instant(settings, conn, registry: Path, rng: random.Random, mid_flush: bool) -> bool:
+    """Start embed.py and SIGKILL it once work is under way: at a random moment, or while a file is being written."""
+    before = _done(conn)
+    proc = subprocess.Popen(_cmd(registry), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    tmp = settings.tmp_dir
+    while proc.poll() is None and time.monotonic() < deadline:
+        if mid_flush and _done(conn) > before and tmp.is_dir() and any(tmp.glob("*.faiss.*.tmp")):
+            break
+        if not mid_flush and _done(conn) > before:
+            time.sleep(rng.uniform(0.0, 0.2))
+            break
+        time.sleep(0.002 if mid_flush else 0.01)
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    check_no_lies(conn, settings.embeddings_dir, ALL, exact=False)  # straight after the kill, before any repair
+    return killed
+
+
+def _finish_and_check(settings, conn, registry: Path) -> None:
+    """Restart with --watch: it repairs, finishes, keeps polling, and exits 0 on KILL_EMBED."""
+    emb = settings.embeddings_dir
+    proc = subprocess.Popen(_cmd(registry, "--watch"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while _done(conn) < N and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (settings.home / "KILL_EMBED").touch()
+    assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
+    counts = check_no_lies(conn, emb, ALL, exact=True)
+    assert counts == dict.fromkeys(ALL, N)
+    check_texts(conn, emb, ["clip_vitb32", "clip_vitl14"])
+    check_image_index(conn, emb, ALL)
+    for m in ALL:
+        st = db.stage(f"embed_{m}")
+        assert conn.execute(f"SELECT COUNT(*) FROM image_status WHERE {st.claim_col} IS NOT NULL").fetchone()[0] == 0
+    assert not list(settings.tmp_dir.glob("*.tmp")), "temp files of killed writers were not cleaned"
+
+
+def test_kill_9_then_restart_no_duplicates_no_lies(settings, conn, standin_registry) -> None:
+    seed_embeddable(conn, settings.images_dir, N)
+    assert _kill_at_some_instant(settings, conn, standin_registry, random.Random(7), mid_flush=False)
+    assert _done(conn) < N
+    _finish_and_check(settings, conn, standin_registry)
+
+
+@pytest.mark.slow
+def test_many_kills_including_mid_flush(settings, conn, standin_registry) -> None:
+    seed_embeddable(conn, settings.images_dir, N)
+    rng = random.Random(11)
+    kills = sum(_kill_at_some_instant(settings, conn, standin_registry, rng, mid_flush=i % 2 == 0) for i in range(5))
+    assert kills >= 3
+    _finish_and_check(settings, conn, standin_registry)
+
+
+def test_usage_errors_exit_2(home: Path, standin_registry, capsys) -> None:
+    assert main(["--models-file", str(standin_registry), "--model", "clip_rn50"]) == 2
+    bad = home / "bad.json"
+    bad.write_text("{not json")
+    assert main(["--models-file", str(bad)]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "--batch-size" in capsys.readouterr().out

@@ -1,0 +1,157 @@
+"""The embed stage in-process: stored vectors, flags, text vectors, parking, reconcile, locks, source changes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imageselector import db
+from imageselector.embedding.stage import EmbedStage, Options, decode
+from imageselector.embedding.store import index_ids, new_index, read_index, read_manifest, write_index
+from imageselector.layout import image_path
+from imageselector.stopping import KILL, KILL_EMBED, Stopper
+from tests.helpers.embed_checks import check_image_index, check_no_lies, check_texts, flagged
+from tests.helpers.embed_data import seed_embeddable
+from tests.helpers.embed_fixtures import standin_encoders, standin_registry  # noqa: F401
+
+ALL = ["clip_vitb32", "clip_vitl14", "dinov2_base", "dinov2_large", "dinov3_base"]
+
+
+def make_stage(settings, conn, encoders, names=ALL, **kw) -> EmbedStage:
+    stopper = Stopper(settings.home, (KILL_EMBED, KILL), install_signals=False)
+    opts = Options(batch_size=kw.pop("batch_size", 4), poll_s=0.1, **kw)
+    return EmbedStage(settings, conn, {n: encoders[n] for n in names}, opts, stopper)
+
+
+def run_stage(settings, conn, encoders, names=ALL, **kw) -> EmbedStage:
+    st = make_stage(settings, conn, encoders, names, **kw)
+    st.open()
+    st.run()
+    return st
+
+
+def test_stored_vector_equals_the_models_own_encode(settings, conn, standin_encoders) -> None:
+    rows = seed_embeddable(conn, settings.images_dir, 1)
+    run_stage(settings, conn, standin_encoders)
+    path = image_path(settings.images_dir, rows[0]["listing_id"], rows[0]["image_id"])
+    for m, enc in standin_encoders.items():
+        stored = read_index(settings.embeddings_dir / f"{m}.faiss").reconstruct(int(rows[0]["gid"]))
+        own = enc.encode_batch(enc.preprocess(decode(path))[None])[0]
+        np.testing.assert_allclose(stored, own, rtol=0, atol=1e-6)
+
+
+def test_all_models_flags_texts_manifest(settings, conn, standin_encoders) -> None:
+    seed_embeddable(conn, settings.images_dir, 14, per_listing=3)
+    st = run_stage(settings, conn, standin_encoders, flush_every=8)
+    emb = settings.embeddings_dir
+    counts = check_no_lies(conn, emb, ALL, exact=True)
+    assert counts == dict.fromkeys(ALL, 14)
+    check_texts(conn, emb, ["clip_vitb32", "clip_vitl14"])
+    assert len(index_ids(read_index(emb / "clip_vitb32_text.faiss"))) == 5
+    check_image_index(conn, emb, ALL)
+    man = read_manifest(emb / "manifest.json")
+    assert {m: man["models"][m]["count"] for m in ALL} == dict.fromkeys(ALL, 14)
+    assert all(man["models"][m]["standin"] for m in ALL)
+    assert man["models"]["dinov2_large"]["dim"] == standin_encoders["dinov2_large"].dim
+    assert "stand-in" in (db.kv_get(conn, "status_warning") or "")
+    assert all(p.done == 14 for p in st.progress.values())
+    # A second run finds nothing to do and changes nothing.
+    before = {m: (emb / f"{m}.faiss").read_bytes() for m in ALL}
+    run_stage(settings, conn, standin_encoders)
+    assert before == {m: (emb / f"{m}.faiss").read_bytes() for m in ALL}
+
+
+def test_undecodable_image_is_parked_missing_file_retried(settings, conn, standin_encoders) -> None:
+    rows = seed_embeddable(conn, settings.images_dir, 4)
+    image_path(settings.images_dir, rows[1]["listing_id"], rows[1]["image_id"]).write_bytes(b"not a jpeg at all")
+    image_path(settings.images_dir, rows[2]["listing_id"], rows[2]["image_id"]).unlink()
+    run_stage(settings, conn, standin_encoders, ["dinov2_base", "clip_vitb32"])
+    for m in ("dinov2_base", "clip_vitb32"):
+        st = db.stage(f"embed_{m}")
+        r1 = conn.execute("SELECT * FROM image_status WHERE gid=?", (rows[1]["gid"],)).fetchone()
+        assert r1[st.parked_col] == 1 and "undecodable" in r1[st.error_col]
+        r2 = conn.execute("SELECT * FROM image_status WHERE gid=?", (rows[2]["gid"],)).fetchone()
+        assert r2[st.parked_col] == 0 and "missing" in r2[st.error_col] and r2[st.not_before_col] > 0
+        assert flagged(conn, m) == {rows[0]["gid"], rows[3]["gid"]}
+    check_no_lies(conn, settings.embeddings_dir, ["dinov2_base", "clip_vitb32"], exact=True)
+
+
+def test_reconcile_repairs_both_kinds(settings, conn, standin_encoders) -> None:
+    names = ["clip_vitb32", "dinov2_base"]
+    rows = seed_embeddable(conn, settings.images_dir, 6)
+    run_stage(settings, conn, standin_encoders, names)
+    emb = settings.embeddings_dir
+    g = [int(r["gid"]) for r in rows]
+    # (a) vector durable, flag 0: a crash between the file rename and the flag commit.
+    conn.execute(
+        "UPDATE image_status SET embed_clip_vitb32=0, embed_clip_vitb32_claim='h:999999:x' WHERE gid=?", (g[0],)
+    )
+    # (b) flag 1, vector missing: an index file restored from an older copy.
+    ix = read_index(emb / "dinov2_base.faiss")
+    ix.remove_ids(np.array([g[1]], dtype=np.int64))
+    write_index(ix, emb / "dinov2_base.faiss", settings.tmp_dir)
+    # (c) a vector for a row that is parked (not ready): removed.
+    conn.execute("UPDATE image_status SET embed_clip_vitb32=0, embed_clip_vitb32_parked=1 WHERE gid=?", (g[2],))
+    st = make_stage(settings, conn, standin_encoders, names)
+    st.open()
+    assert st.repairs["clip_vitb32"] == {"adopted": 1, "removed": 1, "reset": 0, "vectors": 5}
+    assert st.repairs["dinov2_base"] == {"adopted": 0, "removed": 0, "reset": 1, "vectors": 5}
+    check_no_lies(conn, emb, names, exact=True)
+    assert g[0] in flagged(conn, "clip_vitb32") and g[1] not in flagged(conn, "dinov2_base")
+    st.run()
+    assert flagged(conn, "dinov2_base") == set(g)
+    assert flagged(conn, "clip_vitb32") == set(g) - {g[2]}
+    check_no_lies(conn, emb, names, exact=True)
+
+
+def test_missing_text_vectors_are_backfilled(settings, conn, standin_encoders) -> None:
+    seed_embeddable(conn, settings.images_dir, 6, per_listing=2)
+    run_stage(settings, conn, standin_encoders, ["clip_vitl14"])
+    tpath = settings.embeddings_dir / "clip_vitl14_text.faiss"
+    write_index(new_index(standin_encoders["clip_vitl14"].dim), tpath, settings.tmp_dir)
+    st = make_stage(settings, conn, standin_encoders, ["clip_vitl14"])
+    st.open()
+    st.store.close()
+    assert len(index_ids(read_index(tpath))) == 3
+    check_texts(conn, settings.embeddings_dir, ["clip_vitl14"])
+
+
+def test_one_writer_per_model_and_no_source_change(settings, conn, standin_encoders) -> None:
+    seed_embeddable(conn, settings.images_dir, 2)
+    run_stage(settings, conn, standin_encoders, ["dinov2_base"])
+    a = make_stage(settings, conn, standin_encoders, ["dinov2_base"])
+    a.open()
+    b = make_stage(settings, conn, standin_encoders, ["dinov2_base"])
+    with pytest.raises(RuntimeError, match="another process"):
+        b.open()
+    a.store.close()
+    man_path = settings.embeddings_dir / "manifest.json"
+    man = json.loads(man_path.read_text())
+    man["models"]["dinov2_base"]["source"] = "transformers:facebook/dinov2-base"
+    man_path.write_text(json.dumps(man))
+    c = make_stage(settings, conn, standin_encoders, ["dinov2_base"])
+    with pytest.raises(RuntimeError, match="not be comparable"):
+        c.open()
+
+
+def test_kill_file_stops_between_batches(settings, conn, standin_encoders) -> None:
+    seed_embeddable(conn, settings.images_dir, 12)
+    st = make_stage(settings, conn, standin_encoders, ["dinov2_base"], batch_size=2)
+    st.open()
+    real = st.run_batch
+
+    def one_then_kill() -> int:
+        n = real()
+        (Path(settings.home) / KILL_EMBED).touch()
+        return n
+
+    st.run_batch = one_then_kill  # type: ignore[method-assign]
+    st.run()
+    done = flagged(conn, "dinov2_base")
+    assert len(done) == 2
+    check_no_lies(conn, settings.embeddings_dir, ["dinov2_base"], exact=True)
+    claimed = conn.execute("SELECT COUNT(*) FROM image_status WHERE embed_dinov2_base_claim IS NOT NULL").fetchone()[0]
+    assert claimed == 0  # prefetched rounds were handed back
