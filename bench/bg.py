@@ -11,8 +11,10 @@ Two ways, same session (providers, threads, batch size), same images, same 320x3
               decode, prepare, onnxruntime, mask, composite, JPEG with marker, atomic write with
               fsync, flag), timed from the first claim to the last flag; process start and model load excluded
   bare:       inner_session.run on pre-made input tensors
-Rounds alternate (bare, end to end, ...) and the best of each is kept, as the machine is shared.
-Prints images/s for each and the ratio end-to-end / bare last (goal >= 0.9).
+Rounds alternate (bare, end to end, ...); the machine is shared, so the ratio printed last is the median of
+the per-round ratios (each pair ran under similar load), with best/best beside it. Also printed: CPU
+seconds per image of each way (process CPU time over all threads), whose ratio is insensitive to other
+load on the machine. Goal: ratio >= 0.9.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import logging
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -99,7 +102,8 @@ def fresh_home(images: list[bytes]) -> Path:
     return home
 
 
-def run_e2e(model, images: list[bytes], claim_size: int) -> float:
+def run_e2e(model, images: list[bytes], claim_size: int) -> tuple[float, float]:
+    """images/s and CPU seconds per image (all threads of this process)."""
     home = fresh_home(images)
     settings = load_settings(home)
     conn = db.connect(settings.db_path)
@@ -107,23 +111,47 @@ def run_e2e(model, images: list[bytes], claim_size: int) -> float:
     stage = BgStage(
         settings, conn, model, BgOptions(claim_size=claim_size), Stopper(home, [], install_signals=False), log
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run_loop(stage.run_batch, stage.stopper, watch=False, logger=log)
-    dt = time.perf_counter() - t0
     stage.close()
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     done = conn.execute("SELECT COUNT(*) FROM image_status WHERE bg_removed=1").fetchone()[0]
     conn.close()
     assert done == len(images) == stage.processed, (done, stage.processed)
-    return len(images) / dt
+    return len(images) / dt, cpu / len(images)
 
 
-def run_bare(model, tensors: list[np.ndarray]) -> float:
+def run_bare(model, tensors: list[np.ndarray]) -> tuple[float, float]:
     sess, name, b = model.session.inner_session, model.input_name, model.max_batch
     batches = [np.stack(tensors[i : i + b]) for i in range(0, len(tensors), b)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for x in batches:
         sess.run(None, {name: x})
-    return len(tensors) / (time.perf_counter() - t0)
+    return len(tensors) / (time.perf_counter() - t0), (time.process_time() - c0) / len(tensors)
+
+
+def overhead_cpu(model, images: list[bytes]) -> tuple[float, float]:
+    """CPU seconds per image of the stage's own work around inference, measured single-threaded."""
+    from imageselector.background.imaging import composite, decode, encode_jpeg, marker_text
+    from imageselector.background.session import mask_from_pred
+    from imageselector.fsutil import atomic_write_bytes
+
+    tmp = OUT / "overhead"
+    tmp.mkdir(parents=True, exist_ok=True)
+    c0 = time.process_time()
+    decoded = [decode(b).img for b in images]
+    tensors = [model.prepare(img) for img in decoded]
+    c1 = time.process_time()
+    pred = np.random.default_rng(0).random((320, 320), dtype=np.float32)
+    for i, img in enumerate(decoded):
+        data = encode_jpeg(
+            composite(img, mask_from_pred(pred, img.size), (255, 255, 255)), marker_text("u2net", (255, 255, 255)), 95
+        )
+        atomic_write_bytes(tmp / f"{i}.jpg", data, tmp_dir=tmp / ".tmp")
+    c2 = time.process_time()
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert len(tensors) == len(images)
+    return (c1 - c0) / len(images), (c2 - c1) / len(images)
 
 
 def main() -> int:
@@ -154,15 +182,27 @@ def main() -> int:
         f"model u2net (U2NET architecture, 44.0M params, random weights), {len(images)} images 570xN -> 320x320, "
         f"provider {model.providers[0]}, intra-op threads {args.threads}, batch {model.max_batch}, cores {os.cpu_count()}"
     )
-    bare, e2e = [], []
+    pre, post = overhead_cpu(model, images)
+    print(f"CPU work per image outside onnxruntime: decode+prepare {pre * 1000:.1f} ms, "
+          f"mask+composite+JPEG+atomic write {post * 1000:.1f} ms")  # fmt: skip
+    rows = []
     for r in range(args.rounds):
-        bare.append(run_bare(model, tensors))
-        e2e.append(run_e2e(model, images, args.claim_size))
-        print(f"round {r + 1}: bare {bare[-1]:.3f} img/s, end to end {e2e[-1]:.3f} img/s")
-    b, e = max(bare), max(e2e)
-    print(f"bare onnxruntime run:        {b:.3f} images/s ({1 / b * 1000:.0f} ms/image)")
-    print(f"bg_remover end to end:       {e:.3f} images/s ({1 / e * 1000:.0f} ms/image)")
-    print(f"ratio end-to-end / bare: {e / b:.3f}")
+        b, bc = run_bare(model, tensors)
+        e, ec = run_e2e(model, images, args.claim_size)
+        rows.append((b, e, bc, ec))
+        print(f"round {r + 1}: bare {b:.3f} img/s ({bc:.2f} CPU-s/img), end to end {e:.3f} img/s ({ec:.2f} CPU-s/img)")
+    b = max(r[0] for r in rows)
+    e = max(r[1] for r in rows)
+    paired = statistics.median(r[1] / r[0] for r in rows)
+    cpu = statistics.median(r[2] / r[3] for r in rows)
+    print(f"bare onnxruntime run:   best {b:.3f} images/s ({1000 / b:.0f} ms/image)")
+    print(f"bg_remover end to end:  best {e:.3f} images/s ({1000 / e:.0f} ms/image)")
+    print(f"CPU cost ratio (bare CPU-s per image / end-to-end CPU-s per image), median: {cpu:.3f}")
+    bare_cpu = statistics.median(r[2] for r in rows)
+    print(
+        f"no-overlap bound from CPU costs: bare / (bare + decode/prepare + write) = {bare_cpu / (bare_cpu + pre + post):.3f}"
+    )
+    print(f"ratio end-to-end / bare (median of paired rounds; best/best {e / b:.3f}): {paired:.3f}")
     return 0
 
 
