@@ -7,7 +7,6 @@ JSON objects are composed on demand. Tests compare what a crawler stored against
 from __future__ import annotations
 
 import hashlib
-import random
 import re
 from collections import OrderedDict
 from functools import lru_cache
@@ -123,6 +122,7 @@ class Catalogue:
         self._query_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._lock = Lock()
         self.generation = 0  # days passed by tick()
+        self._shop_cache: dict[tuple[int, int], dict] = {}
 
     def tick(self, days: int = 1) -> None:
         """Let `days` pass for the dynamic metrics (favorers, views, quantity, shop favorers), deterministically.
@@ -329,34 +329,38 @@ class Catalogue:
     # ---- reviews -------------------------------------------------------------------------------------------------
     @lru_cache(maxsize=4096)  # noqa: B019 - one catalogue per simulator; the cache dies with it
     def reviews(self, s: int) -> tuple[dict, ...]:
-        """A shop's reviews, newest first."""
-        r = random.Random(stable_hash(self.seed, "reviews", s))
+        """A shop's reviews, newest first (drawn with numpy: big shops have hundreds)."""
         own = self.shop_listing_indices(s)
         if len(own) == 0:
             return ()
-        k = min(999, int(len(own) * r.uniform(0.0, 3.0)))
+        rng = np.random.default_rng([self.seed, 7, s])
+        k = min(999, int(len(own) * rng.uniform(0.0, 3.0)))
         shop_id = int(self.shop_ids[s])
-        out = []
-        for t in range(k):
-            i = int(own[r.randrange(len(own))])
-            ts = r.randint(int(self.created[i]), self.now - 60)
-            rating = r.choices((5, 4, 3, 2, 1), weights=(70, 18, 6, 3, 3))[0]
-            out.append(
-                {
-                    "shop_id": shop_id,
-                    "listing_id": int(self.listing_ids[i]),
-                    "transaction_id": 3_000_000_000 + s * 1000 + t,
-                    "buyer_user_id": None if r.random() < 0.15 else r.randint(10_000, 900_000_000),
-                    "rating": rating,
-                    "review": vocab.REVIEW_TEXTS[r.randrange(len(vocab.REVIEW_TEXTS))],
-                    "language": "en",
-                    "image_url_fullxfull": None,
-                    "create_timestamp": ts,
-                    "created_timestamp": ts,
-                    "update_timestamp": ts,
-                    "updated_timestamp": ts,
-                }
-            )
+        which = own[rng.integers(0, len(own), k)]
+        lo = self.created[which]
+        ts = lo + (rng.random(k) * (self.now - 60 - lo)).astype(np.int64)
+        ratings = rng.choice([5, 4, 3, 2, 1], k, p=[0.70, 0.18, 0.06, 0.03, 0.03])
+        anon = rng.random(k) < 0.15
+        buyers = rng.integers(10_000, 900_000_000, k)
+        texts = rng.integers(0, len(vocab.REVIEW_TEXTS), k)
+        lids = self.listing_ids[which]
+        out = [
+            {
+                "shop_id": shop_id,
+                "listing_id": int(lids[t]),
+                "transaction_id": 3_000_000_000 + s * 1000 + t,
+                "buyer_user_id": None if anon[t] else int(buyers[t]),
+                "rating": int(ratings[t]),
+                "review": vocab.REVIEW_TEXTS[int(texts[t])],
+                "language": "en",
+                "image_url_fullxfull": None,
+                "create_timestamp": int(ts[t]),
+                "created_timestamp": int(ts[t]),
+                "update_timestamp": int(ts[t]),
+                "updated_timestamp": int(ts[t]),
+            }
+            for t in range(k)
+        ]
         out.sort(key=lambda d: (-d["created_timestamp"], -d["transaction_id"]))
         return tuple(out)
 
@@ -461,6 +465,16 @@ class Catalogue:
         }
 
     def shop_json(self, s: int) -> dict:
+        """The Shop object (a fresh copy; cached per shop until tick())."""
+        key = (s, self.generation)
+        hit = self._shop_cache.get(key)
+        if hit is None:
+            hit = self._shop_cache[key] = self._shop_json(s)
+            if len(self._shop_cache) > 8192:
+                self._shop_cache.clear()
+        return dict(hit)
+
+    def _shop_json(self, s: int) -> dict:
         shop_id = int(self.shop_ids[s])
         name = self.shop_name(s)
         country = vocab.COUNTRIES[int(self.shop_country[s])]
