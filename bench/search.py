@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import resource
 import sys
 import time
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"bench/search.py: n={args.n:,} per model, models={','.join(models)}, {args.queries} queries, "
         f"{args.topics} topics, variation rank {args.rank or 'full (isotropic)'}, HNSW M={args.m} efC={args.efc} {'fp32' if args.fp32 else 'fp16'}, "
-        f"per-model k={args.per_model_k}, {args.threads} threads",
+        f"per-model k={args.per_model_k}, {args.threads} threads; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
         flush=True,
     )
     results = {}
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"  {name:13s} d={r['dim']:4d} gen {r['gen_s']:.0f}s build {r['build_s']:.0f}s "
-            f"({args.n / r['build_s']:.0f}/s) exact p50 {pct(r['flat_times'], 50):.1f} ms | {line} | peak RSS {r['peak_rss_gb']:.1f} GB",
+            f"({args.n / r['build_s']:.0f}/s) load {os.getloadavg()[0]:.1f} exact p50 {pct(r['flat_times'], 50):.1f} ms | {line} | peak RSS {r['peak_rss_gb']:.1f} GB",
             flush=True,
         )
     nq = args.queries

@@ -111,3 +111,17 @@ def test_bad_queries_exit_2_with_a_message(env: SearchHome, capsys, argv: list[s
 def test_no_index_yet_says_what_to_run(home: Path, capsys) -> None:
     rc, res = run_json(capsys, "--text", "mug")
     assert rc == 2 and "embed.py" in res["error"]
+
+
+def test_index_built_by_another_model_is_skipped_with_a_warning(env: SearchHome, capsys) -> None:
+    manifest = env.home / "embeddings" / "manifest.json"
+    original = manifest.read_text()
+    doc = json.loads(original)
+    doc["models"]["dinov2_base"]["source"] = "transformers:facebook/dinov2-base"
+    manifest.write_text(json.dumps(doc))
+    try:
+        rc, res = run_json(capsys, "--image", str(env.images[sorted(env.images)[0]][0][1]))
+    finally:
+        manifest.write_text(original)
+    assert rc == 0 and "dinov2_base" not in res["models"] and len(res["models"]) == 4
+    assert any("dinov2_base: skipped" in w for w in res["warnings"])

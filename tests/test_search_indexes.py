@@ -115,3 +115,25 @@ def test_refresh_is_cheap_and_a_corrupt_file_keeps_the_old_index(tmp_path: Path)
     write_store(tmp_path, x[:50], np.arange(50), version=3)
     assert s.refresh(check_s=0) == ["dinov2_base"] and s.get("dinov2_base").count == 50
     assert not s.errors and s.manifest["version"] == 3
+
+
+def _rss_anon_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def test_vectors_are_memory_mapped_not_copied(tmp_path: Path) -> None:
+    if _rss_anon_mb() is None:
+        pytest.skip("needs /proc/self/status (Linux) to tell mapped from private memory")
+    x = clustered(8000, dim=1024)  # 32 MB of vectors
+    write_store(tmp_path, x, np.arange(8000))
+    before = _rss_anon_mb()
+    s = IndexSet(tmp_path, POLICY)
+    s.refresh(force=True)
+    s.get("dinov2_base").search(x[:1], 5)
+    assert _rss_anon_mb() - before < 16  # a copy would add 32 MB of private memory

@@ -19,6 +19,7 @@ import threading
 
 from imageselector.config import load_settings
 from imageselector.logs import setup_logging
+from imageselector.search.indexes import cache_path
 from imageselector.search.service import SearchError, SearchService, read_path_image
 
 log = logging.getLogger("search")
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--models-file", help="model registry (default: IMAGESELECTOR_MODELS_FILE, else the shipped one)")
     ap.add_argument("--device", default="auto", help="auto|cpu|mps|cuda for the query encoders")
     ap.add_argument("--dtype", default="auto", help="auto|fp32|fp16|bf16 for the query encoders")
+    ap.add_argument(
+        "--rebuild", action="store_true", help="with --build-index: delete the HNSW caches and build afresh"
+    )
     ap.add_argument("--no-build", action="store_true", help="with --serve: do not build HNSW caches in the background")
     return ap
 
@@ -121,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.build_index:
             service.indexes.refresh(force=True)
             names = _models(args.models) or list(service.indexes.models)
+            if args.rebuild:
+                for name in names:
+                    cache_path(settings.embeddings_dir, name).unlink(missing_ok=True)
+                service.indexes.refresh(force=True)
             done = service.indexes.build_caches(names, tmp_dir=settings.tmp_dir)
             for name, m in service.indexes.models.items():
                 print(

@@ -1,8 +1,9 @@
 """The search side of the FAISS store: open each index once, pick exact or HNSW by size, reload on change.
 
 - The canonical files (`embeddings/{name}.faiss`, IndexIDMap2 over inner-product vectors, written by
-  embed.py) are opened memory-mapped (`IO_FLAG_MMAP | IO_FLAG_READ_ONLY`), so a million vectors cost
-  page cache, not private memory, and several readers share them.
+  embed.py) are opened memory-mapped (`IO_FLAG_MMAP_IFC | IO_FLAG_READ_ONLY`), so a million vectors cost
+  page cache, not private memory, and several readers share them. The HNSW caches are mapped the
+  same way (their fp16 vectors; the graph links are read into memory).
 - Under `SEARCH_HNSW_MIN` vectors an index is searched exactly (flat). Above it, an HNSW graph with fp16
   vector storage (IndexHNSWSQ, QT_fp16) is DERIVED from the canonical file into
   `embeddings/search_cache/{name}.hnsw.faiss` (`search.py --build-index`, or the web server in the
@@ -36,7 +37,9 @@ log = logging.getLogger(__name__)
 TEXT_INDEXES: tuple[str, ...] = ("clip_vitb32_text", "clip_vitl14_text")
 ALL_INDEXES: tuple[str, ...] = (*EMBED_MODELS, *TEXT_INDEXES)
 CACHE_DIR = "search_cache"
-MMAP_FLAGS = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+# IO_FLAG_MMAP_IFC maps the vectors of flat-code indexes (IndexFlat, IndexScalarQuantizer inside HNSWSQ)
+# straight from the file; plain IO_FLAG_MMAP still copies them into memory in faiss 1.15 (measured).
+MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
 ADD_CHUNK = 20_000
 
 # Single queries never reach BLAS; batched ones (tail, bench ground truth) are far faster with it low.

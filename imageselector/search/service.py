@@ -153,6 +153,14 @@ class SearchService:
             log.info("loaded query encoder %s in %.1f s", name, time.monotonic() - t0)
         return enc
 
+    def _mismatch(self, name: str, enc) -> str | None:  # type: ignore[no-untyped-def]
+        """Vectors from another model than the one that built the index would be compared as if alike: refuse."""
+        rec = (self.indexes.manifest.get("models") or {}).get(name) or {}
+        built, now = rec.get("source"), enc.spec.describe()
+        if built and built != now:
+            return f"{name}: skipped, its index was built with {built} but the query model is {now}"
+        return None
+
     def refresh(self) -> list[str]:
         return self.indexes.refresh()
 
@@ -166,7 +174,11 @@ class SearchService:
             vectors, warns = {}, []
             for name in names:
                 try:
-                    vectors[name] = self.encoder(name).encode_images([image])
+                    enc = self.encoder(name)
+                    if (why := self._mismatch(name, enc)) is not None:
+                        warns.append(why)
+                        continue
+                    vectors[name] = enc.encode_images([image])
                 except SearchError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - one broken model must not sink the query
@@ -193,7 +205,11 @@ class SearchService:
             for index_name, model in targets:
                 try:
                     if model not in vectors:
-                        vectors[model] = self.encoder(model).encode_texts([text])
+                        enc = self.encoder(model)
+                        if (why := self._mismatch(model, enc)) is not None:
+                            warns.append(why)
+                            continue
+                        vectors[model] = enc.encode_texts([text])
                 except SearchError:
                     raise
                 except Exception as exc:  # noqa: BLE001
@@ -294,7 +310,7 @@ class SearchService:
                 "weights": weights,
                 "weights_source": method,
             },
-            "warnings": self.warnings() + warns,
+            "warnings": list(dict.fromkeys(self.warnings() + warns)),
             "indexes": {n: self.indexes.get(n).describe() for n in raw},  # type: ignore[union-attr]
             "results": results,
             "timing_ms": {
