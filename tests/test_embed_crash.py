@@ -13,12 +13,14 @@ import pytest
 from imageselector import db
 from imageselector.embedding.cli import main
 from tests.conftest import ROOT, venv_python
+from tests.helpers import embed_fixtures
 from tests.helpers.embed_checks import check_image_index, check_no_lies, check_texts
 from tests.helpers.embed_data import seed_embeddable
-from tests.helpers.embed_fixtures import standin_registry  # noqa: F401
 
 ALL = ["clip_vitb32", "clip_vitl14", "dinov2_base", "dinov2_large", "dinov3_base"]
 N = 60
+
+standin_registry = embed_fixtures.standin_registry
 
 
 def _cmd(registry: Path, *extra: str) -> list[str]:

@@ -13,7 +13,10 @@ from PIL import Image
 from imageselector.db import EMBED_MODELS
 from imageselector.embedding import encoders as enc_mod
 from imageselector.embedding.registry import DEFAULT_REGISTRY, RegistryError, load_registry, registry_path
-from tests.helpers.embed_fixtures import standin_encoders, standin_registry  # noqa: F401
+from tests.helpers import embed_fixtures
+
+standin_registry = embed_fixtures.standin_registry
+standin_encoders = embed_fixtures.standin_encoders
 
 
 def _img(seed: int = 0) -> Image.Image:

@@ -13,11 +13,14 @@ from imageselector.embedding.stage import EmbedStage, Options, decode
 from imageselector.embedding.store import index_ids, new_index, read_index, read_manifest, write_index
 from imageselector.layout import image_path
 from imageselector.stopping import KILL, KILL_EMBED, Stopper
+from tests.helpers import embed_fixtures
 from tests.helpers.embed_checks import check_image_index, check_no_lies, check_texts, flagged
 from tests.helpers.embed_data import seed_embeddable
-from tests.helpers.embed_fixtures import standin_encoders, standin_registry  # noqa: F401
 
 ALL = ["clip_vitb32", "clip_vitl14", "dinov2_base", "dinov2_large", "dinov3_base"]
+
+standin_registry = embed_fixtures.standin_registry
+standin_encoders = embed_fixtures.standin_encoders
 
 
 def make_stage(settings, conn, encoders, names=ALL, **kw) -> EmbedStage:
