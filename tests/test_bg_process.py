@@ -13,7 +13,7 @@ from PIL import Image
 from imageselector.background.imaging import MARKER
 from tests.helpers.bg import SCRIPT, flags, run_cli, seed_downloaded, standin_in_home
 
-N = 40
+N = 24
 
 
 def start(home, model, *extra: str) -> subprocess.Popen:

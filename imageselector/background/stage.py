@@ -122,7 +122,10 @@ class BgStage:
             item.marked = True
             return item
         item.img = decoded.img
-        item.tensor = self.model.prepare(decoded.img)
+        try:
+            item.tensor = self.model.prepare(decoded.img)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory on a huge image: retried, then parked
+            item.img, item.error = None, f"could not prepare the model input: {exc.__class__.__name__}: {exc}"
         return item
 
     # -- writer thread -----------------------------------------------------------------------------
