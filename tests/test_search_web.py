@@ -158,3 +158,41 @@ def test_page_end_to_end_in_chromium(server: str, search_home: SearchHome, tmp_p
             assert errors == []
         finally:
             browser.close()
+
+
+def test_serve_from_the_entry_script_and_stop_on_sigterm(search_home: SearchHome) -> None:  # noqa: F811
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(root / "image_search_v2/search.py"),
+            "--serve",
+            "--port",
+            "0",
+            "--no-build",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+        ],
+        env=search_home.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("SEARCH READY http://127.0.0.1:"), line
+        url = line.split()[-1].rstrip("/")
+        code, _, body = call(url + "/api/status")
+        assert code == 200 and len(json.loads(body)["image_models"]) == 5
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

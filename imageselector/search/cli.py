@@ -88,6 +88,7 @@ def _serve(service: SearchService, args: argparse.Namespace) -> int:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
     service.indexes.refresh(force=True)
+    threading.Thread(target=service.warm_up, name="warm-up", daemon=True).start()
     builder = None
     if not args.no_build:
         builder = CacheBuilder(service)

@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 
 from imageselector.db import EMBED_MODELS
-from imageselector.fsutil import atomic_writer
+from imageselector.embedding.store import index_ids, write_index
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,6 @@ def read_index(path: Path, mmap: bool = True) -> faiss.Index:
     return faiss.read_index(str(path))
 
 
-def index_ids(index: faiss.Index) -> np.ndarray:
-    """The external ids of an IDMap/IDMap2 index, in storage order (positions otherwise)."""
-    if hasattr(index, "id_map"):
-        return faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
-    return np.arange(index.ntotal, dtype=np.int64)
-
-
 def inner(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
 
@@ -129,13 +122,6 @@ def set_ef_search(index: faiss.Index, ef: int) -> None:
 
 def cache_path(embeddings_dir: Path, name: str) -> Path:
     return Path(embeddings_dir) / CACHE_DIR / f"{name}.hnsw.faiss"
-
-
-def write_index_atomic(index: faiss.Index, final: Path, tmp_dir: Path | None = None) -> None:
-    with atomic_writer(final, tmp_dir) as f:
-        writer = faiss.PyCallbackIOWriter(f.write)
-        faiss.write_index(index, writer)
-        del writer
 
 
 @dataclass
@@ -252,7 +238,7 @@ def update_cache(
             return -1
         pos = missing[start : start + ADD_CHUNK]
         cache.add_with_ids(reconstruct_positions(canonical, pos), canon_ids[pos])
-    write_index_atomic(cache, cpath, tmp_dir)
+    write_index(cache, cpath, tmp_dir or Path(embeddings_dir).parent / ".tmp")  # the data home's .tmp
     log.info("%s: HNSW cache has %d vectors (%.1f s)", name, cache.ntotal, time.monotonic() - t0)
     return len(missing)
 

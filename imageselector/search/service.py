@@ -161,6 +161,16 @@ class SearchService:
             return f"{name}: skipped, its index was built with {built} but the query model is {now}"
         return None
 
+    def warm_up(self) -> None:
+        """Load the query encoders of every indexed model now, so the first query does not wait for them."""
+        with self._lock:
+            self.refresh()
+            for name in [n for n in EMBED_MODELS if self.indexes.get(n) is not None]:
+                try:
+                    self.encoder(name)
+                except Exception as exc:  # noqa: BLE001 - the query will report it properly
+                    log.warning("%s: cannot load the query encoder yet: %s", name, exc)
+
     def refresh(self) -> list[str]:
         return self.indexes.refresh()
 
@@ -338,8 +348,7 @@ class SearchService:
 
     def status(self) -> dict:
         """What the page shows above the results: models, index kinds, weights in force, warnings."""
-        with self._lock:
-            self.refresh()
+        self.refresh()  # IndexSet has its own lock; a running query need not finish first
         weights_raw, method = load_weights(self.settings.embeddings_dir)
         names = [n for n in (*EMBED_MODELS, *TEXT_INDEXES) if self.indexes.get(n) is not None]
         return {
