@@ -136,9 +136,7 @@ def monitor_config(opts: ChaosOptions, registry: Path, u2net: Path) -> dict[str,
     return {
         "stages": {
             "sync": {"args": ["--once"], "restart_on_success_s": None},
-            "download": {
-                "args": ["--watch", "--poll", "1", "--tries", "2", "--timeout", "3", "--progress-interval", "5"]
-            },
+            "download": {"args": ["--watch", "--poll", "1", "--timeout", "3", "--progress-interval", "5"]},
             "bg": {"args": ["--watch", "--poll", "1", "--model-path", str(u2net)]},
             "embed": {
                 "args": [
@@ -238,7 +236,7 @@ def run(opts: ChaosOptions, log=print) -> ChaosResult:  # type: ignore[no-untype
             conn.close()
             if mon.poll() is None:
                 mon.kill()
-        res.sim_stats = dict(getattr(sim.stats, "__dict__", {}) or {})
+        res.sim_stats = sim.stats.snapshot()
     state = _state(home)
     res.exits = state.get("shutdown", {})
     res.restarts = sum(s.get("restarts", 0) for s in state.get("stages", {}).values())

@@ -87,3 +87,28 @@ def test_monitor_applies_the_policy_to_qps_config(settings, conn):
     db.kv_set(conn, "sync_stats", json.dumps({"ts": t + 10, "requests": 260, "http_429": 12}))
     m._tune_qps(t + 10)
     assert json.loads(path.read_text())["qps"] == 2.2
+
+
+def test_monitor_backs_off_when_the_simulator_sends_429s(settings, home, monkeypatch):
+    """The real sync against the simulator with 30 % injected 429s: the monitor lowers qps and says why."""
+    from imageselector.etsy.simulator import Faults, Simulator
+    from tests.helpers.monitor_harness import MonitorThread, make_config, wait_for
+
+    path = settings.qps_config_path
+    with Simulator(listings=40, seed=2, qps=10, qpd=10**8, faults=Faults(api_429=0.3)) as sim:
+        for k, v in {
+            "ETSY_API_BASE": sim.api_base,
+            "ETSY_CDN_BASE": sim.cdn_base,
+            "ETSY_API_KEY": sim.api_key,
+            "ETSY_SHARED_SECRET": sim.shared_secret,
+            "ETSY_STATS_INTERVAL_S": "0.5",
+        }.items():
+            monkeypatch.setenv(k, v)
+        stages = {"sync": {"args": ["--once"], "restart_on_success_s": None}}
+        cfg = make_config(stages, qps={"enabled": True, "interval_s": 1.0, "initial_qps": 8.0})
+        with MonitorThread(settings, cfg) as mt:
+            wait_for(lambda: "got 429" in qps_tuner.read_config(path).get("reason", ""), timeout=45, step=0.2)
+            assert mt.stop() == 0
+    final = json.loads(path.read_text())
+    assert final["qps"] < 8.0 and final["min_qps"] <= final["qps"]
+    assert sim.stats.snapshot()["429_injected"] > 0
