@@ -145,6 +145,24 @@ def test_page_end_to_end_in_chromium(server: str, search_home: SearchHome, tmp_p
             if SCREENSHOT:
                 page.screenshot(path=SCREENSHOT, full_page=True)
 
+            # drag and drop: a File built in the page from another listing's photo, dropped on the box
+            other = sorted(search_home.images)[5]
+            other_img = search_home.images[other][0][0]
+            page.evaluate(
+                """async (url) => {
+                    const blob = await (await fetch(url)).blob();
+                    const dt = new DataTransfer();
+                    dt.items.add(new File([blob], "dropped.jpg", { type: "image/jpeg" }));
+                    const drop = document.getElementById("drop");
+                    drop.dispatchEvent(new DragEvent("dragover", { dataTransfer: dt, bubbles: true, cancelable: true }));
+                    drop.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+                }""",
+                f"/image/{other}/{other_img}",
+            )
+            expect(page.locator("#results .card").first).to_have_attribute(
+                "data-listing-id", str(other), timeout=60_000
+            )
+
             page.fill("#q", "orange photo print")
             page.click("#search-text")
             expect(page.locator("#meta")).to_contain_text('for "orange photo print"', timeout=60_000)
