@@ -353,7 +353,7 @@ class SearchService:
         names = [n for n in (*EMBED_MODELS, *TEXT_INDEXES) if self.indexes.get(n) is not None]
         return {
             "image_models": [n for n in EMBED_MODELS if self.indexes.get(n) is not None],
-            "text_indexes": [n for n in names if n in TEXT_INDEXES or n in TEXT_MODELS],
+            "text_query_indexes": [n for n in names if n in TEXT_INDEXES or n in TEXT_MODELS],
             "indexes": {n: self.indexes.get(n).describe() for n in names},  # type: ignore[union-attr]
             "fusion": {
                 "method": f"weighted reciprocal-rank fusion (k={self.rrf_k:g})",
