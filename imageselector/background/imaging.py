@@ -55,6 +55,8 @@ def decode(data: bytes) -> Decoded:
             im = ImageOps.exif_transpose(im)  # as rembg.remove does before predicting
             if im.mode != "RGB":
                 im = _flatten(im)
+    except UnidentifiedImageError as exc:
+        raise UndecodableImage(f"not an image Pillow recognises ({len(data)} bytes, starts {data[:8]!r})") from exc
     except (*DECODE_ERRORS, Image.DecompressionBombWarning) as exc:
         raise UndecodableImage(f"{exc.__class__.__name__}: {exc}") from exc
     if im.width < 2 or im.height < 2:
