@@ -27,6 +27,7 @@ from imageselector.monitor import STATE_FILE
 
 DEFAULT_HOME = PROJECT_ROOT / "demo_home"
 SIM_READY = "SIMULATOR READY"
+OK_REASONS = ("backlog done", "sync found no images")
 
 
 def start_simulator(listings: int, seed: int, extra: list[str], log_path: Path, timeout: float = 90.0):  # type: ignore[no-untyped-def]
@@ -72,8 +73,11 @@ def monitor_state(home: Path) -> dict[str, Any]:
 
 def pipeline_done(data: dict[str, Any], state: dict[str, Any]) -> tuple[bool, str]:
     """Done when sync has finished (or given up) and no stage has work it could do now."""
+    failed = [n for n, s in state.get("stages", {}).items() if s.get("state") == "failed"]
+    if failed:
+        return True, f"stage(s) {', '.join(failed)} stopped after failing (see pipeline.log and their logs)"
     sync = state.get("stages", {}).get("sync", {})
-    if sync.get("state") not in ("finished", "failed"):
+    if sync.get("state") != "finished":
         return False, "sync still crawling"
     if data["total"] == 0:
         return True, "sync found no images"
@@ -250,7 +254,7 @@ def run_monitor(home: Path, cfg: Path, env: dict[str, str], timeout: float, log,
         else:
             log.error("the pipeline monitor exited early (code %s); see %s", mon.returncode, home / "pipeline.log")
             return mon.returncode or 1
-        log.info("%s: touching KILL to stop the pipeline", reason)
+        (log.info if reason in OK_REASONS else log.error)("%s: touching KILL to stop the pipeline", reason)
         (home / "KILL").touch()
         try:
             rc = mon.wait(timeout=120)
@@ -259,7 +263,7 @@ def run_monitor(home: Path, cfg: Path, env: dict[str, str], timeout: float, log,
             mon.kill()
             rc = mon.wait()
         log.info("pipeline monitor exited with code %d", rc)
-        return rc
+        return rc if reason in OK_REASONS else 1
     finally:
         conn.close()
         if mon.poll() is None:
@@ -284,7 +288,8 @@ def print_summary(home: Path, choice: demo_models.ModelChoice, env: dict[str, st
         print(f"WARNING: {choice.warning}")
     print("Search what was built:")
     print(f'  {h} {py} image_search_v2/search.py --text "ceramic mug"')
-    print(f"  {h} {py} image_search_v2/search.py --image {home}/images/<any>.jpg")
+    example = next(iter(sorted((home / "images").glob("*/*.jpg"))), None)
+    print(f"  {h} {py} image_search_v2/search.py --image {example or home / 'images/<dir>/<file>.jpg'}")
     print(f"  {h} {py} image_search_v2/search.py --serve      # then open the printed address")
     print(f"Status again: {h} {py} image_db.py")
 
