@@ -261,3 +261,25 @@ def test_models_outside_the_u2net_family_go_through_rembg_predict(settings, conn
     assert run(model) == 0
     assert "rembg predict per image" in (settings.home / "bg_remover.log").read_text()
     assert comment(p).startswith(MARKER) and flags(conn)["done"] == 1
+
+
+def test_keep_original_copies_when_it_cannot_link(tmp_path, monkeypatch):
+    """--keep-originals on another disk: hard links fail (EXDEV), the file is copied atomically instead."""
+    import errno
+    import os
+
+    from imageselector.background.stage import keep_original
+
+    src = tmp_path / "images" / "001" / "1_1001.jpg"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(b"original bytes")
+
+    def no_link(*_a, **_k):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    dest = tmp_path / "keep" / "001" / "1_1001.jpg"
+    keep_original(src, dest, tmp_path / "keep" / ".tmp")
+    assert dest.read_bytes() == b"original bytes"
+    assert os.stat(dest).st_ino != os.stat(src).st_ino
+    assert not list((tmp_path / "keep" / ".tmp").iterdir())
