@@ -470,8 +470,9 @@ class Monitor:
             if stats is None:
                 return f"no sync stats yet, qps {qps}, {data['total']:,} images known"
             rate = "?"
-            if self.sync_prev_requests and stats.ts > self.sync_prev_requests[0]:
-                rate = f"{(stats.requests - self.sync_prev_requests[1]) / (stats.ts - self.sync_prev_requests[0]):.2f}"
+            prev = self.sync_prev_requests
+            if prev and stats.ts > prev[0] and stats.requests >= prev[1]:
+                rate = f"{(stats.requests - prev[1]) / (stats.ts - prev[0]):.2f}"
             self.sync_prev_requests = (stats.ts, stats.requests)
             pending = self.conn.execute(  # type: ignore[union-attr]
                 "SELECT COUNT(*) FROM listings WHERE images_fetched_at IS NULL"

@@ -109,3 +109,30 @@ def test_second_monitor_refuses_to_start(home):
     finally:
         if mon.poll() is None:
             mon.kill()
+
+
+def test_workers_orphaned_by_a_killed_monitor_are_stopped_by_the_next_one(home):
+    stages = {"download": fake_stage("download", "good", "KILL_DL")}
+    first = _start_monitor(home, stages)
+    try:
+        wait_for(lambda: (home / ".run" / "pipeline_monitor.json").exists() and _child_pids(home), 20)
+        orphan = _child_pids(home)["download"]
+        first.kill()  # kill -9: its worker lives on, in its own session
+        first.wait(10)
+        assert pid_alive(orphan)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second = _start_monitor(home, stages)
+    try:
+        wait_for(lambda: len(starts(home, "download")) == 2, 20)
+        assert not pid_alive(orphan)
+        (home / "KILL").touch()
+        assert second.wait(timeout=30) == 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+        if pid_alive(orphan):
+            os.kill(orphan, signal.SIGKILL)
+    log = (home / "pipeline.log").read_text()
+    assert f"download: pid {orphan} from an earlier monitor is still running; stopping it" in log
