@@ -87,10 +87,17 @@ def _same_bytes(a: Path, b: Path) -> bool:
 
 
 def session_options(threads: int) -> Any:
-    """One intra-op pool of `threads`, no inter-op parallelism (u2net is a chain), full graph optimisation."""
+    """One intra-op pool of `threads`, no inter-op parallelism (u2net is a chain), full graph optimisation.
+
+    Spinning is off: idle ORT threads would otherwise busy-wait, taking CPU from the prefetch and writer
+    threads and from the other pipeline stages on the same machine (measured: 0.62 instead of 0.76
+    CPU-s per u2net image, same wall time).
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.intra_op_num_threads = max(1, threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
