@@ -99,6 +99,16 @@ def progress_line(data: dict[str, Any], state: dict[str, Any], t0: float) -> str
     )
 
 
+def default_listings(choice: demo_models.ModelChoice) -> int:
+    """300 listings take ~2 min with stand-ins; the real five models on a CPU embed ~1 image/s, so use fewer."""
+    if not (choice.real_embed or choice.real_bg):
+        return 300
+    import torch
+
+    accel = torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+    return 300 if accel else 60
+
+
 def write_monitor_config(home: Path, *, sync_args: list[str], bg_args: list[str], models_file: Path | None) -> Path:
     embed_args = ["--model", "all", "--batch-size", "8", "--watch"]
     if models_file is not None:
@@ -133,7 +143,11 @@ def set_home_env(home: Path, updates: dict[str, str | None]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m imageselector.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--home", type=Path, default=DEFAULT_HOME, help=f"data home for the demo (default {DEFAULT_HOME})")
-    ap.add_argument("--listings", type=int, default=300, help="simulated listings (default 300; ~3 images each)")
+    ap.add_argument(
+        "--listings",
+        type=int,
+        help="simulated listings, ~2.7 images each (default 300; 60 with real models and no GPU, to stay near 10 min)",
+    )
     ap.add_argument("--seed", type=int, default=1, help="simulator seed (default 1)")
     ap.add_argument(
         "--models",
@@ -198,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             child_env.setdefault("ETSY_MAX_OFFSET", str(max(0, args.max_listings - 100)))
         else:
             sim_extra = ["--qpd", "100000000"] + (["--faults", args.faults] if args.faults else [])
-            sim, api_base, cdn_base = start_simulator(args.listings, args.seed, sim_extra, home / "simulator.log")
-            log.info("simulator ready: %s (%d listings)", api_base, args.listings)
+            listings = args.listings or default_listings(choice)
+            sim, api_base, cdn_base = start_simulator(listings, args.seed, sim_extra, home / "simulator.log")
+            log.info("simulator ready: %s (%d listings)", api_base, listings)
             child_env.update(
                 ETSY_API_BASE=api_base,
                 ETSY_CDN_BASE=cdn_base,

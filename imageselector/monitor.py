@@ -143,7 +143,10 @@ class StageRunner:
         self.hang_reason = None
         self.state = "running"
         pid_file = self.home / ".run" / f"{self.name}.pid"
-        atomic_write_text(pid_file, json.dumps({"pid": self.proc.pid, "started": now, "cmd": cmd}))
+        try:
+            atomic_write_text(pid_file, json.dumps({"pid": self.proc.pid, "started": now, "cmd": cmd}))
+        except OSError as exc:  # only used to find orphans after a hard monitor kill
+            log.warning("%s: could not write %s: %s", self.name, pid_file, exc)
         what = "started" if self.starts == 1 else f"restarted (restart #{self.restarts})"
         log.info("%s %s: pid %d, %s, log %s", self.name, what, self.proc.pid, " ".join(cmd[1:]), self.log_path.name)
 
@@ -384,17 +387,31 @@ class Monitor:
             log.warning("WARNING: %s", warning)
             log.warning("!" * 78)
         self._stop_orphans()
-        tune = self.cfg.qps.enabled and any(r.name == "sync" for r in self.runners)
-        if tune:
+        if self.cfg.qps.enabled and any(r.name == "sync" for r in self.runners):
             self._init_qps()
+        try:
+            self._loop()
+        except BaseException as exc:  # never leave the workers unsupervised: stop them, then fail loudly
+            log.critical("monitor error: %r; stopping the workers", exc, exc_info=True)
+            self.shutdown(f"monitor error: {exc!r}")
+            raise
+        self.shutdown(self.stopper.reason or "stop requested")
+        return 0
+
+    def _loop(self) -> None:
         now = time.time()
         next_qps = now + self.cfg.qps.interval_s
         next_status = now + min(self.cfg.status_interval_s, 60.0)
+        tune = self.cfg.qps.enabled and any(r.name == "sync" for r in self.runners)
         while not self.stopper.should_stop():
             now = time.time()
             beats = scan_heartbeats(self.run_dir)
             for r in self.runners:
-                r.tick(now, beats)
+                try:
+                    r.tick(now, beats)
+                except OSError as exc:  # e.g. no memory or file descriptors to start a child: retry later
+                    log.error("%s: could not start or check it: %s; trying again in 60s", r.name, exc)
+                    r.state, r.next_start = "waiting", now + 60.0
                 if r.just_exited:
                     r.just_exited = False
                     self.reclaim(r)
@@ -406,8 +423,6 @@ class Monitor:
                 next_status = now + self.cfg.status_interval_s
             self._write_state(now)
             self.stopper.wait(self.cfg.tick_s)
-        self.shutdown(self.stopper.reason or "stop requested")
-        return 0
 
     def reclaim(self, r: StageRunner) -> None:
         """A worker is gone: free its leases now instead of after the lease expires (up to 15 min)."""
@@ -528,7 +543,10 @@ class Monitor:
         t0 = time.time()
         log.info("stopping (%s): writing %s and asking every worker to exit", reason, ", ".join(STAGE_KILL_FILES))
         for name in STAGE_KILL_FILES:
-            (self.home / name).touch()
+            try:
+                (self.home / name).touch()
+            except OSError as exc:  # the bound below still applies: SIGTERM after kill_timeout_s
+                log.error("could not write %s: %s", name, exc)
         running = {r.name: r for r in self.runners if r.proc is not None and r.proc.poll() is None}
         for r in self.runners:
             if r.proc is not None and r.name not in running:
