@@ -78,7 +78,9 @@ class Reporter:
 
     def tick(self, force: bool = False) -> None:
         c = self.crawler.counters
-        self.progress.done = c.listings_new  # Progress only reports; the crawler counts
+        if c.listings_new > self._seen:  # Progress logs listings/s (now and average) on its own interval
+            self.progress.add(c.listings_new - self._seen)
+            self._seen = c.listings_new
         now = time.monotonic()
         if force or now - self._last_beat >= 2.0:
             self._last_beat = now

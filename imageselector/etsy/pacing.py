@@ -139,6 +139,7 @@ class Pacer:
         self._hold_until = 0.0  # monotonic; set by a 429 with retry-after
         self._quota_probe = False
         self._quota_paused = False
+        self._exhausted = False  # a daily-limit 429 was seen and no later response said otherwise
         ensure_qps_config(self.config_path, tmp_dir)
         self._reload(force=True)
 
@@ -239,6 +240,8 @@ class Pacer:
             if remaining is not None:
                 self.quota.remaining_today = remaining
                 self._quota_probe = False
+                if remaining > self.daily_reserve:
+                    self._exhausted = False
                 if self._quota_paused and remaining > self.daily_reserve:
                     self._quota_paused = False
                     self.quota.paused_until = None
@@ -248,6 +251,7 @@ class Pacer:
         """A daily-limit 429: treat the budget as spent; wait `retry_after` if given, else the recheck interval."""
         with self._lock:
             self.quota.remaining_today = 0
+            self._exhausted = True
             self._quota_probe = False
             if retry_after is not None:
                 self.quota.paused_until = self.wall() + retry_after
@@ -256,7 +260,8 @@ class Pacer:
         while True:
             with self._lock:
                 rem = self.quota.remaining_today
-                if rem is None or rem > self.daily_reserve or self._quota_probe:
+                low = self._exhausted or (rem is not None and rem <= self.daily_reserve)
+                if not low or self._quota_probe:
                     return
                 now = self.wall()
                 if self.quota.paused_until is None or not self._quota_paused:
@@ -265,7 +270,7 @@ class Pacer:
                     self._quota_paused = True
                     log.warning(
                         "daily quota low: %s requests left (reserve %s); pausing requests until %s (%.0f min)",
-                        f"{rem:,}",
+                        f"{rem or 0:,}",
                         f"{self.daily_reserve:,}",
                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.quota.paused_until)),
                         (self.quota.paused_until - now) / 60.0,
