@@ -95,6 +95,7 @@ class StageRunner:
     term_sent_at: float | None = None
     hang_reason: str | None = None
     held_logged: bool = False
+    retry_at: float | None = None  # a crash-looped stage gets another chance after the cool-down
     just_exited: bool = False  # set on every exit; the monitor frees the dead worker's leases and clears it
 
     @property
@@ -160,6 +161,10 @@ class StageRunner:
                 self._check_hang(now, beats)
             else:
                 self._on_exit(rc, now)
+        if self.state == "failed" and self.retry_at is not None and now >= self.retry_at:
+            log.warning("%s: cool-down after its crash loop is over; trying it again", self.name)
+            self.crashes.clear()
+            self.consecutive, self.retry_at, self.state, self.next_start = 0, None, "waiting", now
         if self.state == "held" and self.kill_file_present() is None:
             log.info("%s: %s removed; starting it again", self.name, self.spec.kill_file)
             self.state, self.next_start, self.held_logged = "waiting", now, False
@@ -246,7 +251,8 @@ class StageRunner:
             return
         if self.hang_reason is None and rc == 2:
             self._give_up(
-                f"exited with code 2 (bad usage or configuration); restarting will not help. See {self.log_path.name}"
+                f"exited with code 2 (bad usage or configuration); restarting will not help. See {self.log_path.name}",
+                cooldown=None,
             )
             return
         if ran >= self.cfg.stable_after_s:
@@ -257,7 +263,8 @@ class StageRunner:
         if len(self.crashes) >= self.cfg.crash_loop_max:
             self._give_up(
                 f"CRASH LOOP: {len(self.crashes)} crashes within {fmt_duration(self.cfg.crash_loop_window_s)} "
-                f"(last: {self.last_exit}). See {self.log_path.name}"
+                f"(last: {self.last_exit}). See {self.log_path.name}",
+                cooldown=self.cfg.crash_loop_cooldown_s,
             )
             return
         delay = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * (2**self.consecutive))
@@ -275,11 +282,13 @@ class StageRunner:
             fmt_duration(self.cfg.crash_loop_window_s),
         )
 
-    def _give_up(self, why: str) -> None:
+    def _give_up(self, why: str, cooldown: float | None) -> None:
         self.state = "failed"
+        self.retry_at = None if cooldown is None else time.time() + cooldown
+        later = "" if cooldown is None else f" (one more try in {fmt_duration(cooldown)})"
         bar = "!" * 78
         log.critical(bar)
-        log.critical("%s STOPPED, NOT RESTARTING: %s", self.name, why)
+        log.critical("%s STOPPED, NOT RESTARTING%s: %s", self.name, later, why)
         log.critical(
             "the other stages keep running; fix the cause, then restart the monitor (touch KILL; start it again)"
         )

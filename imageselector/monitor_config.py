@@ -86,6 +86,7 @@ class MonitorConfig:
     stable_after_s: float = 600.0
     crash_loop_max: int = 5
     crash_loop_window_s: float = 900.0
+    crash_loop_cooldown_s: float | None = 3600.0  # then one more try (a network outage heals); None = never
     status_interval_s: float = 300.0
     qps: QpsTuning = field(default_factory=QpsTuning)
 

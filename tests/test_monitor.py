@@ -127,3 +127,17 @@ def test_leases_of_a_crashed_worker_are_freed_at_once(settings, home, conn, capl
     assert conn.execute("SELECT COUNT(*) FROM image_status WHERE download_claim IS NOT NULL").fetchone()[0] == 0
     assert "freed 5 row(s) leased by the exited worker (download)" in caplog.text
     assert len(db.claim_batch(conn, "download", db.make_owner(), 10)) == 8  # all claimable again
+
+
+def test_crash_looped_stage_is_tried_again_after_the_cool_down(settings, home, caplog):
+    caplog.set_level(logging.INFO)
+    cfg = make_config(
+        {"bad": fake_stage("bad", "crash", None, "--crash-after", "0")},
+        crash_loop_max=2,
+        backoff_base_s=0.05,
+        crash_loop_cooldown_s=0.5,
+    )
+    with MonitorThread(settings, cfg):
+        wait_for(lambda: len(starts(home, "bad")) >= 3)  # 2 crashes, cool-down, a third start
+        assert "one more try in 0s" in caplog.text
+        assert "cool-down after its crash loop is over; trying it again" in caplog.text
