@@ -87,8 +87,12 @@ def load_indexes(embeddings_dir: Path, models: Sequence[str], with_text: bool) -
             if name in models:
                 log.warning("%s: no index at %s; skipped", name, path)
             continue
-        out[name] = LoadedIndex.open(name, path)
-        log.info("%s: %d vectors of dim %d", name, out[name].count, out[name].dim)
+        li = LoadedIndex.open(name, path)
+        if li.count == 0:
+            log.warning("%s: the index is empty; skipped", name)
+            continue
+        out[name] = li
+        log.info("%s: %d vectors of dim %d", name, li.count, li.dim)
     return out
 
 
@@ -303,7 +307,7 @@ def run(settings: Settings, conn: sqlite3.Connection, opts: Options) -> dict[str
     if len(queries) < 2:
         raise ValueError(
             f"only {len(queries)} listing(s) have two or more images embedded by every model "
-            f"({', '.join(image_models)}): embed more before evaluating"
+            f"({', '.join(image_models)}): embed more, or evaluate fewer models with --models"
         )
     n_fit = int(round(len(queries) * opts.fit_frac)) if opts.fit_frac > 0 else 0
     n_fit = min(max(n_fit, 1 if opts.fit_frac > 0 else 0), len(queries) - 1)

@@ -180,3 +180,17 @@ def test_calibrate_random_pairs():
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     c = ev.calibrate(v)
     assert abs(c.mu) < 0.02 and 0.09 < c.sigma < 0.16  # random 64-d unit vectors: sd 1/sqrt(64) = 0.125
+
+
+def test_weights_are_written_only_when_fitted_on_enough_listings_and_not_worse():
+    def results(n_fit: int, equal: float, fitted: float) -> dict:
+        stat = lambda m: {"listing_map10": {"mean": m, "lo": m, "hi": m, "n": 100}}  # noqa: E731
+        return {
+            "weights": {"fitted_on": n_fit},
+            "methods": [{"name": "rrf", "metrics": stat(equal)}, {"name": "rrf (weighted)", "metrics": stat(fitted)}],
+        }
+
+    assert eval_run.weights_blocker(results(100, 0.5, 0.6), min_fit=50) is None
+    assert eval_run.weights_blocker(results(100, 0.5, 0.5), min_fit=50) is None
+    assert "only 10 held-out" in eval_run.weights_blocker(results(10, 0.5, 0.6), min_fit=50)
+    assert "did worse" in eval_run.weights_blocker(results(100, 0.6, 0.5), min_fit=50)
