@@ -26,9 +26,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1500)
     ap.add_argument("--size", type=int, default=100_000)
+    ap.add_argument("--dest-parent", help="where to put the destination (default /dev/shm: a tmpfs, fsync is free)")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench_cleanup_"))
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else base
+    shm = Path(args.dest_parent) if args.dest_parent else Path("/dev/shm") if Path("/dev/shm").is_dir() else base
     out_root = Path(tempfile.mkdtemp(prefix="bench_cleanup_dest_", dir=shm))
     try:
         settings = load_settings(base / "home")
