@@ -31,6 +31,12 @@ def _keep_signal_handlers():
         signal.signal(s, h)
 
 
+@pytest.fixture(autouse=True)
+def _models_dir_in_home(home, monkeypatch):
+    """Never touch the user's model directory: U2NET_HOME (env beats .env) points into the test home."""
+    monkeypatch.setenv("U2NET_HOME", str(home / "models" / "rembg"))
+
+
 @pytest.fixture
 def model(home):
     return standin_in_home(home)
@@ -220,6 +226,23 @@ def test_named_model_is_found_in_u2net_home_without_download(settings, conn, tmp
     (p,) = seed_downloaded(conn, settings.images_dir, 1)
     assert cli.main(["--model", "u2net", "--batch-size", "4"]) == 0
     assert b"model=u2net bg=" in comment(p)
+
+
+def test_session_falls_back_to_bare_provider_names_when_options_are_rejected():
+    from imageselector.background.providers import choose_providers
+    from imageselector.background.session import _new_session
+
+    calls = []
+
+    def fake_new_session(model, providers, sess_opts, **kw):
+        calls.append(providers)
+        if isinstance(providers[0], tuple):
+            raise RuntimeError("unknown option ModelFormat")
+        return "session"
+
+    choice = choose_providers(gpu=True, available=[COREML, CPU], system="Darwin")
+    assert _new_session(fake_new_session, "u2net", choice, 2, {}) == "session"
+    assert calls[0][0][0] == COREML and calls[1] == [COREML, CPU]
 
 
 def test_unknown_model_is_bad_usage(home):

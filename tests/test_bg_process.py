@@ -8,12 +8,19 @@ import subprocess
 import sys
 import time
 
+import pytest
 from PIL import Image
 
 from imageselector.background.imaging import MARKER
 from tests.helpers.bg import SCRIPT, flags, run_cli, seed_downloaded, standin_in_home
 
 N = 24
+
+
+@pytest.fixture(autouse=True)
+def _models_dir_in_home(home, monkeypatch):
+    """Never touch the user's model directory: U2NET_HOME (env beats .env) points into the test home."""
+    monkeypatch.setenv("U2NET_HOME", str(home / "models" / "rembg"))
 
 
 def start(home, model, *extra: str) -> subprocess.Popen:
