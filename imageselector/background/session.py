@@ -225,6 +225,9 @@ def _u2net_home(directory: Path) -> Iterator[None]:
 
 def _new_session(new_session: Any, model: str, choice: ProviderChoice, threads: int, kwargs: dict) -> Any:
     last: Exception | None = None
+    for opts in choice.options.values():
+        if opts.get("ModelCacheDirectory"):
+            Path(opts["ModelCacheDirectory"]).mkdir(parents=True, exist_ok=True)
     # Provider options (CoreML's) differ between onnxruntime versions: retry with bare names.
     for with_options in (True, False) if choice.options else (False,):
         try:
