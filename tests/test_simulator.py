@@ -264,6 +264,9 @@ def test_api_faults_occur_at_configured_rates():
         for k in range(n):
             r = h.get(s.api_base + "/listings/active", params={"limit": 1, "offset": k % 50})
             codes.append(r.status_code)
+            if r.status_code == 429:
+                assert r.json() == {"error": QPS_ERROR} and r.headers["retry-after"] == "1"
+                assert r.headers["x-remaining-this-second"] == "0" and "x-remaining-today" in r.headers
             if r.status_code == 200:
                 try:
                     r.json()

@@ -22,10 +22,7 @@ class RateLimiter:
         """(None | "qps" | "qpd", retry_after_s, headers). Accepted requests count towards both windows."""
         now = self.clock()
         with self._lock:
-            while self._sec and self._sec[0] <= now - 1.0:
-                self._sec.popleft()
-            while self._day and self._day[0] <= now - DAY_S:
-                self._day.popleft()
+            self._prune(now)
             limit_s = int(self.qps) if self.qps == int(self.qps) else self.qps
             if self.qpd and len(self._day) >= self.qpd:
                 retry = max(1.0, self._day[0] + DAY_S - now)
@@ -36,6 +33,18 @@ class RateLimiter:
             self._sec.append(now)
             self._day.append(now)
             return None, 0.0, self._headers(limit_s)
+
+    def peek(self) -> dict[str, str]:
+        """The headers as they stand, counting nothing (for answers that bypass the limiter)."""
+        with self._lock:
+            self._prune(self.clock())
+            return self._headers(int(self.qps) if self.qps == int(self.qps) else self.qps)
+
+    def _prune(self, now: float) -> None:
+        while self._sec and self._sec[0] <= now - 1.0:
+            self._sec.popleft()
+        while self._day and self._day[0] <= now - DAY_S:
+            self._day.popleft()
 
     def _headers(self, limit_s) -> dict[str, str]:
         return {

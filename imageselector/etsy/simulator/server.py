@@ -185,7 +185,9 @@ class Handler(BaseHTTPRequestHandler):
         attempt = sim.dice.attempt(req_key)
         if f.api_429 and sim.dice.draw("api_429", req_key, attempt) < f.api_429:
             st.add("429_injected")
-            hdr = {"retry-after": "1"} if f.retry_after_429 else {}
+            hdr = {**sim.limiter.peek(), "x-remaining-this-second": "0"}
+            if f.retry_after_429:
+                hdr["retry-after"] = "1"
             return self._json(429, {"error": QPS_ERROR}, hdr)
         over, retry, rl_headers = sim.limiter.check()
         if over:
