@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
+import threading
 import time
 from typing import Any
 
@@ -37,23 +39,24 @@ def build_client(settings: Settings, stopper: Stopper | None) -> EtsyClient:
     )
     publisher = StatsPublisher(settings.db_path, interval=settings.get_float("ETSY_STATS_INTERVAL_S", 5.0))
     bad_conn: dict[str, Any] = {}
+    bad_lock = threading.Lock()
 
     def bad_record(kind: str, ref: str, detail: str) -> None:
-        import sqlite3
-
-        c = bad_conn.get("c")
-        if c is None:
-            c = bad_conn["c"] = sqlite3.connect(
-                settings.db_path, isolation_level=None, timeout=10.0, check_same_thread=False
-            )
-        db.record_bad(c, kind, ref, detail)
+        """Called from client threads: one shared connection, one writer at a time."""
+        with bad_lock:
+            c = bad_conn.get("c")
+            if c is None:
+                c = bad_conn["c"] = sqlite3.connect(
+                    settings.db_path, isolation_level=None, timeout=10.0, check_same_thread=False
+                )
+            db.record_bad(c, kind, ref, detail)
 
     return EtsyClient(
         settings.api_base,
         settings.api_key,
         settings.shared_secret,
         pacer,
-        timeout=settings.get_float("ETSY_TIMEOUT_S", 30.0),
+        timeout=settings.get_float("ETSY_TIMEOUT_S", 15.0),
         max_retries=settings.get_int("ETSY_MAX_RETRIES", 5),
         backoff_base=settings.get_float("ETSY_BACKOFF_BASE_S", 1.0),
         concurrency=settings.get_int("ETSY_CONCURRENCY", 4),
@@ -133,7 +136,11 @@ def run_sync(
     crawler = Crawler(conn, client, CrawlConfig.from_settings(settings))
     interval = log_interval if log_interval is not None else settings.get_float("ETSY_LOG_INTERVAL_S", 30.0)
     reporter = Reporter(log, crawler, heartbeat, interval)
-    client.pacer.on_wait = lambda: (reporter.tick(), client.publish_stats())
+    # Runs on whichever thread waits for the daily quota: only thread-safe work (no database connection).
+    client.pacer.on_wait = lambda: (
+        heartbeat.beat(**crawler.counters.as_dict(), waiting_for="daily quota"),
+        client.publish_stats(force=True),
+    )
     idle_s = settings.get_float("ETSY_IDLE_POLL_S", 60.0)
     try:
         pong = client.ping()

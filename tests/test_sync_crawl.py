@@ -161,3 +161,18 @@ def test_kill_file_stops_a_running_sync_gracefully(home):
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err[-2000:]
         assert "stopping: kill file KILL" in err
+
+
+def test_bounded_crawl_without_splitting_or_shop_crawls(home, monkeypatch):
+    """ETSY_SPLIT_PARTITIONS=0 / ETSY_CRAWL_SHOPS=0 (the demo's bounded real-API crawl): stop at the offset cap."""
+    with Simulator(listings=400, seed=7, qps=0, max_offset=100) as sim:
+        settings = sim_settings(sim, home, monkeypatch, ETSY_SPLIT_PARTITIONS="0", ETSY_CRAWL_SHOPS="0")
+        rc = run_sync(settings, Stopper(home, [KILL], install_signals=False), once=True, log=quiet_logger())
+        assert rc == 0
+        conn = db.connect(settings.db_path)
+        assert conn.execute("SELECT COUNT(*) FROM listings").fetchone()[0] == 200  # offsets 0 and 100
+        assert [tuple(r) for r in conn.execute("SELECT state FROM crawl_partitions")] == [("capped",)]
+        assert conn.execute("SELECT COUNT(*) FROM shops WHERE crawl_state != 'pending'").fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(*) FROM listings WHERE images_fetched_at IS NULL").fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(DISTINCT listing_id) FROM image_status").fetchone()[0] == 200
+        conn.close()

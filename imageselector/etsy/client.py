@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +294,36 @@ class EtsyClient:
         if fatal is not None:
             raise fatal
         return results
+
+    def map_rolling(
+        self, fn: Callable[[Any], Any], items: Sequence[Any], on_result: Callable[[Any, Any], None]
+    ) -> None:
+        """Run `fn(item)` with at most `concurrency` in flight, topping up as each finishes, and hand
+        each (item, result) to `on_result` on the calling thread (so it may use the database) while
+        the others keep the request slots busy. Result semantics as in `map`."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="etsy")
+        todo = list(items)[::-1]
+        running: dict[Any, Any] = {}
+        fatal: BaseException | None = None
+        while todo or running:
+            while todo and fatal is None and len(running) < self.concurrency:
+                item = todo.pop()
+                running[self._pool.submit(_capture, fn, item)] = item
+            if not running:
+                break
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for f in done:
+                item = running.pop(f)
+                try:
+                    res = f.result()
+                except (AuthError, StopRequested) as exc:
+                    fatal = fatal or exc
+                    continue
+                if fatal is None:
+                    on_result(item, res)
+        if fatal is not None:
+            raise fatal
 
     def close(self) -> None:
         if self._pool is not None:

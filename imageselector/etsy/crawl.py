@@ -36,6 +36,10 @@ SHOP_MAX_ATTEMPTS = 3
 IMAGE_MAX_ATTEMPTS = 3
 
 
+def _flag(raw: str | None) -> bool:
+    return (raw or "").strip().lower() not in ("0", "false", "no", "off")
+
+
 def _split_list(raw: str) -> list[str]:
     return [x.strip() for x in raw.replace("\n", ",").split(",") if x.strip()]
 
@@ -54,6 +58,8 @@ class CrawlConfig:
     rediscover_every_s: float = 6 * 3600.0
     concurrency: int = 4
     min_price_step: float = 0.01
+    split: bool = True  # False: an over-full partition is paged to the cap only (a bounded crawl)
+    crawl_shops: bool = True  # False: no per-shop listings/reviews (a bounded crawl)
 
     @property
     def reachable(self) -> int:
@@ -82,10 +88,12 @@ class CrawlConfig:
             keywords=_split_list(kw_raw),
             taxonomy_ids=[int(x) for x in _split_list(tax_raw)],
             price_bands=bands,
-            include_all=settings.get("ETSY_CRAWL_ALL", "1") not in ("0", "false", "no"),
+            include_all=_flag(settings.get("ETSY_CRAWL_ALL", "1")),
             snapshot_every_s=settings.get_float("ETSY_SNAPSHOT_INTERVAL_H", 24.0) * 3600.0,
             rediscover_every_s=settings.get_float("ETSY_REDISCOVER_INTERVAL_H", 6.0) * 3600.0,
             concurrency=max(1, settings.get_int("ETSY_CONCURRENCY", 4)),
+            split=_flag(settings.get("ETSY_SPLIT_PARTITIONS", "1")),
+            crawl_shops=_flag(settings.get("ETSY_CRAWL_SHOPS", "1")),
         )
 
 
@@ -248,7 +256,7 @@ class Crawler:
             res = store.write_listings(conn, listings, snapshot_every_s=self.cfg.snapshot_every_s, now=now)
             state = "paging"
             if count is not None and count > self.cfg.reachable and row["state"] == "pending":
-                kids = self.split(params)
+                kids = self.split(params) if self.cfg.split else None
                 if kids:
                     for k in kids:
                         conn.execute(
@@ -270,8 +278,7 @@ class Crawler:
                 elif next_offset > self.cfg.max_offset:
                     state = "capped"
                     log.warning(
-                        "discovery: %s has %s listings but its price range cannot be split further;"
-                        " stored the first %s",
+                        "discovery: %s has %s listings but cannot be split further; stored the first %s",
                         key,
                         f"{count:,}",
                         f"{next_offset:,}",
@@ -369,19 +376,17 @@ class Crawler:
         return ShopData(shop, listings, reviews, notes)
 
     def step_shops(self) -> int:
-        """Crawl up to `concurrency` pending shops in parallel. Returns shops handled."""
+        """Crawl a batch of pending shops, `concurrency` at a time; each is stored as soon as it is
+        complete while the others keep fetching. Returns shops handled."""
         ids = [
             r[0]
             for r in self.conn.execute(
                 "SELECT shop_id FROM shops WHERE crawl_state='pending' ORDER BY shop_id LIMIT ?",
-                (self.cfg.concurrency,),
+                (self.cfg.concurrency * 4,),
             )
         ]
-        if not ids:
-            return 0
-        results = self.client.map(self.fetch_shop, ids)
-        for sid, res in zip(ids, results, strict=True):
-            self._apply_shop(sid, res)
+        if ids:
+            self.client.map_rolling(self.fetch_shop, ids, self._apply_shop)
         return len(ids)
 
     def _apply_shop(self, shop_id: int, res: ShopData | Exception) -> None:
@@ -486,6 +491,11 @@ class Crawler:
 
         def mark(conn: sqlite3.Connection) -> None:
             conn.executemany(f"UPDATE listings SET {marks}=? WHERE listing_id=?", [(now, i) for i in chunk])
+            if snapshot:  # a snapshot batch also carries images: it completes listings whose image fetch failed
+                conn.executemany(
+                    "UPDATE listings SET images_fetched_at=? WHERE listing_id=? AND images_fetched_at IS NULL",
+                    [(now, x["listing_id"]) for x in listings],
+                )
 
         store.in_transaction(self.conn, mark)
         self.counters.images_new += new_images
@@ -497,8 +507,7 @@ class Crawler:
         ids = [
             r[0]
             for r in self.conn.execute(
-                "SELECT listing_id FROM listings WHERE last_snapshot_at <= ? AND images_fetched_at IS NOT NULL"
-                " ORDER BY last_snapshot_at LIMIT ?",
+                "SELECT listing_id FROM listings WHERE last_snapshot_at <= ? ORDER BY last_snapshot_at LIMIT ?",
                 (cutoff, self.cfg.concurrency * 100),
             )
         ]
@@ -539,7 +548,7 @@ class Crawler:
         """Do one unit of work, most urgent first. Returns what it did, or None when nothing is left."""
         if self.step_images(full_only=True):
             return "images"
-        if self.step_shops():
+        if self.cfg.crawl_shops and self.step_shops():
             return "shops"
         if self.step_partitions():
             return "discovery"
