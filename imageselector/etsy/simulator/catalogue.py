@@ -6,6 +6,7 @@ JSON objects are composed on demand. Tests compare what a crawler stored against
 
 from __future__ import annotations
 
+import colorsys
 import hashlib
 import re
 from collections import OrderedDict
@@ -371,9 +372,12 @@ class Catalogue:
         shop_id, image_id = int(self.shop_ids[s]), int(self.image_ids[j])
         hx, suf = self.image_hex(j), self.image_suffix(j)
         fw, fh = self.image_full_dims(j)
-        _, hue, sat = vocab.COLORS[int(self.color_i[i])]
+        word, hue, sat = vocab.COLORS[int(self.color_i[i])]
         h = stable_hash(self.seed, "imgcolor", image_id)
-        rgb = [(h >> (8 * k)) & 0xFF for k in range(3)]
+        # the dominant colour follows the listing's colour word (its photos are tinted that way)
+        s_ = 0.0 if word in ("black", "white") else min(1.0, 0.25 + 0.3 * sat)
+        v_ = 0.2 if word == "black" else 0.92 if word == "white" else 0.45 + (h % 40) / 100
+        rgb = [round(c * 255) for c in colorsys.hsv_to_rgb((hue % 360) / 360, s_, v_)]
         urls = {f"url_{sz}": cdn.build_image_url(cdn_base, shop_id, hx, image_id, suf, sz) for sz in cdn.API_SIZES}
         ts = int(self.created[i]) + (j - int(self.img_start[i])) * 60
         return {
@@ -384,8 +388,8 @@ class Catalogue:
             "green": rgb[1],
             "blue": rgb[2],
             "hue": int(hue) % 360,
-            "saturation": min(100, int(sat * 50)),
-            "brightness": 40 + h % 50,
+            "saturation": round(s_ * 100),
+            "brightness": round(v_ * 100),
             "is_black_and_white": sat == 0.0,
             "creation_tsz": ts,
             "created_timestamp": ts,
