@@ -452,13 +452,17 @@ def write_weights(settings: Settings, results: Mapping[str, Any], method: str = 
     """Write `<home>/embeddings/fusion_weights.json`, the file the search reads (search/ensemble.py)."""
     from imageselector.fsutil import atomic_write_text
 
+    fitted_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    n = results["weights"]["fitted_on"]
     doc = {
-        "method": method,
+        # the search page shows "method" as where its weights come from, so it says so in words
+        "method": f"fitted by evaluate.py for {method} on {n} listings, {fitted_at[:10]}",
+        "fusion": method,
         "weights": results["weights"]["fitted"][method],
-        "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fitted_at": fitted_at,
         "source": "image_search_v2/evaluate.py --fit-weights",
         "metric": "listing mAP@10",
-        "fit_queries": results["weights"]["fitted_on"],
+        "fit_queries": n,
         "fit_score": results["weights"]["fit_score"].get(method),
         "seed": results["options"]["seed"],
     }

@@ -77,9 +77,17 @@ def test_report_end_to_end(evaluated_home, monkeypatch, capsys, tmp_path):
     emb = evaluated_home.home / "embeddings"
     if res["weights"].get("written"):
         weights, method = load_weights(emb)
-        assert weights == fitted and method == "rrf"
+        assert weights == fitted and method.startswith("fitted by evaluate.py for rrf")
+        assert json.loads((emb / "fusion_weights.json").read_text())["fusion"] == "rrf"
     else:
         assert "did worse than equal weights" in res["weights"]["not_written"]
+    # either way, the file evaluate.py writes is what search reads
+    from imageselector.config import load_settings
+
+    path = eval_run.write_weights(load_settings(evaluated_home.home), res)
+    weights, method = load_weights(emb)
+    assert path == emb / "fusion_weights.json" and weights == fitted and "evaluate.py" in method
+    path.unlink()
 
 
 def test_reproducible_and_one_read_per_index(evaluated_home, monkeypatch, capsys, tmp_path):
