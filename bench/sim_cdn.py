@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import requests  # noqa: E402
 
-from imageselector.etsy import cdn  # noqa: E402
 from imageselector.etsy.simulator import Simulator  # noqa: E402
 
 _local = threading.local()
@@ -53,17 +52,7 @@ def main() -> int:
     args = p.parse_args()
     with Simulator(listings=max(200, args.images), seed=1, qps=0, qpd=0) as sim:
         cat = sim.catalogue
-        urls = [
-            cdn.build_image_url(
-                sim.cdn_base,
-                int(cat.shop_ids[cat.shop_of[cat.listing_of_image(j)]]),
-                cat.image_hex(j),
-                int(cat.image_ids[j]),
-                cat.image_suffix(j),
-                args.size,
-            )
-            for j in range(min(args.images, len(cat.image_ids)))
-        ]
+        urls = [sim.image_url(j, args.size) for j in range(min(args.images, len(cat.image_ids)))]
         cpu0 = time.process_time()
         cold_s, nbytes = fetch_all(urls, args.clients)
         cpu_cold = time.process_time() - cpu0

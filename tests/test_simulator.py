@@ -295,18 +295,7 @@ def test_api_timeout_fault_drops_the_connection():
 
 
 def _image_urls(s: Simulator, size: str = "340x270") -> list[str]:
-    cat = s.catalogue
-    return [
-        cdn.build_image_url(
-            s.cdn_base,
-            int(cat.shop_ids[cat.shop_of[cat.listing_of_image(j)]]),
-            cat.image_hex(j),
-            int(cat.image_ids[j]),
-            cat.image_suffix(j),
-            size,
-        )
-        for j in range(len(cat.image_ids))
-    ]
+    return [s.image_url(j, size) for j in range(len(s.catalogue.image_ids))]
 
 
 def _decodes(data: bytes) -> bool:

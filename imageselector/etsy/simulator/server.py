@@ -482,6 +482,14 @@ class Simulator:
                 return "getReviewsByShop", {"count": len(revs), "results": revs[offset : offset + limit]}
         raise ApiError(404, f"No route found for GET {API_PREFIX}{path}")
 
+    def image_url(self, j: int, size: str = "570xN") -> str:
+        """The CDN URL of catalogue image index `j` (as the API lists it) at `size`."""
+        cat = self.catalogue
+        shop_id = int(cat.shop_ids[cat.shop_of[cat.listing_of_image(j)]])
+        return cdn.build_image_url(
+            self.cdn_base, shop_id, cat.image_hex(j), int(cat.image_ids[j]), cat.image_suffix(j), size
+        )
+
     def resolve_image(self, path: str) -> int | None:
         """The catalogue image index a CDN path names, or None (unknown image, or hex/suffix/shop/size mismatch)."""
         try:
