@@ -2,25 +2,32 @@
 
     venv/bin/python bench/sim_cdn.py [--images 600] [--size 570xN] [--clients 8]
 
-Prints cold and warm images/s side by side, the API's pages/s, and the ratio cold/warm LAST.
+The simulator runs as its own process (`python -m imageselector.etsy.simulator`, as the demo and the
+scripts run it); the URLs come from a local Catalogue with the same seed (it is deterministic). Prints cold
+and warm images/s side by side, the server's CPU per image, the API's pages/s, and the ratio cold/warm LAST.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from imageselector.etsy.simulator import Simulator  # noqa: E402
+from imageselector.etsy import cdn  # noqa: E402
+from imageselector.etsy.simulator.catalogue import Catalogue  # noqa: E402
 
+SEED = 1
 _local = threading.local()
 
 
@@ -31,9 +38,18 @@ def _session() -> requests.Session:
     return s
 
 
+def proc_cpu(pid: int) -> float:
+    """User+system CPU seconds of a process (Linux /proc), 0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def fetch_all(urls: list[str], clients: int, headers: dict | None = None) -> tuple[float, int]:
     def one(u: str) -> int:
-        r = _session().get(u, headers=headers, timeout=60)
+        r = _session().get(u, headers=headers, timeout=120)
         if r.status_code != 200:
             raise RuntimeError(f"{r.status_code} for {u}")
         return len(r.content)
@@ -50,25 +66,40 @@ def main() -> int:
     p.add_argument("--size", default="570xN")
     p.add_argument("--clients", type=int, default=8)
     args = p.parse_args()
-    with Simulator(listings=max(200, args.images), seed=1, qps=0, qpd=0) as sim:
-        cat = sim.catalogue
-        urls = [sim.image_url(j, args.size) for j in range(min(args.images, len(cat.image_ids)))]
-        cpu0 = time.process_time()
+    listings = max(200, args.images)
+    cmd = [sys.executable, "-m", "imageselector.etsy.simulator", "--listings", str(listings), "--seed", str(SEED)]
+    proc = subprocess.Popen([*cmd, "--qps", "0", "--qpd", "0"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        ready = proc.stdout.readline().split()  # SIMULATOR READY api_base=... cdn_base=...
+        base = dict(kv.split("=", 1) for kv in ready[2:])
+        cat = Catalogue(listings, SEED)
+        urls = []
+        for j in range(min(args.images, len(cat.image_ids))):
+            shop_id = int(cat.shop_ids[cat.shop_of[cat.listing_of_image(j)]])
+            urls.append(
+                cdn.build_image_url(
+                    base["cdn_base"], shop_id, cat.image_hex(j), int(cat.image_ids[j]), cat.image_suffix(j), args.size
+                )
+            )
+        cpu0 = proc_cpu(proc.pid)
         cold_s, nbytes = fetch_all(urls, args.clients)
-        cpu_cold = time.process_time() - cpu0
+        cpu_cold = proc_cpu(proc.pid) - cpu0
+        cpu0 = proc_cpu(proc.pid)
         warm_s, _ = fetch_all(urls, args.clients)
-        api = [f"{sim.api_base}/listings/active?limit=100&offset={100 * (k % 20)}" for k in range(400)]
-        api_s, _ = fetch_all(api, 4, headers={"x-api-key": sim.api_key_header})
+        cpu_warm = proc_cpu(proc.pid) - cpu0
+        api = [f"{base['api_base']}/listings/active?limit=100&offset={100 * (k % 20)}" for k in range(400)]
+        api_s, _ = fetch_all(api, 4, headers={"x-api-key": "sim-keystring:sim-secret"})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
     n = len(urls)
     cold, warm = n / cold_s, n / warm_s
     print(
         f"cores={os.cpu_count()} load_avg_1m={os.getloadavg()[0]:.1f} images={n} size={args.size} clients={args.clients}"
     )
     print(f"mean JPEG bytes:            {nbytes / n / 1000:.1f} KB")
-    print(
-        f"cold (generate+serve):      {cold:.0f} images/s  ({cpu_cold / n * 1000:.1f} ms CPU per image, this process)"
-    )
-    print(f"warm (served from cache):   {warm:.0f} images/s")
+    print(f"cold (generate+serve):      {cold:.0f} images/s   server CPU {cpu_cold / n * 1000:.1f} ms/image")
+    print(f"warm (served from cache):   {warm:.0f} images/s   server CPU {cpu_warm / n * 1000:.1f} ms/image")
     print(f"API findAllListingsActive:  {len(api) / api_s:.0f} pages/s of 100 listings (4 clients, no rate limit)")
     print(f"ratio cold/warm:            {cold / warm:.2f}")
     return 0
