@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_monitor(home: Path, cfg: Path, env: dict[str, str], timeout: float, log, t0: float) -> int:  # type: ignore[no-untyped-def]
     """Run the monitor until the backlog is done (or `timeout`), then stop it with KILL. Returns its exit code."""
     (home / "KILL").unlink(missing_ok=True)
+    (home / ".run" / STATE_FILE).unlink(missing_ok=True)  # the last run's "sync finished" must not end this one
     cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "pipeline_monitor.py"), "--config", str(cfg)]
     with open(home / "pipeline.log", "ab") as out:
         mon = subprocess.Popen(
@@ -256,6 +257,8 @@ def run_monitor(home: Path, cfg: Path, env: dict[str, str], timeout: float, log,
         while mon.poll() is None:
             time.sleep(2.0)
             data, state = status.collect(conn), monitor_state(home)
+            if state.get("pid") != mon.pid:
+                continue
             done, why = pipeline_done(data, state)
             if time.time() - last_print >= 15 or done:
                 log.info("%s", progress_line(data, state, t0))

@@ -67,7 +67,7 @@ def _hf_cached(repo: str, filenames: tuple[str, ...]) -> bool:
 def embedding_weights_cached(spec) -> bool:  # type: ignore[no-untyped-def]
     """True when `spec`'s weights load without a download (local files or the Hugging Face cache)."""
     if spec.standin:
-        return True
+        return False
     if spec.pretrained and Path(spec.pretrained).is_file():
         return True
     if Path(spec.source).is_dir():
@@ -103,9 +103,9 @@ def choose(settings: Settings, mode: str, standin_dir: Path) -> ModelChoice:
     real_embed = real_bg = mode == "real"
     u2net_home = _u2net_file(settings)
     if mode == "auto":
-        from imageselector.embedding.registry import load_registry
+        from imageselector.embedding.registry import DEFAULT_REGISTRY, load_registry
 
-        specs = load_registry(settings=settings)
+        specs = load_registry(DEFAULT_REGISTRY)  # the real five (a home .env may point at stand-ins)
         missing = [n for n, s in specs.items() if not embedding_weights_cached(s)]
         if not missing:
             real_embed = True

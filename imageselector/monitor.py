@@ -396,6 +396,7 @@ class Monitor:
             log.warning("WARNING: %s", warning)
             log.warning("!" * 78)
         self._stop_orphans()
+        self._write_state(time.time())  # replace the last run's state at once: readers must not see it as ours
         if self.cfg.qps.enabled and any(r.name == "sync" for r in self.runners):
             self._init_qps()
         try:
@@ -558,8 +559,11 @@ class Monitor:
                 log.error("could not write %s: %s", name, exc)
         running = {r.name: r for r in self.runners if r.proc is not None and r.proc.poll() is None}
         for r in self.runners:
-            if r.proc is not None and r.name not in running:
-                r.proc.poll()
+            if r.proc is not None and r.name not in running:  # exited on KILL itself before this tick saw it
+                rc = r.proc.returncode
+                log.info("%s had already exited (%s)", r.name, describe_exit(rc))
+                self.shutdown_report[r.name] = {"how": "exited", "code": rc, "after_s": 0.0}
+                r.state, r.proc, r.just_exited = "stopped", None, True
         if not (self.home / KILL).exists():
             for r in running.values():
                 if r.spec.kill_file is None:
@@ -568,7 +572,7 @@ class Monitor:
                     )
                     r._signal(signal.SIGTERM)
         for r in self.runners:
-            if r.name not in running:
+            if r.name not in running and r.name not in self.shutdown_report:
                 self.shutdown_report[r.name] = {"how": f"not running ({r.state})"}
         deadline = t0 + self.cfg.kill_timeout_s
         self._wait(running, deadline, t0, "exited")
