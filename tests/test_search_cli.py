@@ -125,3 +125,23 @@ def test_index_built_by_another_model_is_skipped_with_a_warning(env: SearchHome,
         manifest.write_text(original)
     assert rc == 0 and "dinov2_base" not in res["models"] and len(res["models"]) == 4
     assert any("dinov2_base: skipped" in w for w in res["warnings"])
+
+
+def test_a_model_that_cannot_embed_is_a_warning_not_a_failure(search_service, search_home, monkeypatch) -> None:  # noqa: F811
+    from imageselector.search.service import read_path_image
+
+    real = search_service.encoder
+
+    def broken(name: str):  # type: ignore[no-untyped-def]
+        if name == "dinov3_base":
+            raise RuntimeError("weights file is corrupt")
+        return real(name)
+
+    monkeypatch.setattr(search_service, "encoder", broken)
+    listing = sorted(search_home.images)[3]
+    res = search_service.search_image(read_path_image(search_home.images[listing][0][1], search_service.limits), 3)
+    assert "dinov3_base" not in res["models"] and len(res["models"]) == 4
+    assert res["results"][0]["listing_id"] == listing
+    assert any(
+        "dinov3_base: cannot embed the query (RuntimeError: weights file is corrupt)" in w for w in res["warnings"]
+    )

@@ -161,6 +161,23 @@ class SearchService:
             return f"{name}: skipped, its index was built with {built} but the query model is {now}"
         return None
 
+    def _embed(self, model: str, query: Image.Image | str, warns: list[str]) -> np.ndarray | None:
+        """Embed the query with one model; a model that cannot becomes a warning, not a failed search."""
+        try:
+            enc = self.encoder(model)
+            if (why := self._mismatch(model, enc)) is not None:
+                warns.append(why)
+                return None
+            return enc.encode_texts([query]) if isinstance(query, str) else enc.encode_images([query])
+        except Exception as exc:  # noqa: BLE001 - one broken model must not sink the query
+            log.exception("%s: cannot embed the query", model)
+            warns.append(
+                str(exc)
+                if isinstance(exc, SearchError)
+                else f"{model}: cannot embed the query ({type(exc).__name__}: {exc})"
+            )
+            return None
+
     def warm_up(self) -> None:
         """Load the query encoders of every indexed model now, so the first query does not wait for them."""
         with self._lock:
@@ -183,17 +200,8 @@ class SearchService:
             t0 = time.monotonic()
             vectors, warns = {}, []
             for name in names:
-                try:
-                    enc = self.encoder(name)
-                    if (why := self._mismatch(name, enc)) is not None:
-                        warns.append(why)
-                        continue
-                    vectors[name] = enc.encode_images([image])
-                except SearchError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - one broken model must not sink the query
-                    log.exception("%s: cannot embed the query image", name)
-                    warns.append(f"{name}: cannot embed the query ({type(exc).__name__}: {exc})")
+                if (vec := self._embed(name, image, warns)) is not None:
+                    vectors[name] = vec
             if not vectors:
                 raise SearchError("no model could embed the query image: " + "; ".join(warns), 500)
             t_enc = time.monotonic() - t0
@@ -210,23 +218,13 @@ class SearchService:
             self.refresh()
             targets = self._text_targets(models)
             t0 = time.monotonic()
-            vectors: dict[str, np.ndarray] = {}
+            vectors: dict[str, np.ndarray | None] = {}
             queries, warns = {}, []
             for index_name, model in targets:
-                try:
-                    if model not in vectors:
-                        enc = self.encoder(model)
-                        if (why := self._mismatch(model, enc)) is not None:
-                            warns.append(why)
-                            continue
-                        vectors[model] = enc.encode_texts([text])
-                except SearchError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    log.exception("%s: cannot embed the query text", model)
-                    warns.append(f"{model}: cannot embed the query ({type(exc).__name__}: {exc})")
-                    continue
-                queries[index_name] = vectors[model]
+                if model not in vectors:
+                    vectors[model] = self._embed(model, text, warns)
+                if (vec := vectors[model]) is not None:
+                    queries[index_name] = vec
             if not queries:
                 raise SearchError("no CLIP model could embed the text: " + "; ".join(warns), 500)
             t_enc = time.monotonic() - t0
