@@ -38,13 +38,9 @@ def _session() -> requests.Session:
     return s
 
 
-def proc_cpu(pid: int) -> float:
-    """User+system CPU seconds of a process (Linux /proc), 0 where unavailable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
+def server_cpu(base: str) -> float:
+    """CPU seconds the simulator process has used (its /_sim/stats reports them)."""
+    return requests.get(base + "/_sim/stats", timeout=30).json()["process_cpu_s"]
 
 
 def fetch_all(urls: list[str], clients: int, headers: dict | None = None) -> tuple[float, int]:
@@ -81,12 +77,12 @@ def main() -> int:
                     base["cdn_base"], shop_id, cat.image_hex(j), int(cat.image_ids[j]), cat.image_suffix(j), args.size
                 )
             )
-        cpu0 = proc_cpu(proc.pid)
+        cpu0 = server_cpu(base["cdn_base"])
         cold_s, nbytes = fetch_all(urls, args.clients)
-        cpu_cold = proc_cpu(proc.pid) - cpu0
-        cpu0 = proc_cpu(proc.pid)
+        cpu_cold = server_cpu(base["cdn_base"]) - cpu0
+        cpu0 = server_cpu(base["cdn_base"])
         warm_s, _ = fetch_all(urls, args.clients)
-        cpu_warm = proc_cpu(proc.pid) - cpu0
+        cpu_warm = server_cpu(base["cdn_base"]) - cpu0
         api = [f"{base['api_base']}/listings/active?limit=100&offset={100 * (k % 20)}" for k in range(400)]
         api_s, _ = fetch_all(api, 4, headers={"x-api-key": "sim-keystring:sim-secret"})
     finally:

@@ -388,6 +388,8 @@ def test_cdn_latency_does_not_serialise_requests():
             codes = list(ex.map(lambda u: requests.get(u, timeout=10).status_code, urls))
         assert codes == [200] * 8
         assert s.stats["cdn_inflight_max"] >= 4
+        stats = requests.get(s.cdn_base + "/_sim/stats").json()
+        assert stats["cdn_served"] == 8 and stats["process_cpu_s"] > 0
 
 
 # ---- determinism and CLI -----------------------------------------------------------------------------------------

@@ -155,8 +155,8 @@ class Handler(BaseHTTPRequestHandler):
     # ---- admin (test/bench control, not part of Etsy) ------------------------------------------------------------
     def _admin(self, path: str) -> None:
         q = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
-        if path == "/_sim/stats":
-            return self._json(200, self.sim.stats.snapshot())
+        if path == "/_sim/stats":  # plus the simulator process's CPU seconds so far
+            return self._json(200, {**self.sim.stats.snapshot(), "process_cpu_s": time.process_time()})
         if path == "/_sim/faults":
             if "spec" in q:
                 try:
