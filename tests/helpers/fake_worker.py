@@ -32,6 +32,12 @@ def main() -> int:
     ap.add_argument("--claim", metavar="STAGE", help="lease 5 rows of this stage at start (and never release them)")
     args = ap.parse_args()
     settings = load_settings()
+    # Signal handling first, as a real worker would have it before it reports itself started.
+    stopper = Stopper(settings.home, [k for k in (args.kill_file, KILL) if k])
+    if args.mode == "ignore":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif args.mode == "hang":
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a deadlocked worker dies on SIGTERM, nothing more
     if args.claim:
         from imageselector import db
 
@@ -56,11 +62,9 @@ def main() -> int:
         while True:  # no more heartbeats, no kill-file checks: a deadlock
             time.sleep(3600)
     if mode == "ignore":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         while True:
             hb.beat()
             time.sleep(args.beat_every)
-    stopper = Stopper(settings.home, [k for k in (args.kill_file, KILL) if k])
     while not stopper.wait(args.beat_every):
         hb.beat()
     print(f"stopping: {stopper.reason}", flush=True)
