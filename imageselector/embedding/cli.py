@@ -37,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=2, help="decode/preprocess threads (default 2)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--flush-every", type=int, default=1024, help="flush after this many new vectors (default 1024)")
-    ap.add_argument("--flush-seconds", type=float, default=60.0, help="flush at least this often (default 60)")
+    ap.add_argument("--flush-seconds", type=float, default=60.0, help="flush at most this often (default 60)")
+    ap.add_argument(
+        "--flush-growth",
+        type=float,
+        default=0.02,
+        help="rewrite an index only once it grew by this fraction (default 0.02: bounds SSD writes)",
+    )
+    ap.add_argument("--flush-max-seconds", type=float, default=1800.0, help="flush at least this often (default 1800)")
     return ap
 
 
@@ -94,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         flush_every=args.flush_every,
         flush_s=args.flush_seconds,
+        flush_growth=args.flush_growth,
+        flush_max_s=args.flush_max_seconds,
     )
     stage = EmbedStage(settings, conn, encoders, opts, stopper)
     try:

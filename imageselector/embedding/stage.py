@@ -58,6 +58,8 @@ class Options:
     prefetch: int = 2
     flush_every: int = 1024
     flush_s: float = 60.0
+    flush_growth: float = 0.02
+    flush_max_s: float = 1800.0
     poll_s: float = 10.0
     progress_s: float = 30.0
 
@@ -288,7 +290,8 @@ class EmbedStage:
 
     def _remaining_fn(self, m: str):  # type: ignore[no-untyped-def]
         st = db.stage(f"embed_{m}")
-        return lambda: self.conn.execute(f"SELECT COUNT(*) FROM image_status WHERE {st.pending_sql}").fetchone()[0]
+        sql = f"SELECT COUNT(*) FROM image_status INDEXED BY ix_{st.prefix}_todo WHERE {st.pending_sql}"
+        return lambda: self.conn.execute(sql).fetchone()[0]
 
     # ---- start-up ------------------------------------------------------------------------------
     def open(self) -> None:
@@ -452,17 +455,32 @@ class EmbedStage:
             self._add_texts(m, [int(r["listing_id"]) for r in rows])
 
     def maybe_flush(self, force: bool = False) -> None:
+        """Flush when due: every `flush_every` vectors or `flush_s` seconds, but with big indexes no more
+        often than they have grown by `flush_growth` (each flush rewrites whole files: this bounds the
+        bytes written, i.e. SSD wear, to about 1/flush_growth times the final size) and never spending
+        more than ~10% of the time writing. `flush_max_s` caps how much work a crash can cost."""
         now = time.monotonic()
         if not force:
             if not self.since_flush:
                 return
-            lease_pressure = self.oldest_pending is not None and now - self.oldest_pending >= self._lease_s() / 2
-            due = self.since_flush >= self.opts.flush_every or now - self.last_flush >= self.opts.flush_s
-            # Never spend more than ~10% of the time rewriting big index files.
-            too_soon = now - self.last_flush < 10 * self.store.last_write_s
-            if not lease_pressure and (not due or too_soon):
+            self._renew_leases(now)
+            age = now - self.last_flush
+            due = self.since_flush >= self.opts.flush_every or age >= self.opts.flush_s
+            grown = self.since_flush >= self.opts.flush_growth * self.store.total_vectors()
+            too_soon = age < 10 * self.store.last_write_s
+            if too_soon or not ((due and grown) or age >= self.opts.flush_max_s):
                 return
         self.flush()
+
+    def _renew_leases(self, now: float) -> None:
+        """Rows waiting for a flush keep their leases (else they would be claimed again)."""
+        if self.oldest_pending is None or now - self.oldest_pending < self._lease_s() / 3:
+            return
+        for m, items in self.pending.items():
+            rids = [rid for _, rids in items for rid in rids]
+            if rids:
+                db.renew(self.conn, f"embed_{m}", self.owner, rids)
+        self.oldest_pending = now
 
     def _lease_s(self) -> float:
         return min(db.stage(f"embed_{m}").lease_s for m in self.encoders)

@@ -206,6 +206,9 @@ class Store:
         self._locks.clear()
 
     # ---- writing -------------------------------------------------------------------------------
+    def total_vectors(self) -> int:
+        return sum(len(ix) for ix in self.images.values())
+
     def dirty(self) -> bool:
         return any(ix.dirty for ix in (*self.images.values(), *self.texts.values()))
 

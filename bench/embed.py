@@ -1,0 +1,207 @@
+"""Embed stage benchmark: end-to-end images/s vs bare forward, decode-once vs five passes, dtype agreement.
+
+    venv/bin/python bench/embed.py [--images 256] [--batch-size 8] [--threads 2] [--dtype auto]
+
+1. ViT-B-32 at real size with random weights (open_clip, pretrained=None), same batch size and torch
+   thread count for both figures:
+   - bare forward: `encode_batch` on pre-made tensors;
+   - end-to-end: the real stage (claim, decode, preprocess in worker threads, forward, index append,
+     flags, flushes), without and with the listing-text vectors.
+2. `--model all` decoding each image once vs five sequential single-model passes, with the five
+   stand-in models (tiny, so decoding is a large share: the case where decode-once matters most).
+3. Precision: fp16/bf16 against fp32 (cosine of the same image, top-10 overlap of neighbours) and speed,
+   for ViT-B-32 random weights and the stand-ins.
+Images: 570-wide JPEGs cut from scikit-image's sample photos (like Etsy's il_570xN files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from imageselector import db  # noqa: E402
+from imageselector.config import load_settings  # noqa: E402
+from imageselector.embedding.encoders import load_encoder  # noqa: E402
+from imageselector.embedding.registry import ModelSpec, load_registry  # noqa: E402
+from imageselector.embedding.stage import EmbedStage, Options, decode  # noqa: E402
+from imageselector.embedding.standins import build_standins  # noqa: E402
+from imageselector.layout import image_path  # noqa: E402
+from imageselector.stopping import Stopper  # noqa: E402
+from tests.helpers.embed_data import seed_embeddable  # noqa: E402
+
+PHOTOS = (
+    "astronaut.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+)
+_POOL: list[np.ndarray] = []
+
+
+def photo_pool() -> list[np.ndarray]:
+    if not _POOL:
+        import skimage
+
+        data = Path(skimage.__file__).parent / "data"
+        _POOL.extend(np.asarray(Image.open(data / name).convert("RGB")) for name in PHOTOS)
+    return _POOL
+
+
+def make_images(settings, conn, n: int, seed: int = 0) -> None:
+    """Seed n ready rows, then overwrite their files with 570-wide crops of real photos."""
+    rows = seed_embeddable(conn, settings.images_dir, n, size=(8, 8))
+    rng = np.random.default_rng(seed)
+    pool = photo_pool()
+    for r in rows:
+        src = pool[int(rng.integers(len(pool)))]
+        h, w = src.shape[:2]
+        ch, cw = int(h * rng.uniform(0.5, 1)), int(w * rng.uniform(0.5, 1))
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        im = Image.fromarray(src[y : y + ch, x : x + cw])
+        if rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        im = im.resize((570, max(200, int(570 * ch / cw))), Image.Resampling.BICUBIC)
+        im.save(image_path(settings.images_dir, r["listing_id"], r["image_id"]), quality=85)
+
+
+def fresh_home(root: Path, name: str, n: int):
+    home = root / name
+    home.mkdir()
+    settings = load_settings(home)
+    conn = db.connect(settings.db_path)
+    make_images(settings, conn, n)
+    return settings, conn
+
+
+def run_e2e(settings, conn, encoders, batch: int, workers: int) -> float:
+    stopper = Stopper(settings.home, ("KILL_EMBED",), install_signals=False)
+    stage = EmbedStage(settings, conn, encoders, Options(batch_size=batch, workers=workers, progress_s=1e9), stopper)
+    stage.open()
+    t0 = time.perf_counter()
+    stage.run()
+    return time.perf_counter() - t0
+
+
+def bare_forward(enc, tensors: torch.Tensor, batch: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(0, len(tensors), batch):
+        enc.encode_batch(tensors[i : i + batch])
+    return time.perf_counter() - t0
+
+
+def vitb32_spec(text: bool) -> ModelSpec:
+    return ModelSpec(name="clip_vitb32", library="open_clip", source="ViT-B-32", dim=512, has_text=text)
+
+
+def agreement(lo: np.ndarray, hi: np.ndarray, k: int = 10) -> tuple[float, float, float]:
+    """(min cosine, mean cosine, mean top-k overlap of neighbour sets) of low-precision vs fp32 vectors."""
+    cos = (lo * hi).sum(axis=1)
+    k = min(k, len(hi) - 1)
+    top_hi = np.argsort(-(hi @ hi.T), axis=1)[:, 1 : k + 1]
+    top_lo = np.argsort(-(lo @ lo.T), axis=1)[:, 1 : k + 1]
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top_hi, top_lo, strict=True)])
+    return float(cos.min()), float(cos.mean()), float(overlap)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--skip-dtype", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    root = Path(tempfile.mkdtemp(prefix="bench_embed_"))
+    n, b = a.images, a.batch_size
+    print(f"torch {torch.__version__}, {a.threads} torch threads, {a.workers} decode threads, batch {b}, {n} images")
+
+    # ---- 1. ViT-B-32: end-to-end vs bare forward ------------------------------------------------
+    enc_img = load_encoder(vitb32_spec(False), "cpu", a.dtype)
+    enc_txt = load_encoder(vitb32_spec(True), "cpu", a.dtype)
+    enc_txt.model = enc_img.model  # same weights for both runs
+    s0, c0 = fresh_home(root, "bare", n)
+    paths = [image_path(s0.images_dir, r[0], r[1]) for r in c0.execute("SELECT listing_id, image_id FROM image_status")]
+    t0 = time.perf_counter()
+    tensors = torch.stack([enc_img.preprocess(decode(p)) for p in paths])
+    decode_s = time.perf_counter() - t0
+    bare_forward(enc_img, tensors[: 2 * b], b)  # warm-up
+    bare = n / bare_forward(enc_img, tensors, b)
+    s1, c1 = fresh_home(root, "e2e", n)
+    e2e = n / run_e2e(s1, c1, {"clip_vitb32": enc_img}, b, a.workers)
+    s2, c2 = fresh_home(root, "e2e_text", n)
+    e2e_text = n / run_e2e(s2, c2, {"clip_vitb32": enc_txt}, b, a.workers)
+    bare2 = n / bare_forward(enc_img, tensors, b)
+    print(f"ViT-B-32 ({enc_img.dtype_name}) decode+preprocess alone, one thread: {n / decode_s:7.1f} images/s")
+    print(f"ViT-B-32 ({enc_img.dtype_name}) bare forward on pre-made tensors: {bare:7.1f} / {bare2:7.1f} images/s")
+    print(f"ViT-B-32 ({enc_img.dtype_name}) end-to-end stage, image vectors:  {e2e:7.1f} images/s")
+    print(f"ViT-B-32 ({enc_img.dtype_name}) end-to-end stage, + listing text: {e2e_text:7.1f} images/s")
+
+    # ---- 2. decode once (--model all) vs five sequential passes, stand-ins ----------------------
+    reg = load_registry(build_standins(root / "standins"))
+    encs = {m: load_encoder(s, "cpu", a.dtype) for m, s in reg.items()}
+    for e in encs.values():  # first calls build kernels (oneDNN bf16): keep that out of both timings
+        for k in range(1, b + 1):
+            e.encode_batch(tensors[:k].new_zeros((k, *e.preprocess(decode(paths[0])).shape)))
+    once = seq = 0.0
+    for rep in range(2):  # alternate the order, sum both repetitions
+        s3, c3 = fresh_home(root, f"all{rep}", n)
+        once += run_e2e(s3, c3, encs, b, a.workers)
+        for m in encs:
+            s4, c4 = fresh_home(root, f"seq{rep}_{m}", n)
+            seq += run_e2e(s4, c4, {m: encs[m]}, b, a.workers)
+    print(f"stand-ins, 5 models, 2 reps: --model all decode-once {once:6.2f} s, five sequential passes {seq:6.2f} s")
+    print(f"decode-once speed-up over five passes: {seq / once:.2f}x")
+
+    # ---- 3. precision agreement ---------------------------------------------------------------
+    if not a.skip_dtype:
+        m = min(n, 128)
+        imgs = [decode(p) for p in paths[:m]]
+        cases = [("ViT-B-32 random", vitb32_spec(False))] + [(f"stand-in {k}", s) for k, s in reg.items()]
+        for label, spec in cases:
+            torch.manual_seed(0)  # the random ViT-B-32 must get the same weights in every precision
+            ref_enc = load_encoder(spec, "cpu", "fp32")
+            x = torch.stack([ref_enc.preprocess(im) for im in imgs])
+            ref_enc.encode_batch(x[:b])  # warm-up
+            t = time.perf_counter()
+            ref = np.concatenate([ref_enc.encode_batch(x[i : i + b]) for i in range(0, m, b)])
+            t_ref = time.perf_counter() - t
+            for dt in ("bf16", "fp16"):
+                if dt == "fp16" and not label.startswith("ViT"):
+                    continue
+                torch.manual_seed(0)
+                lo_enc = load_encoder(spec, "cpu", dt)
+                lo_enc.encode_batch(x[:b])  # warm-up
+                t = time.perf_counter()
+                lo = np.concatenate([lo_enc.encode_batch(x[i : i + b]) for i in range(0, m, b)])
+                t_lo = time.perf_counter() - t
+                cmin, cmean, ov = agreement(lo, ref)
+                print(
+                    f"{label:24s} {dt} vs fp32: cosine min {cmin:.5f} mean {cmean:.5f}, top-10 overlap {ov:.3f}, "
+                    f"speed {m / t_lo:6.1f} vs {m / t_ref:6.1f} images/s"
+                )
+    print(f"end-to-end / bare forward (ViT-B-32, image vectors): {e2e / max(bare, bare2):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
