@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="measured window (default 60)")
     ap.add_argument("--qps", type=float, default=10.0, help="simulator limit and qps_config.json rate (default 10)")
     ap.add_argument("--listings", type=int, default=20000, help="simulated catalogue size (default 20000)")
-    ap.add_argument("--concurrency", type=int, default=4, help="ETSY_CONCURRENCY for sync (default 4)")
+    ap.add_argument("--concurrency", type=int, default=8, help="ETSY_CONCURRENCY for sync (default 8)")
     args = ap.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="sync_pacing_"))
@@ -76,6 +77,10 @@ def main() -> int:
         print(f"requests accepted:      {accepted:,}")
         print(f"429s caused by pacing:  {s1.get('429_qps', 0)} (whole run; goal 0)")
         print(f"sync exit code:         {rc} (after KILL)")
+        conn = sqlite3.connect(home / "etsy_data.db")
+        stats = json.loads(conn.execute("SELECT value FROM kv WHERE key='sync_stats'").fetchone()[0])
+        conn.close()
+        print(f"mean request latency:   {stats.get('latency_ms_avg')} ms (as sync saw it)")
         print(f"limit QPS:              {args.qps:.2f}")
         print(f"achieved QPS:           {achieved:.2f}")
         print(f"achieved / limit:       {achieved / args.qps:.3f} (goal >= 0.95)")

@@ -59,7 +59,7 @@ def build_client(settings: Settings, stopper: Stopper | None) -> EtsyClient:
         timeout=settings.get_float("ETSY_TIMEOUT_S", 15.0),
         max_retries=settings.get_int("ETSY_MAX_RETRIES", 5),
         backoff_base=settings.get_float("ETSY_BACKOFF_BASE_S", 1.0),
-        concurrency=settings.get_int("ETSY_CONCURRENCY", 4),
+        concurrency=settings.get_int("ETSY_CONCURRENCY", 8),
         publish=publisher,
         bad_record=bad_record,
     )

@@ -159,6 +159,7 @@ class EtsyClient:
         """The counters and last rate-limit headers (what kv `sync_stats` holds)."""
         with self._lock:
             out = dict(self.stats)
+        out["latency_ms_avg"] = round(out.pop("latency_ms_total", 0) / max(1, out["requests"]), 1)
         out["ts"] = time.time()
         out["qps_target"] = round(self.pacer.qps, 3)
         out["quota_paused"] = self.pacer.paused()
@@ -206,6 +207,7 @@ class EtsyClient:
                 continue
             finally:
                 self.pacer.release(slot)
+                self._count("latency_ms_total", int((slot.done - slot.sent) * 1000) if slot.done else 0)
                 self.publish_stats()
             self._remember_headers(resp.headers)
             self.pacer.observe(resp.headers)

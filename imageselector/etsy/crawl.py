@@ -56,7 +56,7 @@ class CrawlConfig:
     include_all: bool = True
     snapshot_every_s: float = 24 * 3600.0
     rediscover_every_s: float = 6 * 3600.0
-    concurrency: int = 4
+    concurrency: int = 8
     min_price_step: float = 0.01
     split: bool = True  # False: an over-full partition is paged to the cap only (a bounded crawl)
     crawl_shops: bool = True  # False: no per-shop listings/reviews (a bounded crawl)
@@ -91,7 +91,7 @@ class CrawlConfig:
             include_all=_flag(settings.get("ETSY_CRAWL_ALL", "1")),
             snapshot_every_s=settings.get_float("ETSY_SNAPSHOT_INTERVAL_H", 24.0) * 3600.0,
             rediscover_every_s=settings.get_float("ETSY_REDISCOVER_INTERVAL_H", 6.0) * 3600.0,
-            concurrency=max(1, settings.get_int("ETSY_CONCURRENCY", 4)),
+            concurrency=max(1, settings.get_int("ETSY_CONCURRENCY", 8)),
             split=_flag(settings.get("ETSY_SPLIT_PARTITIONS", "1")),
             crawl_shops=_flag(settings.get("ETSY_CRAWL_SHOPS", "1")),
         )
@@ -432,9 +432,9 @@ class Crawler:
         ).fetchone()[0]
 
     def step_images(self, *, full_only: bool) -> int:
-        """Fetch images for up to `concurrency` x 100 listings. With `full_only`, only when a whole
+        """Fetch images for up to 2 x `concurrency` x 100 listings. With `full_only`, only when a whole
         batch of 100 is waiting (a short batch wastes quota). Returns listings handled."""
-        n = self.cfg.concurrency * 100
+        n = self.cfg.concurrency * 200
         ids = [
             r[0]
             for r in self.conn.execute(
@@ -452,10 +452,12 @@ class Crawler:
         return sum(len(c) for c in chunks)
 
     def _fetch_listing_batches(self, chunks: list[list[int]], *, snapshot: bool) -> None:
-        reqs = [("/listings/batch", {"listing_ids": ",".join(str(i) for i in c), "includes": "Images"}) for c in chunks]
-        results = self.client.get_many(reqs)
-        for chunk, res in zip(chunks, results, strict=True):
-            self._apply_batch(chunk, res, snapshot=snapshot)
+        """Batch calls, `concurrency` in flight; each result is stored as it arrives."""
+
+        def fetch(chunk: list[int]) -> Any:
+            return self.client.get("/listings/batch", {"listing_ids": ",".join(map(str, chunk)), "includes": "Images"})
+
+        self.client.map_rolling(fetch, chunks, lambda chunk, res: self._apply_batch(chunk, res, snapshot=snapshot))
 
     def _apply_batch(self, chunk: list[int], res: Any, *, snapshot: bool) -> None:
         now = self.clock()
