@@ -209,3 +209,22 @@ def test_rediscovery_reopens_finished_partitions_from_their_cursor(conn):
     assert crawler.reopen_partitions() == 2
     rows = conn.execute("SELECT state, next_offset FROM crawl_partitions").fetchall()
     assert {tuple(r) for r in rows} == {("pending", 400)}
+
+
+def test_storage_reads_only_fields_the_oas_declares():
+    """Every response field store.py reads by name is declared in the OAS subset."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    oas = json.loads((root / "imageselector" / "etsy" / "etsy_openapi_v3_subset.json").read_text())
+    schemas = oas["components"]["schemas"]
+    declared: set[str] = set()
+    for schema in schemas.values():
+        declared |= set(schema.get("properties", {}))
+    text = (root / "imageselector" / "etsy" / "store.py").read_text()
+    used = set(re.findall(r'\.get\("(\w+)"', text)) | set(re.findall(r'\["(\w+)"\]', text))
+    used -= {"last_snapshot_at"}  # a database row, not a response
+    assert {"listing_id", "review_average", "views", "when_made", "buyer_user_id", "amount"} <= used
+    assert used <= declared, sorted(used - declared)
+    assert set(store.IMAGE_URL_KEYS) <= set(schemas["ListingImage"]["properties"])

@@ -253,7 +253,7 @@ class Crawler:
         now = self.clock()
 
         def apply(conn: sqlite3.Connection) -> store.WriteResult:
-            res = store.write_listings(conn, listings, snapshot_every_s=self.cfg.snapshot_every_s, now=now)
+            res = store.write_listings(conn, listings, snapshot_every_s=None, now=now)
             state = "paging"
             if count is not None and count > self.cfg.reachable and row["state"] == "pending":
                 kids = self.split(params) if self.cfg.split else None
@@ -409,7 +409,7 @@ class Crawler:
 
         def apply(conn: sqlite3.Connection) -> store.WriteResult:
             store.write_shop(conn, res.shop, now)
-            wr = store.write_listings(conn, res.listings, snapshot_every_s=self.cfg.snapshot_every_s, now=now)
+            wr = store.write_listings(conn, res.listings, snapshot_every_s=None, now=now)
             wr.reviews_new = store.write_reviews(conn, shop_id, res.reviews)
             for note in res.notes:
                 store._bad(conn, "shop_crawl", str(shop_id), note)
@@ -485,8 +485,10 @@ class Crawler:
                 r, b = store.image_rows(conn, lst)
                 rows.extend(r)
                 bad += b
-            if snapshot:
-                store.write_listings(conn, listings, snapshot_every_s=0.0, now=now)
+            # The first snapshot is taken here, not from search pages: only batch results carry `views`.
+            store.write_listings(
+                conn, listings, snapshot_every_s=0.0 if snapshot else self.cfg.snapshot_every_s, now=now
+            )
 
         store.in_transaction(self.conn, collect)
         new_images = db.upsert_images(self.conn, rows) if rows else 0
@@ -509,7 +511,8 @@ class Crawler:
         ids = [
             r[0]
             for r in self.conn.execute(
-                "SELECT listing_id FROM listings WHERE last_snapshot_at <= ? ORDER BY last_snapshot_at LIMIT ?",
+                "SELECT listing_id FROM listings WHERE last_snapshot_at <= ? OR last_snapshot_at IS NULL"
+                " ORDER BY last_snapshot_at LIMIT ?",
                 (cutoff, self.cfg.concurrency * 100),
             )
         ]

@@ -20,6 +20,8 @@ from imageselector.etsy.cdn import parse_image_url
 
 log = logging.getLogger(__name__)
 
+IMAGE_URL_KEYS = ("url_fullxfull", "url_570xN")  # the sizes hex/suffix are parsed from, best first
+
 
 def money(price: Any) -> float | None:
     """Etsy Money {"amount": 1500, "divisor": 100} -> 15.0 (currency units)."""
@@ -78,10 +80,15 @@ ON CONFLICT(listing_id) DO UPDATE SET shop_id=excluded.shop_id, title=excluded.t
 
 
 def write_listings(
-    conn: sqlite3.Connection, listings: Iterable[dict[str, Any]], *, snapshot_every_s: float, now: float | None = None
+    conn: sqlite3.Connection,
+    listings: Iterable[dict[str, Any]],
+    *,
+    snapshot_every_s: float | None,
+    now: float | None = None,
 ) -> WriteResult:
     """Upsert listings (static fields), a dynamic snapshot when the last one is older than
-    `snapshot_every_s`, and a pending shop row for every shop not seen before. Call inside a transaction."""
+    `snapshot_every_s` (None: no snapshot here), and a pending shop row for every shop not seen before.
+    Call inside a transaction."""
     now = time.time() if now is None else now
     res = WriteResult()
     for lst in listings:
@@ -116,7 +123,7 @@ def write_listings(
             ),
         )
         last_snap = prev["last_snapshot_at"] if prev is not None else None
-        if last_snap is None or last_snap <= now - snapshot_every_s:
+        if snapshot_every_s is not None and (last_snap is None or last_snap <= now - snapshot_every_s):
             write_listing_snapshot(conn, lst, now)
         if conn.execute("INSERT OR IGNORE INTO shops(shop_id) VALUES (?)", (sid,)).rowcount:
             res.shops_new.append(sid)
@@ -163,7 +170,7 @@ def image_rows(conn: sqlite3.Connection, lst: dict[str, Any]) -> tuple[list[dict
         image_id = im.get("listing_image_id")
         parts = None
         problems = []
-        for key in ("url_fullxfull", "url_570xN"):
+        for key in IMAGE_URL_KEYS:
             url = im.get(key)
             try:
                 p = parse_image_url(url)

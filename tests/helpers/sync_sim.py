@@ -106,6 +106,11 @@ def assert_complete(conn: sqlite3.Connection, cat: Any) -> None:
     snaps = conn.execute("SELECT listing_id, COUNT(*) FROM listings_dynamic GROUP BY listing_id").fetchall()
     assert {r[0] for r in snaps} == want_listings
     assert all(r[1] == 1 for r in snaps)
+    views = dict(conn.execute("SELECT listing_id, views FROM listings_dynamic").fetchall())
+    for i in range(cat.n):
+        if cat.active[i]:
+            lid = int(cat.listing_ids[i])
+            assert views[lid] == (int(cat.views[i]) if cat.views_known(i) else None), lid
     # images: every one, with the URL's hex/suffix, primary = rank 1, price in currency units
     want = expected_images(cat)
     rows = conn.execute(
