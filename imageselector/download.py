@@ -17,7 +17,10 @@ import argparse
 import logging
 import queue
 import random
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imageselector import db, layout
-from imageselector.config import load_settings
+from imageselector.config import PROJECT_ROOT, load_settings
 from imageselector.download_engines import (
     DONE,
     ENGINES,
@@ -47,7 +50,7 @@ from imageselector.worker import ClaimedBatch, Heartbeat, run_loop
 
 STAGE = "download"
 SCRIPT = "image_downloader"
-DEFAULT_ENGINE = "threads"
+DEFAULT_ENGINE = "async"
 log = logging.getLogger(SCRIPT)
 
 
@@ -159,7 +162,8 @@ class Pipeline:
         url = build_image_url(self.cdn_base, row["shop_id"], row["hex"], row["image_id"], row["suffix"], self.size)
         parse_image_url(url)  # strict pattern check: a row with a missing or odd part raises ValueError here
         dest = layout.image_path(self.images_dir, row["listing_id"], row["image_id"])
-        return Job(row["rid"], f"{row['listing_id']}_{row['image_id']}", url, dest)
+        name = f"{row['listing_id']}_{row['image_id']}"
+        return Job(row["rid"], name, url, dest, retried=row[db.stage(STAGE).attempts_col] > 1)
 
     def _claim(self) -> int:
         batch = ClaimedBatch.claim(self.conn, STAGE, self.owner, self.batch_size)
@@ -335,36 +339,65 @@ def build_parser(settings_get=lambda name, default: default) -> argparse.Argumen
         help="at start check every flagged image's file (default: a random sample of 2,000)",
     )
     p.add_argument("--no-reconcile", action="store_true", help="skip the start-up check of flags against files")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=int(settings_get("DOWNLOAD_PROCESSES", 1)),
+        help="downloader processes (default 1); more helps only when one process is CPU-bound",
+    )
+    p.add_argument("--helper", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines (default 30)")
     return p
 
 
+def _start_helpers(args: argparse.Namespace, argv: list[str]) -> list[subprocess.Popen]:
+    """`--processes N`: N-1 more copies of this worker; the claim protocol keeps their rows apart."""
+    script = PROJECT_ROOT / "scripts" / "image_downloader.py"
+    procs = []
+    for i in range(1, args.processes):
+        cmd = [sys.executable, str(script), *argv, "--processes", "1", "--no-reconcile", "--helper", str(i)]
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
+    log.info("started %d more downloader processes: pids %s", len(procs), " ".join(str(p.pid) for p in procs))
+    return procs
+
+
+def _wait_helpers(procs: list[subprocess.Popen], stopper: Stopper) -> int:
+    worst = 0
+    for p in procs:
+        if stopper.reason and stopper.reason.startswith("signal") and p.poll() is None:
+            p.send_signal(signal.SIGTERM)  # a kill file reaches them directly; a signal has to be passed on
+        rc = p.wait()
+        if rc:
+            log.warning("downloader process %d exited with code %d", p.pid, rc)
+        worst = max(worst, rc)
+    return worst
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(lambda n, d: settings.get(n) or d).parse_args(argv)
-    if args.concurrency < 1 or args.per_host < 1 or args.batch_size < 1 or args.tries < 1:
-        print("image_downloader: --concurrency, --per-host, --batch-size and --tries must be at least 1")
+    if min(args.concurrency, args.per_host, args.batch_size, args.tries, args.processes) < 1:
+        print("image_downloader: --concurrency, --per-host, --batch-size, --tries and --processes must be at least 1")
         return 2
-    setup_logging(SCRIPT, settings.home, stage=STAGE, secrets=settings.secrets())
+    name = STAGE if not args.helper else f"{STAGE}-{args.helper}"
+    setup_logging(SCRIPT, settings.home, stage=name, secrets=settings.secrets())
     stopper = Stopper(settings.home, (KILL_DL, KILL))
     if refuse_if_killed(stopper):
         return 0
 
-    removed = clean_tmp(settings.tmp_dir)
-    if removed:
-        log.info("removed %d temp files left by an earlier run in %s", removed, settings.tmp_dir)
     conn = db.connect(settings.db_path)
-    freed = db.reclaim_dead(conn, STAGE)
-    if freed:
-        log.info("freed %d rows claimed by downloaders that are no longer running", freed)
+    if not args.helper:
+        removed = clean_tmp(settings.tmp_dir)
+        if removed:
+            log.info("removed %d temp files left by an earlier run in %s", removed, settings.tmp_dir)
+        freed = db.reclaim_dead(conn, STAGE)
+        if freed:
+            log.info("freed %d rows claimed by downloaders that are no longer running", freed)
     if not args.no_reconcile:
         res = reconcile(conn, settings.images_dir, full=args.verify)
-        log.info(
-            "checked %d flagged images against files (%s): %d missing, reset to download again",
-            res.checked,
-            "every row" if res.full else "random sample",
-            res.missing,
-        )
+        how = "every row" if res.full else "a random sample"
+        log.info("flags vs files (%s): %d flagged images checked, %d missing and reset", how, res.checked, res.missing)
 
     opts = FetchOptions(
         concurrency=args.concurrency,
@@ -375,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         tries=args.tries,
         max_pixels=args.max_pixels,
     )
+    helpers = _start_helpers(args, argv) if args.processes > 1 else []
     engine = make_engine(args.engine, opts, settings.tmp_dir)
     progress = Progress(log, "images", interval=args.progress_interval, remaining=lambda: backlog(conn))
     pipeline = Pipeline(
@@ -397,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         opts.per_host,
         backlog(conn),
     )
-    heartbeat = Heartbeat(settings.run_dir, STAGE)
+    heartbeat = Heartbeat(settings.run_dir, name)
+    rc = 0
     try:
         run_loop(pipeline.run_batch, stopper, watch=args.watch, heartbeat=heartbeat, poll_s=args.poll, logger=log)
     finally:
@@ -411,9 +446,11 @@ def main(argv: list[str] | None = None) -> int:
             c[RETRY],
             c[RELEASE],
         )
-        _log_waiting(conn)
+        rc = _wait_helpers(helpers, stopper)
+        if not args.helper:
+            _log_waiting(conn)
         conn.close()
-    return 0
+    return 1 if rc else 0
 
 
 def _log_waiting(conn: sqlite3.Connection) -> None:

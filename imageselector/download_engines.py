@@ -66,6 +66,7 @@ class Job:
     name: str  # "listing_image", for log lines
     url: str
     dest: Path
+    retried: bool = False  # claimed before: a file from that attempt may already be at dest
 
 
 @dataclass(frozen=True)
@@ -254,9 +255,11 @@ class ThreadEngine(Engine):
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._host_sems: dict[str, threading.BoundedSemaphore] = {}
         self._sem_lock = threading.Lock()
+        # Twice as many threads as request slots: a thread busy with fsync does not hold a request slot.
+        self._slots = threading.BoundedSemaphore(opts.concurrency)
         self._local = threading.local()
         self._threads = [
-            threading.Thread(target=self._work, name=f"download-{i}", daemon=True) for i in range(opts.concurrency)
+            threading.Thread(target=self._work, name=f"download-{i}", daemon=True) for i in range(2 * opts.concurrency)
         ]
         for t in self._threads:
             t.start()
@@ -308,7 +311,7 @@ class ThreadEngine(Engine):
     def _one(self, job: Job) -> Outcome:
         if self.draining.is_set():
             return Outcome(job, RELEASE)
-        adopted = adopt_existing(job, self.opts)
+        adopted = adopt_existing(job, self.opts) if job.retried and job.dest.exists() else None
         if adopted is not None:
             return adopted
         tries = Attempts(job, self.opts)
@@ -320,7 +323,9 @@ class ThreadEngine(Engine):
             if self.draining.is_set():
                 return Outcome(job, RELEASE)
             try:
-                with self._host_sem(host):
+                with self._slots, self._host_sem(host):
+                    if self.draining.is_set():
+                        return Outcome(job, RELEASE)
                     resp = self._get(job.url)
                 step = judge(resp, self.opts)
             except Aborted:
@@ -377,10 +382,12 @@ def _short(exc: BaseException) -> str:
 class AsyncEngine(Engine):
     name = "async"
 
-    def __init__(self, opts: FetchOptions, tmp_dir: Path, io_threads: int = 4) -> None:
+    def __init__(self, opts: FetchOptions, tmp_dir: Path, io_threads: int | None = None) -> None:
         super().__init__(opts, tmp_dir)
         import aiohttp  # noqa: F401 - fail early if missing
 
+        # fsync is ~10 ms here and overlaps well across threads: enough threads that the disk never paces the loop
+        io_threads = io_threads or max(4, min(32, opts.concurrency // 2))
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="download-io")
         self._loop = asyncio.new_event_loop()
         self._tasks: set[asyncio.Task] = set()
@@ -450,33 +457,34 @@ class AsyncEngine(Engine):
         self.results.put(out)
 
     async def _one(self, job: Job) -> Outcome:
-        async with self._sem:
-            if self.draining.is_set():
-                return Outcome(job, RELEASE)
-            loop = asyncio.get_running_loop()
+        if self.draining.is_set():
+            return Outcome(job, RELEASE)
+        loop = asyncio.get_running_loop()
+        if job.retried and job.dest.exists():
             adopted = await loop.run_in_executor(self._pool, adopt_existing, job, self.opts)
             if adopted is not None:
                 return adopted
-            tries = Attempts(job, self.opts)
-            host = host_of(job.url)
-            while True:
-                pause = self.gate.wait_s(host)
-                if pause:
-                    await asyncio.sleep(pause)
-                if self.draining.is_set():
-                    return Outcome(job, RELEASE)
-                try:
+        tries = Attempts(job, self.opts)
+        host = host_of(job.url)
+        while True:
+            pause = self.gate.wait_s(host)
+            if pause:
+                await asyncio.sleep(pause)
+            try:
+                async with self._sem:  # a request slot is held for the transfer only, not for the disk
+                    if self.draining.is_set():
+                        return Outcome(job, RELEASE)
                     resp = await self._get(job.url)
-                    step = await loop.run_in_executor(self._pool, judge, resp, self.opts)
-                except FetchError as exc:
-                    step = Step(AGAIN, str(exc), bad_content=exc.truncated)
-                if step.kind == STORE:
-                    await loop.run_in_executor(self._pool, store, job, resp.body, self.tmp_dir)
-                    return Outcome(job, DONE, nbytes=len(resp.body))
-                wait = tries.after(step, self.gate, host)
-                if isinstance(wait, Outcome):
-                    return wait
-                await asyncio.sleep(wait)
+                step = judge(resp, self.opts)  # header parse + end marker: tens of microseconds
+            except FetchError as exc:
+                step = Step(AGAIN, str(exc), bad_content=exc.truncated)
+            if step.kind == STORE:
+                await loop.run_in_executor(self._pool, store, job, resp.body, self.tmp_dir)
+                return Outcome(job, DONE, nbytes=len(resp.body))
+            wait = tries.after(step, self.gate, host)
+            if isinstance(wait, Outcome):
+                return wait
+            await asyncio.sleep(wait)
 
     async def _get(self, url: str) -> Response:
         import aiohttp

@@ -154,6 +154,7 @@ def test_whole_file_on_disk_is_adopted_and_a_broken_one_replaced(conn, settings,
     paths[1].write_bytes(jpeg_bytes(30, 30)[:200])  # not ours (atomic writes never leave this), but cope
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     (settings.tmp_dir / ".x.jpg.999999999.abcd1234.tmp").write_bytes(b"debris")  # from a dead writer
+    conn.execute("UPDATE image_status SET download_attempts=1")  # claimed by that run
     with FakeCdn() as cdn:
         assert run(monkeypatch, cdn) == 0
     assert row_path(rows[0]) not in cdn.hits

@@ -97,10 +97,11 @@ def test_kill_9_mid_download_then_resume(conn, settings):
         done_before = conn.execute("SELECT COUNT(*) FROM image_status WHERE download_done=1").fetchone()[0]
         assert done_before < total
 
-        proc = start_downloader(settings.home, sim.cdn_base, "--concurrency", "16")
+        proc = start_downloader(settings.home, sim.cdn_base, "--concurrency", "16", "--processes", "2")
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         assert "freed" in err  # the dead run's leases were taken back at once, not after the lease expiry
+        assert "started 1 more downloader processes" in err
     assert conn.execute("SELECT COUNT(*) FROM image_status WHERE download_done=1").fetchone()[0] == total
     assert_flags_match_files(conn, settings.images_dir)
     assert not list(settings.tmp_dir.glob("*"))
