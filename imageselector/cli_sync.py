@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sqlite3
 import sys
 import threading
@@ -182,6 +183,26 @@ def run_sync(
     return 0
 
 
+def single_instance(settings: Settings) -> Any:
+    """Hold an exclusive lock on `.run/sync.lock` for the life of the process (released by the OS even
+    on kill -9): two syncs on one key would share its rate limit and each cause the other 429s.
+    Returns the open file, or None when another process holds the lock."""
+    import fcntl
+
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(settings.run_dir / "sync.lock", "a+")  # noqa: SIM115 - kept open on purpose
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="sync_data.py",
@@ -195,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     stopper = Stopper(settings.home, [KILL])
     if refuse_if_killed(stopper):
         return 0
+    lock = single_instance(settings)
+    if lock is None:
+        log.error("another sync_data.py is already running on %s (see .run/sync.lock); not starting", settings.home)
+        return 2
     if not settings.api_key or not settings.shared_secret:
         log.error(
             "ETSY_API_KEY and ETSY_SHARED_SECRET must both be set (in .env or the environment); "

@@ -149,6 +149,23 @@ def test_kill_file_present_refuses_to_start(home):
         assert sim.stats.snapshot().get("requests", 0) == 0
 
 
+def test_second_sync_on_the_same_home_refuses(home):
+    from imageselector.cli_sync import single_instance
+    from imageselector.config import load_settings
+
+    settings = load_settings(home)
+    held = single_instance(settings)
+    assert held is not None
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "sync_data.py")], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 2 and "another sync_data.py is already running" in proc.stderr
+    finally:
+        held.close()
+    assert single_instance(settings) is not None  # free again once the holder is gone
+
+
 def test_kill_file_stops_a_running_sync_gracefully(home):
     with Simulator(listings=800, seed=2, qps=0) as sim:
         write_qps(home, 20.0)
