@@ -158,3 +158,30 @@ def test_kill_file_stops_between_batches(settings, conn, standin_encoders) -> No
     check_no_lies(conn, settings.embeddings_dir, ["dinov2_base"], exact=True)
     claimed = conn.execute("SELECT COUNT(*) FROM image_status WHERE embed_dinov2_base_claim IS NOT NULL").fetchone()[0]
     assert claimed == 0  # prefetched rounds were handed back
+
+
+def test_flush_waits_for_growth_and_pending_rows_keep_their_leases(settings, conn, standin_encoders) -> None:
+    import time
+
+    from imageselector.worker import ClaimedBatch
+
+    seed_embeddable(conn, settings.images_dir, 3)
+    st = make_stage(settings, conn, standin_encoders, ["dinov2_base"], flush_every=1, flush_s=0.0, flush_growth=0.5)
+    st.open()
+    flushes: list[int] = []
+    st.flush = lambda: flushes.append(st.since_flush)  # type: ignore[method-assign]
+    st.store.total_vectors = lambda: 1000  # type: ignore[method-assign]
+    rows = db.claim_batch(conn, "embed_dinov2_base", st.owner, 3, lease_s=5)
+    st.pending["dinov2_base"] = [(ClaimedBatch(conn, "embed_dinov2_base", st.owner, rows), [r["rid"] for r in rows])]
+    st.oldest_pending = time.monotonic() - 1000
+    st.last_flush = time.monotonic() - 100
+    st.since_flush = 10
+    st.maybe_flush()
+    assert flushes == []  # 10 new vectors on 1000 is below the 50 % growth asked for
+    lease_end = conn.execute("SELECT MIN(embed_dinov2_base_not_before) FROM image_status").fetchone()[0]
+    assert lease_end > time.time() + 0.9 * db.stage("embed_dinov2_base").lease_s  # renewed
+    st.since_flush = 600
+    st.maybe_flush()
+    assert flushes == [600]
+    st.release_pending()
+    st.store.close()

@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     settings = load_settings()
-    log = setup_logging("embed", settings.home, secrets=settings.secrets())
+    hf_token = settings.get("HF_TOKEN") or ""
+    if hf_token:  # from .env too: huggingface_hub reads only the process environment (or `hf auth login`)
+        os.environ.setdefault("HF_TOKEN", hf_token)
+    log = setup_logging("embed", settings.home, secrets=[*settings.secrets(), hf_token])
     import logging
 
     logging.getLogger("faiss").setLevel(logging.WARNING)
