@@ -228,3 +228,56 @@ def test_storage_reads_only_fields_the_oas_declares():
     assert {"listing_id", "review_average", "views", "when_made", "buyer_user_id", "amount"} <= used
     assert used <= declared, sorted(used - declared)
     assert set(store.IMAGE_URL_KEYS) <= set(schemas["ListingImage"]["properties"])
+
+
+class ScriptedClient:
+    """Answers get_many from a function of (path, params): for partition edge cases no server produces."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.calls: list[dict] = []
+
+    def get_many(self, reqs):
+        out = []
+        for path, params in reqs:
+            self.calls.append(dict(params or {}))
+            out.append(self.answer(path, params))
+        return out
+
+
+def _listings(start, n):
+    return [{"listing_id": start + i, "shop_id": 1, "title": "t"} for i in range(n)]
+
+
+def test_partition_edge_cases(conn):
+    now = [1000.0]
+    cfg = CrawlConfig(page_limit=100, max_offset=100, price_bands=(0, 10), concurrency=4, rediscover_every_s=60)
+
+    # a query the server refuses outright: failed (not an endless loop), reopened by rediscovery
+    client = ScriptedClient(lambda p, q: ApiError(400, "bad parameter", p))
+    crawler = Crawler(conn, client, cfg, clock=lambda: now[0])  # type: ignore[arg-type]
+    crawler.seed_partitions()
+    assert crawler.step_partitions() == 1
+    assert crawler.step_partitions() == 0
+    assert conn.execute("SELECT state FROM crawl_partitions").fetchone()[0] == "failed"
+    assert conn.execute("SELECT kind FROM bad_records").fetchone()[0] == "partition_page"
+    now[0] += 61
+    assert crawler.reopen_partitions() == 1
+
+    # too many to reach: split by price; a band answering without `count` ends at its first empty page;
+    # min_price=0 is left out of the query
+    def answer(path, q):
+        if "max_price" not in q and "min_price" not in q:
+            return {"count": 250, "results": _listings(0, 100)}
+        if q.get("max_price") == 10:
+            return {"results": _listings(1000 + q["offset"], 100 if q["offset"] < 200 else 0)}
+        return {"count": 5, "results": _listings(5000, 5)}
+
+    crawler.client = ScriptedClient(answer)  # type: ignore[assignment]
+    while crawler.step_partitions():
+        pass
+    states = dict(conn.execute("SELECT key, state FROM crawl_partitions").fetchall())
+    assert states == {"{}": "split", '{"max_price":10,"min_price":0}': "capped", '{"min_price":10}': "done"}
+    assert all("min_price" not in c or c["min_price"] != 0 for c in crawler.client.calls)
+    # offsets 0 and 100 of the [0,10] band (the cap is 100), and the 5 of [10,inf), and the root's first page
+    assert conn.execute("SELECT COUNT(*) FROM listings").fetchone()[0] == 100 + 200 + 5

@@ -34,6 +34,7 @@ KEYWORDS_FILE = Path(__file__).with_name("keywords.txt")
 DEFAULT_PRICE_BANDS = (0, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 250, 500, 1000)
 SHOP_MAX_ATTEMPTS = 3
 IMAGE_MAX_ATTEMPTS = 3
+PARTITION_MAX_FAILURES = 3  # pages that outlasted every retry, per partition and process
 
 
 def _flag(raw: str | None) -> bool:
@@ -141,6 +142,7 @@ class Crawler:
         self.cfg = cfg
         self.clock = clock
         self.counters = Counters()
+        self._page_failures: dict[str, int] = {}
 
     # ---- partitions ----------------------------------------------------------------------------
 
@@ -188,7 +190,10 @@ class Crawler:
         return [{**params, "min_price": lo, "max_price": mid}, {**params, "min_price": mid, "max_price": hi}]
 
     def _page_params(self, params: dict[str, Any], offset: int) -> dict[str, Any]:
-        return {**params, "limit": self.cfg.page_limit, "offset": offset, "sort_on": "created", "sort_order": "asc"}
+        q = {**params, "limit": self.cfg.page_limit, "offset": offset, "sort_on": "created", "sort_order": "asc"}
+        if q.get("min_price") == 0:
+            del q["min_price"]  # the same set, and no zero for a picky server to refuse
+        return q
 
     def step_partitions(self) -> int:
         """Fetch the next pages of up to `concurrency` open partitions. Returns pages fetched."""
@@ -205,6 +210,14 @@ class Crawler:
             if budget <= 0:
                 break
             off = r["next_offset"]
+            if off > self.cfg.max_offset:  # paged as far as offsets go without learning its size
+                store.in_transaction(
+                    self.conn,
+                    lambda c, k=r["key"]: c.execute(
+                        "UPDATE crawl_partitions SET state='capped', updated_at=? WHERE key=?", (self.clock(), k)
+                    ),
+                )
+                continue
             if r["total_count"] is None or r["state"] == "pending":
                 plan.append((r, off))
                 budget -= 1
@@ -213,6 +226,8 @@ class Crawler:
                 plan.append((r, off))
                 off += self.cfg.page_limit
                 budget -= 1
+        if not plan:
+            return len(rows)  # only bookkeeping this time; look again
         results = self.client.get_many(
             [("/listings/active", self._page_params(json.loads(r["params"]), off)) for r, off in plan]
         )
@@ -230,32 +245,37 @@ class Crawler:
         listings: list[dict[str, Any]] = []
         next_offset = row["next_offset"]
         count = row["total_count"]
+        forced: str | None = None  # 'capped' / 'failed' when the server refuses to page on
         for _r, off, res in pages:
             if isinstance(res, ApiError):
                 store.in_transaction(
                     self.conn, lambda c, o=off, e=res: store._bad(c, "partition_page", f"{key}@{o}", str(e))
                 )
-                if res.status == 400 and off > 0:
-                    count = off  # the server will not page further: treat as the reachable end
-                next_offset = off + self.cfg.page_limit
-                continue
-            if isinstance(res, RetriesExhausted):
-                log.warning("discovery page %s offset %d failed (%s); will retry", key, off, res)
+                # A 400 past the first page: the server's offset cap is lower than ours; else the query is bad.
+                forced = "capped" if res.status == 400 and off > 0 else "failed"
+                log.warning("discovery: %s offset %d refused (%s): partition %s", key, off, res, forced)
                 break
+            if isinstance(res, RetriesExhausted):
+                n = self._page_failures[key] = self._page_failures.get(key, 0) + 1
+                if n >= PARTITION_MAX_FAILURES:
+                    forced = "failed"  # reopened with the next rediscovery
+                log.warning("discovery: %s offset %d failed (%s); %s", key, off, res, forced or "will retry")
+                break
+            next_offset = off + self.cfg.page_limit
             if res is None:  # malformed JSON after retries: recorded by the client; skip the page
-                next_offset = off + self.cfg.page_limit
                 continue
-            results = res.get("results") if isinstance(res.get("results"), list) else []
-            listings += [x for x in results if isinstance(x, dict)]
+            results = [x for x in (res.get("results") or []) if isinstance(x, dict)]
+            listings += results
             if isinstance(res.get("count"), int):
                 count = res["count"]
-            next_offset = off + self.cfg.page_limit
+            if not results:  # past the end, whatever `count` says (or without one)
+                count = off if count is None else min(count, off)
         now = self.clock()
 
         def apply(conn: sqlite3.Connection) -> store.WriteResult:
             res = store.write_listings(conn, listings, snapshot_every_s=None, now=now)
-            state = "paging"
-            if count is not None and count > self.cfg.reachable and row["state"] == "pending":
+            state = forced or "paging"
+            if not forced and count is not None and count > self.cfg.reachable and row["state"] == "pending":
                 kids = self.split(params) if self.cfg.split else None
                 if kids:
                     for k in kids:
@@ -300,7 +320,7 @@ class Crawler:
         def reopen(conn: sqlite3.Connection) -> int:
             return conn.execute(
                 "UPDATE crawl_partitions SET state='pending', next_offset=MAX(0, next_offset - ?)"
-                " WHERE state IN ('done', 'capped') AND updated_at <= ?",
+                " WHERE state IN ('done', 'capped', 'failed') AND updated_at <= ?",
                 (self.cfg.page_limit, cutoff),
             ).rowcount
 
