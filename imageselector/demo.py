@@ -205,11 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     sim = None
     try:
         if real_api:
-            # A bounded crawl: one keyword, offsets up to about --max-listings, no catalogue-wide pass.
+            # A bounded crawl: one keyword, no catalogue-wide pass; sync is stopped at --max-listings.
             sync_args = ["--once"]
             child_env.setdefault("ETSY_KEYWORDS", args.keywords)
             child_env.setdefault("ETSY_CRAWL_ALL", "0")
-            child_env.setdefault("ETSY_MAX_OFFSET", str(max(0, args.max_listings - 100)))
         else:
             sim_extra = ["--qpd", "100000000"] + (["--faults", args.faults] if args.faults else [])
             listings = args.listings or default_listings(choice)
@@ -230,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             child_env["U2NET_HOME"] = str(choice.u2net_home)
         bg_args = ["--model-path", str(choice.bg_model_path)] if choice.bg_model_path else []
         cfg = write_monitor_config(home, sync_args=sync_args, bg_args=bg_args, models_file=choice.registry)
-        rc = run_monitor(home, cfg, child_env, args.timeout, log, t0)
+        rc = run_monitor(home, cfg, child_env, args.timeout, log, t0, args.max_listings if real_api else None)
     finally:
         if sim is not None:
             stop_process(sim)
@@ -240,7 +239,27 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def run_monitor(home: Path, cfg: Path, env: dict[str, str], timeout: float, log, t0: float) -> int:  # type: ignore[no-untyped-def]
+def stop_sync_at(conn, state: dict[str, Any], max_listings: int, log) -> bool:  # type: ignore[no-untyped-def]
+    """A bounded crawl of the real API: once `max_listings` are known, SIGTERM sync (a graceful stop, exit 0).
+
+    Returns True once sync was asked to stop (the monitor then counts it as finished)."""
+    sync = state.get("stages", {}).get("sync", {})
+    if sync.get("state") != "running" or not sync.get("pid"):
+        return False
+    n = conn.execute("SELECT COUNT(*) FROM listings").fetchone()[0]
+    if n < max_listings:
+        return False
+    log.info("%d listings known (--max-listings %d): asking sync to stop (SIGTERM, graceful)", n, max_listings)
+    try:
+        os.kill(int(sync["pid"]), signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def run_monitor(
+    home: Path, cfg: Path, env: dict[str, str], timeout: float, log, t0: float, max_listings: int | None = None
+) -> int:  # type: ignore[no-untyped-def]
     """Run the monitor until the backlog is done (or `timeout`), then stop it with KILL. Returns its exit code."""
     (home / "KILL").unlink(missing_ok=True)
     (home / ".run" / STATE_FILE).unlink(missing_ok=True)  # the last run's "sync finished" must not end this one
@@ -259,6 +278,8 @@ def run_monitor(home: Path, cfg: Path, env: dict[str, str], timeout: float, log,
             data, state = status.collect(conn), monitor_state(home)
             if state.get("pid") != mon.pid:
                 continue
+            if max_listings and stop_sync_at(conn, state, max_listings, log):
+                max_listings = None
             done, why = pipeline_done(data, state)
             if time.time() - last_print >= 15 or done:
                 log.info("%s", progress_line(data, state, t0))
