@@ -17,7 +17,14 @@ from imageselector.cli_sync import build_client, run_sync
 from imageselector.etsy.crawl import CrawlConfig, Crawler
 from imageselector.etsy.simulator import Faults, Simulator
 from imageselector.stopping import KILL, Stopper
-from tests.helpers.sync_sim import assert_complete, quiet_logger, sim_settings, subprocess_env, write_qps
+from tests.helpers.sync_sim import (
+    assert_complete,
+    expected_images,
+    quiet_logger,
+    sim_settings,
+    subprocess_env,
+    write_qps,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = "api_429=0.04,api_5xx=0.04,api_timeout=0.01,api_bad_json=0.04,timeout_s=0.7"
@@ -85,11 +92,10 @@ def _run_sync_proc(sim, home, *args, **env_extra):
 
 
 def test_resume_after_kill_9_loses_and_duplicates_nothing(home):
-    with Simulator(
-        listings=600, seed=5, qps=0, faults=Faults.parse("api_5xx=0.02,api_bad_json=0.02"), max_offset=100
-    ) as sim:
+    faults = Faults.parse("api_5xx=0.02,api_bad_json=0.02")
+    with Simulator(listings=1200, seed=5, qps=0, faults=faults, max_offset=100) as sim:
         write_qps(home, 60.0)
-        for kill_at in (40, 110):  # requests seen by the simulator before the kill
+        for kill_at in (50, 130):  # requests seen by the simulator before the kill (of about 240)
             proc = _run_sync_proc(sim, home, "--once")
             deadline = time.monotonic() + 60
             while sim.stats.snapshot().get("requests", 0) < kill_at:
@@ -100,8 +106,9 @@ def test_resume_after_kill_9_loses_and_duplicates_nothing(home):
             proc.wait(timeout=10)
             proc.stderr.close()
         conn = db.connect(home / "etsy_data.db")
-        partial = conn.execute("SELECT COUNT(*) FROM listings").fetchone()[0]
-        assert 0 < partial < len(sim.catalogue.active_listing_ids())
+        partial = conn.execute("SELECT COUNT(*) FROM image_status").fetchone()[0]
+        pending_shops = conn.execute("SELECT COUNT(*) FROM shops WHERE crawl_state='pending'").fetchone()[0]
+        assert 0 < partial < len(expected_images(sim.catalogue)) or pending_shops > 0  # really cut short
         proc = _run_sync_proc(sim, home, "--once")
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-2000:]
