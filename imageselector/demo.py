@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             sync_args = ["--once"]
             child_env.setdefault("ETSY_KEYWORDS", args.keywords)
             child_env.setdefault("ETSY_CRAWL_ALL", "0")
+            child_env.setdefault("ETSY_SPLIT_PARTITIONS", "0")  # no price splitting: one query's pages only
+            child_env.setdefault("ETSY_CRAWL_SHOPS", "0")
         else:
             sim_extra = ["--qpd", "100000000"] + (["--faults", args.faults] if args.faults else [])
             listings = args.listings or default_listings(choice)

@@ -251,8 +251,9 @@ class StageRunner:
             return
         if self.hang_reason is None and rc == 2:
             self._give_up(
-                f"exited with code 2 (bad usage or configuration); restarting will not help. See {self.log_path.name}",
-                cooldown=None,
+                f"exited with code 2 (bad usage or configuration); restarting at once will not help. "
+                f"See {self.log_path.name}",
+                cooldown=self.cfg.crash_loop_cooldown_s,
             )
             return
         if ran >= self.cfg.stable_after_s:
