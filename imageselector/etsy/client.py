@@ -193,22 +193,25 @@ class EtsyClient:
         while True:
             slot = self.pacer.acquire()
             self._count("requests")
+            error: requests.RequestException | None = None
             try:
                 resp = self.session.get(url, params=params, timeout=self.timeout)
-            except (requests.Timeout, requests.ConnectionError) as exc:
-                self._count("timeouts")
-                last_problem = f"{type(exc).__name__}"
-                failures += 1
-                if failures > self.max_retries:
-                    raise RetriesExhausted(f"{path}: {last_problem} after {failures} attempts") from None
-                delay = self._backoff(failures)
-                log.info("%s on %s; retry %d/%d in %.1fs", last_problem, path, failures, self.max_retries, delay)
-                self._sleep(delay)
-                continue
+            except requests.RequestException as exc:  # timeout, refused/reset connection, cut-off body
+                error = exc
             finally:
                 self.pacer.release(slot)
                 self._count("latency_ms_total", int((slot.done - slot.sent) * 1000) if slot.done else 0)
                 self.publish_stats()
+            if error is not None:
+                self._count("timeouts")
+                last_problem = type(error).__name__
+                failures += 1
+                if failures > self.max_retries:
+                    raise RetriesExhausted(f"{path}: {last_problem} after {failures} attempts")
+                delay = self._backoff(failures)
+                log.info("%s on %s; retry %d/%d in %.1fs", last_problem, path, failures, self.max_retries, delay)
+                self._sleep(delay)
+                continue
             self._remember_headers(resp.headers)
             self.pacer.observe(resp.headers)
             status = resp.status_code
