@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def main() -> int:
     ap.add_argument("--qps", type=float, default=10.0, help="simulator limit and qps_config.json rate (default 10)")
     ap.add_argument("--listings", type=int, default=20000, help="simulated catalogue size (default 20000)")
     ap.add_argument("--concurrency", type=int, default=8, help="ETSY_CONCURRENCY for sync (default 8)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary data home (database, sync_data.log)")
     args = ap.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="sync_pacing_"))
@@ -90,6 +92,8 @@ def main() -> int:
             sync.terminate()
             sync.wait(timeout=30)
         sim.stop()
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":
