@@ -102,6 +102,19 @@ def partition_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, separators=(",", ":"))
 
 
+def label(params: dict[str, Any]) -> str:
+    """A partition in words, for the log: `keywords 'mug', taxonomy 1062, price 10-20`."""
+    parts = []
+    if params.get("keywords"):
+        parts.append(f"keywords {params['keywords']!r}")
+    if params.get("taxonomy_id") is not None:
+        parts.append(f"taxonomy {params['taxonomy_id']}")
+    lo, hi = params.get("min_price"), params.get("max_price")
+    if lo is not None or hi is not None:
+        parts.append(f"price {lo or 0:g}-{'' if hi is None else f'{hi:g}'}")
+    return ", ".join(parts) if parts else "all active listings"
+
+
 @dataclass
 class Counters:
     """What this run has done (for the log lines and the heartbeat)."""
@@ -253,13 +266,13 @@ class Crawler:
                 )
                 # A 400 past the first page: the server's offset cap is lower than ours; else the query is bad.
                 forced = "capped" if res.status == 400 and off > 0 else "failed"
-                log.warning("discovery: %s offset %d refused (%s): partition %s", key, off, res, forced)
+                log.warning("discovery: %s offset %d refused (%s): partition %s", label(params), off, res, forced)
                 break
             if isinstance(res, RetriesExhausted):
                 n = self._page_failures[key] = self._page_failures.get(key, 0) + 1
                 if n >= PARTITION_MAX_FAILURES:
                     forced = "failed"  # reopened with the next rediscovery
-                log.warning("discovery: %s offset %d failed (%s); %s", key, off, res, forced or "will retry")
+                log.warning("discovery: %s offset %d failed (%s); %s", label(params), off, res, forced or "will retry")
                 break
             next_offset = off + self.cfg.page_limit
             if res is None:  # malformed JSON after retries: recorded by the client; skip the page
@@ -286,8 +299,8 @@ class Crawler:
                         )
                     state = "split"
                     log.info(
-                        "discovery: %s has %s listings (> %s reachable): split into %d",
-                        key,
+                        "discovery: %s has %s listings (> %s reachable): split into %d by price",
+                        label(params),
                         f"{count:,}",
                         f"{self.cfg.reachable:,}",
                         len(kids),
@@ -299,7 +312,7 @@ class Crawler:
                     state = "capped"
                     log.warning(
                         "discovery: %s has %s listings but cannot be split further; stored the first %s",
-                        key,
+                        label(params),
                         f"{count:,}",
                         f"{next_offset:,}",
                     )
