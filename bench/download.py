@@ -126,7 +126,7 @@ def timed(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = 
     return wall, cpu, rc
 
 
-def run_ours(cdn_base: str, rows: list[dict], engine: str, conc: int, tag: str) -> dict:
+def run_ours(cdn_base: str, rows: list[dict], engine: str, conc: int, procs: int, tag: str) -> dict:
     home = OUT / f"home_{tag}"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
@@ -134,7 +134,8 @@ def run_ours(cdn_base: str, rows: list[dict], engine: str, conc: int, tag: str) 
     db.upsert_images(conn, rows)
     env = {**os.environ, "IMAGESELECTOR_HOME": str(home), "ETSY_CDN_BASE": cdn_base}
     cmd = [sys.executable, str(ROOT / "scripts" / "image_downloader.py"), "--engine", engine]
-    cmd += ["--concurrency", str(conc), "--per-host", str(conc), "--progress-interval", "600", "--no-reconcile"]
+    cmd += ["--concurrency", str(conc), "--per-host", str(conc), "--processes", str(procs)]
+    cmd += ["--progress-interval", "600", "--no-reconcile"]
     wall, cpu, rc = timed(cmd, env, OUT / f"{tag}.log")
     done = conn.execute("SELECT COUNT(*) FROM image_status WHERE download_done=1").fetchone()[0]
     t0, t1 = conn.execute("SELECT MIN(ts), MAX(ts) FROM progress WHERE stage='download'").fetchone()
@@ -143,7 +144,7 @@ def run_ours(cdn_base: str, rows: list[dict], engine: str, conc: int, tag: str) 
     conn.close()
     ok = rc == 0 and done == files == len(rows)
     window = (t1 - t0) if t0 is not None else 0.0
-    name = f"image_downloader {engine} x{conc}"
+    name = f"image_downloader {engine} {procs}p x {conc}"
     return dict(name=name, ok=ok, n=done, wall=wall, cpu=cpu, mb=nbytes / 1e6, rc=rc, window=window, cdn=LAST_CDN_CPU)
 
 
@@ -227,22 +228,25 @@ def main() -> int:
             f.write_text("\n".join(urls[:k]) + "\n")
             return rows[:k], f
 
-        ours_grid = [(e, c) for e in ("threads", "async") for c in (16, 32, 64)]
-        i2d_grid = [(pr, t) for pr in (1, 2) for t in (16, 32, 64, 128)]
-        best_ours = {"threads": args.conc or 64, "async": args.conc or 64}
+        ours_grid = [("threads", 32, 1), ("threads", 64, 1), ("async", 32, 1), ("async", 64, 1), ("async", 128, 1)]
+        ours_grid += [("async", 64, 2)]
+        i2d_grid = [(pr, t) for pr in (1, 2) for t in (32, 64, 128)]
+        conc = args.conc or 64
+        best_ours = {"threads": ("threads", conc, 1), "async": ("async", conc, 1), "multi": ("async", conc, 2)}
         best_i2d = tuple(int(x) for x in args.i2d.split(","))
         if not args.no_tune:
             k = min(args.tune_images, args.images)
             trows, tfile = subset(k)
             print(f"tuning on {k} images:")
             tuned: list[dict] = []
-            for e, c in ours_grid:
-                r = run_ours(cdn_base, trows, e, c, f"tune_{e}_{c}")
-                r["key"] = (e, c)
+            for key in ours_grid:
+                r = run_ours(cdn_base, trows, *key, "tune_{}_{}_{}".format(*key))
+                r["key"] = key
                 tuned.append(r)
                 print(line(r), flush=True)
-            for e in best_ours:
-                best_ours[e] = max((r for r in tuned if r["key"][0] == e), key=rate)["key"][1]
+            for e in ("threads", "async"):
+                best_ours[e] = max((r for r in tuned if r["key"][0] == e and r["key"][2] == 1), key=rate)["key"]
+            best_ours["multi"] = max(tuned, key=rate)["key"]
             if have_i2d:
                 tuned_i2d = []
                 for pr, t in i2d_grid:
@@ -254,10 +258,13 @@ def main() -> int:
 
         rows_all, urls_file = subset(args.images)
         print(f"full runs, {args.images} images each:")
-        for e in ("threads", "async"):
-            r = run_ours(cdn_base, rows_all, e, best_ours[e], f"full_{e}")
+        for key in dict.fromkeys(best_ours.values()):  # the best threads, the best asyncio, the best overall
+            r = run_ours(cdn_base, rows_all, *key, "full_{}_{}_{}".format(*key))
             results.append(r)
             print(line(r), flush=True)
+        single = [r for r in results if " 1p " in r["name"]]
+        if single:
+            print(f"faster design in one process: {max(single, key=rate)['name']}")
         i2d = None
         if have_i2d:
             i2d = run_i2d(urls_file, args.images, *best_i2d, "full")
@@ -265,9 +272,10 @@ def main() -> int:
             extra = run_i2d(urls_file, args.images, *best_i2d, "full_reencode", reencode=True)
             print(line(extra), flush=True)
         else:
-            print("  img2dataset: not installed (see the module docstring); no comparison")
+            print("  img2dataset: skipped or not installed (see the module docstring); no comparison")
         best = max(results, key=rate)
-        print(f"faster design: {best['name']}")
+        print(f"fastest image_downloader setting: {best['name']}")
+        stop_cdn(cdn)
         if i2d is not None and rate(i2d):
             steady = (
                 (best["n"] / best["window"]) / (i2d["n"] / i2d["window"]) if best["window"] and i2d["window"] else 0
@@ -279,13 +287,20 @@ def main() -> int:
             print(f"ratio image_downloader/img2dataset: {rate(best) / rate(i2d):.2f}x images/s, whole processes")
         return 0 if all(r["ok"] for r in results) else 1
     finally:
-        cdn.send_signal(signal.SIGTERM)
-        try:
-            stats = cdn.communicate(timeout=10)[0].strip()
-            if stats:
-                print(f"CDN counters: {stats}")
-        except subprocess.TimeoutExpired:
-            cdn.kill()
+        stop_cdn(cdn)
+
+
+def stop_cdn(cdn: subprocess.Popen) -> None:
+    """Stop the CDN process (once) and print its request counters."""
+    if cdn.poll() is not None:
+        return
+    cdn.send_signal(signal.SIGTERM)
+    try:
+        stats = cdn.communicate(timeout=10)[0].strip()
+        if stats:
+            print(f"CDN counters: {stats}")
+    except subprocess.TimeoutExpired:
+        cdn.kill()
 
 
 if __name__ == "__main__":

@@ -294,14 +294,14 @@ def build_parser(settings_get=lambda name, default: default) -> argparse.Argumen
     p.add_argument(
         "--concurrency",
         type=int,
-        default=int(settings_get("DOWNLOAD_CONCURRENCY", 32)),
-        help="requests in flight (default 32)",
+        default=int(settings_get("DOWNLOAD_CONCURRENCY", 64)),
+        help="requests in flight per process (default 64)",
     )
     p.add_argument(
         "--per-host",
         type=int,
-        default=int(settings_get("DOWNLOAD_PER_HOST", 32)),
-        help="most requests in flight to one host (default 32)",
+        default=int(settings_get("DOWNLOAD_PER_HOST", 64)),
+        help="most requests in flight to one host per process (default 64)",
     )
     p.add_argument("--batch-size", type=int, default=200, help="rows claimed per database transaction (default 200)")
     p.add_argument(
@@ -376,9 +376,16 @@ def _wait_helpers(procs: list[subprocess.Popen], stopper: Stopper) -> int:
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(lambda n, d: settings.get(n) or d).parse_args(argv)
+    try:
+        args = build_parser(lambda n, d: settings.get(n) or d).parse_args(argv)
+    except ValueError as exc:  # a DOWNLOAD_* setting that is not a number
+        print(f"image_downloader: bad setting: {exc}", file=sys.stderr)
+        return 2
     if min(args.concurrency, args.per_host, args.batch_size, args.tries, args.processes) < 1:
-        print("image_downloader: --concurrency, --per-host, --batch-size, --tries and --processes must be at least 1")
+        print(
+            "image_downloader: --concurrency, --per-host, --batch-size, --tries and --processes must be at least 1",
+            file=sys.stderr,
+        )
         return 2
     name = STAGE if not args.helper else f"{STAGE}-{args.helper}"
     setup_logging(SCRIPT, settings.home, stage=name, secrets=settings.secrets())

@@ -48,14 +48,15 @@ AGAIN = "again"
 
 @dataclass(frozen=True)
 class FetchOptions:
-    concurrency: int = 32
-    per_host: int = 32
+    concurrency: int = 64
+    per_host: int = 64
     connect_timeout: float = 5.0
     read_timeout: float = 20.0
     total_timeout: float = 60.0
     tries: int = 3  # attempts within one claim before handing the row back to the database's backoff
     backoff_base: float = 0.5
-    backoff_cap: float = 20.0  # a longer Retry-After ends the claim (RETRY) instead of holding a slot
+    backoff_cap: float = 20.0  # longest backoff of our own between two tries
+    retry_after_cap: float = 600.0  # a server's Retry-After is honoured up to this (the whole host waits)
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = 50_000_000
 
@@ -75,7 +76,6 @@ class Outcome:
     kind: str
     reason: str = ""
     nbytes: int = 0
-    retry_after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ class Attempts:
         if self.n >= self.opts.tries:
             return None
         if step.wait is not None:
-            return step.wait if step.wait <= self.opts.backoff_cap else None
+            return min(step.wait, self.opts.retry_after_cap)
         delay = min(self.opts.backoff_cap, self.opts.backoff_base * 2 ** (self.n - 1))
         return delay * random.uniform(0.5, 1.0)
 
@@ -177,7 +177,7 @@ class Attempts:
         if step.kind == PARK:
             return Outcome(self.job, PARK, step.reason)
         if step.wait:
-            gate.pause(host, min(step.wait, self.opts.backoff_cap))
+            gate.pause(host, min(step.wait, self.opts.retry_after_cap))
         delay = self.record(step)
         return self.outcome() if delay is None else delay
 
@@ -185,7 +185,7 @@ class Attempts:
         step = self.last or Step(AGAIN, "no attempt made")
         if self.all_bad_content and self.n >= self.opts.tries:
             return Outcome(self.job, PARK, f"{step.reason} (after {self.n} tries)")
-        return Outcome(self.job, RETRY, f"{step.reason} (after {self.n} tries)", retry_after=step.wait or 0.0)
+        return Outcome(self.job, RETRY, f"{step.reason} (after {self.n} tries)")
 
 
 def store(job: Job, body: bytes, tmp_dir: Path) -> None:
