@@ -246,12 +246,15 @@ class Pipeline:
         if len(self.open) < self.low_water and not self.stopper.should_stop():
             claimed = self._claim()
         handled = 0
+        until = time.monotonic() + 5.0  # come back to run_loop now and then: it beats the heartbeat
         while self.open and not self.stopper.should_stop():
             if claimed and len(self.open) < self.low_water:
                 break
             handled += self._apply(self._collect(timeout=0.25))
             self._renew_leases()
-        return claimed + handled
+            if time.monotonic() > until:
+                break
+        return claimed + handled or len(self.open)  # rows still in flight (a long Retry-After) are work too
 
     def shutdown(self, grace_s: float = 3.0) -> None:
         """Stop: start nothing new, let transfers in flight finish for `grace_s`, release the rest."""

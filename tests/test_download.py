@@ -74,8 +74,24 @@ def test_retry_after_header_forms():
 def test_downloads_every_row_once_and_flags_match_files(conn, settings, monkeypatch, engine):
     seed_images(conn, 60)
     with FakeCdn() as cdn:
-        assert run(monkeypatch, cdn, "--engine", engine, "--concurrency", "8", "--batch-size", "16") == 0
+        assert (
+            run(
+                monkeypatch,
+                cdn,
+                "--engine",
+                engine,
+                "--concurrency",
+                "8",
+                "--batch-size",
+                "16",
+                "--progress-interval",
+                "0",
+            )
+            == 0
+        )
     rows = all_rows(conn)
+    logged = (settings.home / "image_downloader.log").read_text()
+    assert "images done" in logged and "MB/s" in logged and "left, ETA" in logged
     assert all(r["download_done"] == 1 and r["download_parked"] == 0 for r in rows)
     assert sorted(cdn.hits) == sorted(row_path(r) for r in rows)
     assert set(cdn.hits.values()) == {1}
