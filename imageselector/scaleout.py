@@ -85,7 +85,18 @@ def connect_ray(address: str, *, timeout_s: float = 15.0, num_cpus: int | None =
         raise RayUnavailable("ray is not installed: venv/bin/pip install -r requirements-ray.txt") from exc
     if ray.is_initialized():
         return ray
-    kw: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False, "logging_level": logging.WARNING}
+    from pathlib import Path
+
+    import imageselector
+
+    # Ship this package's code to the workers, so a worker node needs only the same venv (torch, rembg, ...).
+    package_dir = str(Path(imageselector.__file__).resolve().parent)
+    kw: dict[str, Any] = {
+        "log_to_driver": False,
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "runtime_env": {"py_modules": [package_dir]},
+    }
     if address == "local":
         kw["num_cpus"] = num_cpus
     else:
@@ -224,6 +235,13 @@ class RayPool:
             if got is not None:
                 yield got
 
+    def alive(self) -> bool:
+        """Whether the cluster still has a live node (False when the head is gone)."""
+        try:
+            return any(n.get("Alive") for n in self.ray.nodes())
+        except Exception:  # noqa: BLE001 - a lost GCS raises various errors
+            return False
+
     def close(self) -> None:
         for a in self.actors:
             try:
@@ -231,3 +249,131 @@ class RayPool:
             except Exception:  # noqa: BLE001
                 pass
         self.actors = []
+
+
+class RemoteStageRunner:
+    """The stage loop with the compute on Ray: several claimed batches in flight, one writer.
+
+    `claim()` leases a batch and returns `(batch, ctx, payload)` (or None when no work is ready);
+    `commit(batch, ctx, result)` makes the results durable and sets the flags. Batches are committed
+    as their results come back; a stop waits `grace_s` for those in flight, then releases the rest.
+    """
+
+    def __init__(
+        self,
+        pool: RayPool,
+        claim: Callable[[], tuple[Any, Any, Any] | None],
+        commit: Callable[[Any, Any, Any], None],
+        *,
+        stalled_s: float = 300.0,
+        grace_s: float = 20.0,
+    ) -> None:
+        self.pool = pool
+        self.claim = claim
+        self.commit = commit
+        self.stalled_s = stalled_s
+        self.grace_s = grace_s
+        self.inflight: dict[int, tuple[Any, Any]] = {}
+        self._next_key = 0
+
+    def run_batch(self) -> int:
+        """Top up the batches in flight, then commit one that came back. Returns rows handled (0: no work)."""
+        while self.pool.has_room():
+            got = self.claim()
+            if got is None:
+                break
+            batch, ctx, payload = got
+            key = self._next_key
+            self._next_key += 1
+            self.inflight[key] = (batch, ctx)
+            self.pool.submit(key, payload)
+        if not self.inflight:
+            return 0
+        waited = 0.0
+        while True:
+            got = self.pool.wait_one(timeout_s=10.0)
+            if got is not None:
+                break
+            waited += 10.0
+            if waited >= self.stalled_s or not self.pool.alive():
+                raise RayUnavailable(f"no result from the Ray cluster for {waited:.0f}s: it looks unreachable")
+        key, result = got
+        batch, ctx = self.inflight.pop(key)
+        with batch:
+            self.commit(batch, ctx, result)
+        return max(1, len(batch))
+
+    def drain(self) -> None:
+        """On stop: commit what comes back within the grace period, release everything else."""
+        deadline = time.monotonic() + self.grace_s
+        try:
+            while self.inflight and time.monotonic() < deadline:
+                got = self.pool.wait_one(timeout_s=max(0.1, deadline - time.monotonic()))
+                if got is None:
+                    break
+                batch, ctx = self.inflight.pop(got[0])
+                with batch:
+                    self.commit(batch, ctx, got[1])
+        except Exception as exc:  # noqa: BLE001 - the cluster may be gone; releasing is what matters
+            log.warning("while draining Ray results: %s", exc)
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Release every batch still in flight (its rows become claimable at once)."""
+        for batch, _ctx in self.inflight.values():
+            batch.__exit__(None, None, None)
+        self.inflight.clear()
+
+
+def add_ray_arguments(ap: Any) -> None:
+    """The Ray flags shared by bg_remover.py and embed.py."""
+    g = ap.add_argument_group("Ray backend (optional: pip install -r requirements-ray.txt)")
+    g.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the compute on a Ray cluster (host:port of its head, 'auto', or 'local'); "
+        "setting IMAGESELECTOR_RAY_ADDRESS",
+    )
+    g.add_argument(
+        "--ray-replicas", type=int, help="model replicas (default: one per GPU, else per --ray-threads CPUs)"
+    )
+    g.add_argument("--ray-threads", type=int, default=None, help="CPU threads per replica (default 1 on CPU clusters)")
+    g.add_argument(
+        "--ray-fallback",
+        choices=("local", "wait"),
+        default="local",
+        help="when the cluster is unreachable: compute locally (default) or wait and retry",
+    )
+
+
+def ray_address(args: Any, settings: Any) -> str | None:
+    return getattr(args, "ray", None) or settings.get("IMAGESELECTOR_RAY_ADDRESS") or None
+
+
+def open_pool_or_fallback(
+    factory: str,
+    kwargs: dict[str, Any],
+    args: Any,
+    address: str,
+    stopper: Any,
+    logger: logging.Logger,
+    *,
+    retry_s: float = 30.0,
+) -> RayPool | None:
+    """Connect to the cluster; on failure return None (fall back to local) or wait, as `--ray-fallback` says."""
+    while True:
+        try:
+            return RayPool(
+                factory,
+                kwargs,
+                address=address,
+                replicas=args.ray_replicas,
+                threads_per_actor=args.ray_threads or 1,
+            )
+        except RayUnavailable as exc:
+            if args.ray_fallback == "local":
+                logger.warning("%s; computing locally instead (--ray-fallback local)", exc)
+                return None
+            logger.warning("%s; retrying in %.0fs (--ray-fallback wait)", exc, retry_s)
+            if stopper.wait(retry_s):
+                return None

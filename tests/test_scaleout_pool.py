@@ -4,46 +4,20 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
 from imageselector.scaleout import RayPool, RayUnavailable, connect_ray  # noqa: E402
-
-RAY_BIN = Path(sys.executable).parent / "ray"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.ray_cluster import free_port, local_cluster  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    port = _free_port()
-    # A throwaway loopback cluster: no token auth, so the test driver can join without a token file.
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    tmp = tmp_path_factory.mktemp("ray")
-    subprocess.run(
-        [str(RAY_BIN), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--include-dashboard=false", f"--temp-dir={tmp}", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=120,
-    )  # fmt: skip
-    address = f"127.0.0.1:{port}"
-    try:
+    with local_cluster(tmp_path_factory.mktemp("ray")) as address:
         yield address
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        subprocess.run([str(RAY_BIN), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def test_pool_maps_every_batch_once_across_actors(cluster) -> None:
@@ -77,7 +51,7 @@ def test_actor_killed_mid_batch_is_redone_without_loss_or_duplicate(cluster) -> 
 def test_unreachable_cluster_fails_fast_with_clear_message() -> None:
     if ray.is_initialized():
         ray.shutdown()
-    port = _free_port()
+    port = free_port()
     t0 = time.monotonic()
     with pytest.raises(RayUnavailable, match=f"127.0.0.1:{port} is not reachable"):
         connect_ray(f"127.0.0.1:{port}", timeout_s=1.0)

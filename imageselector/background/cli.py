@@ -13,7 +13,8 @@ from pathlib import Path
 from imageselector import db
 from imageselector.config import load_settings
 from imageselector.fsutil import clean_tmp
-from imageselector.logs import setup_logging
+from imageselector.logs import Progress, setup_logging
+from imageselector.scaleout import add_ray_arguments, ray_address
 from imageselector.stopping import KILL, KILL_BG, Stopper, refuse_if_killed
 from imageselector.worker import Heartbeat, run_loop
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the result (default 95)")
     ap.add_argument("--limit", type=int, help="stop after this many images (tests, benchmarks)")
     ap.add_argument("--poll", type=float, default=10.0, help="--watch polling interval in seconds (default 10)")
+    add_ray_arguments(ap)
     return ap
 
 
@@ -78,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s", choice.warning)
     threads = args.threads or default_threads(settings)
     batch_size = args.batch_size or settings.get_int("BG_BATCH_SIZE", 1)
+    address = ray_address(args, settings)
+    if address:
+        code = _run_on_ray(args, settings, address, mdir, threads, batch_size, background, stopper, log)
+        if code is not None:
+            return code
     log.info("loading rembg model %s from %s (providers asked: %s)", args.model_path or args.model, mdir, choice.names)
     try:
         with warnings.catch_warnings():
@@ -136,6 +143,55 @@ def main(argv: list[str] | None = None) -> int:
         )
         conn.close()
     return code
+
+
+def _run_on_ray(args, settings, address, mdir, threads, batch_size, background, stopper, log) -> int | None:  # type: ignore[no-untyped-def]
+    """Run the stage with its compute on Ray. Returns an exit code, or None to continue locally (fallback)."""
+    from imageselector.scaleout import RayUnavailable, RemoteStageRunner, open_pool_or_fallback
+
+    from .remote import RemoteBg
+
+    kwargs = dict(
+        model=args.model,
+        model_path=str(args.model_path.resolve()) if args.model_path else None,
+        models_dir=str(mdir),
+        provider=args.provider,
+        gpu=args.gpu or not args.provider,
+        threads=args.ray_threads or 1,
+        batch_size=batch_size,
+        background=background,
+        quality=args.jpeg_quality,
+    )
+    pool = open_pool_or_fallback("imageselector.background.remote:make_bg_compute", kwargs, args, address, stopper, log)
+    if pool is None:
+        return 0 if stopper.should_stop() else None
+    conn = db.connect(settings.db_path)
+    freed = db.reclaim_dead(conn, "bg")
+    if freed:
+        log.info("released %d row(s) leased by dead bg_remover processes", freed)
+    progress = Progress(log, "images")
+    remote = RemoteBg(settings, conn, args.claim_size, args.keep_originals, progress, log)
+    runner = RemoteStageRunner(pool, remote.claim, remote.commit)
+    log.info("background removal on Ray at %s: %d replica(s); this process writes files and flags", address, pool.n)
+    try:
+        run_loop(runner.run_batch, stopper, watch=args.watch, heartbeat=Heartbeat(settings.run_dir, "bg"),
+                 poll_s=args.poll, logger=log)  # fmt: skip
+        runner.drain()
+    except RayUnavailable as exc:
+        runner.abandon()
+        pool.close()
+        conn.close()
+        if args.ray_fallback == "local":
+            log.warning("%s; released the batches in flight and continuing locally", exc)
+            return None
+        log.error("%s; released the batches in flight; exiting so the monitor restarts the stage", exc)
+        return 1
+    pool.close()
+    progress.report(final=True)
+    log.info("backgrounds removed: %d, already marked (flag only): %d, parked: %d",
+             remote.processed, remote.flagged_only, remote.parked)  # fmt: skip
+    conn.close()
+    return 0
 
 
 if __name__ == "__main__":
