@@ -185,3 +185,28 @@ def test_flush_waits_for_growth_and_pending_rows_keep_their_leases(settings, con
     assert flushes == [600]
     st.release_pending()
     st.store.close()
+
+
+def test_model_error_keeps_attempts_counted(settings, conn, standin_encoders) -> None:
+    """A batch that crashes the model is not handed back as untried: repeated crashes end in parking."""
+    seed_embeddable(conn, settings.images_dir, 2)
+    st = make_stage(settings, conn, standin_encoders, ["dinov3_base"])
+    st.open()
+
+    class Boom(RuntimeError):
+        pass
+
+    def boom(x):
+        raise Boom("model exploded")
+
+    st.encoders["dinov3_base"] = type("E", (), {})()
+    real = standin_encoders["dinov3_base"]
+    st.encoders["dinov3_base"].encode_batch = boom
+    st.encoders["dinov3_base"].preprocess = real.preprocess
+    with pytest.raises(Boom):
+        st.run()
+    rows = conn.execute(
+        "SELECT embed_dinov3_base_attempts AS a, embed_dinov3_base_claim AS c FROM image_status"
+    ).fetchall()
+    assert [r["a"] for r in rows] == [1, 1] and all(r["c"] == st.owner for r in rows)
+    assert flagged(conn, "dinov3_base") == set()

@@ -417,26 +417,24 @@ class EmbedStage:
         handled = 0
         for m, rows in rnd.rows.items():
             batch = ClaimedBatch(self.conn, f"embed_{m}", self.owner, rows)
-            try:
-                for row, reason, permanent in rnd.errors.get(m, []):
-                    parked = batch.fail(row["rid"], reason, permanent=permanent)
-                    log.warning(
-                        "%s: image %s/%s %s: %s",
-                        m,
-                        row["listing_id"],
-                        row["image_id"],
-                        "parked" if parked else "will retry",
-                        reason,
-                    )
-                ok = rnd.ok.get(m, [])
-                if ok:
-                    t0 = time.perf_counter()
-                    vecs = self.encoders[m].encode_batch(rnd.tensors[m])
-                    self.forward_s[m] += time.perf_counter() - t0
-                    self.add_vectors(m, ok, vecs)
-            except BaseException:
-                batch.__exit__(None, None, None)  # nothing of this batch is durable: hand it back
-                raise
+            # If the model raises, the batch is deliberately not released: its attempts stay counted, so rows
+            # that crash the model again and again get parked (reclaim_dead frees the leases at the next start).
+            for row, reason, permanent in rnd.errors.get(m, []):
+                parked = batch.fail(row["rid"], reason, permanent=permanent)
+                log.warning(
+                    "%s: image %s/%s %s: %s",
+                    m,
+                    row["listing_id"],
+                    row["image_id"],
+                    "parked" if parked else "will retry",
+                    reason,
+                )
+            ok = rnd.ok.get(m, [])
+            if ok:
+                t0 = time.perf_counter()
+                vecs = self.encoders[m].encode_batch(rnd.tensors[m])
+                self.forward_s[m] += time.perf_counter() - t0
+                self.add_vectors(m, ok, vecs)
             self.pending[m].append((batch, [r["rid"] for r in ok]))
             if self.oldest_pending is None:
                 self.oldest_pending = time.monotonic()
