@@ -224,6 +224,8 @@ class HostGate:
 class Engine:
     """Common state of both engines: the result queue, stop flags and the host gate."""
 
+    name = "?"
+
     def __init__(self, opts: FetchOptions, tmp_dir: Path) -> None:
         self.opts = opts
         self.tmp_dir = tmp_dir
@@ -238,6 +240,14 @@ class Engine:
     def abort(self) -> None:
         self.draining.set()
         self.aborting.set()
+
+    def submit(self, job: Job) -> None:
+        """Start fetching `job`; its Outcome will appear on `results`."""
+        raise NotImplementedError
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Abort what is left and free threads, connections and the loop."""
+        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------------------------------
