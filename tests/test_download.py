@@ -11,10 +11,10 @@ from PIL import Image
 
 from imageselector import layout
 from imageselector.download import main, reconcile
-from imageselector.download_engines import retry_after_s
+from imageselector.download_engines import DONE, FetchOptions, Job, make_engine, retry_after_s
 from imageselector.imagecheck import NOT_IMAGE, OK, TOO_BIG, TRUNCATED, check_image
 from tests.helpers.download_setup import all_rows, assert_flags_match_files, files_under, row_path
-from tests.helpers.fake_cdn import FakeCdn, Reply, jpeg_bytes
+from tests.helpers.fake_cdn import FakeCdn, Reply, free_port, jpeg_bytes
 from tests.helpers.rows import seed_images
 
 ENGINES = ["threads", "async"]
@@ -224,3 +224,23 @@ def test_row_without_url_parts_is_parked(conn, settings, monkeypatch):
     rows = all_rows(conn)
     assert rows[0]["download_parked"] == 1 and "URL" in rows[0]["download_error"]
     assert rows[1]["download_done"] == 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cdn_outage_pauses_the_host_instead_of_failing_images(settings, engine):
+    port = free_port()  # nothing listens: every connect is refused
+    opts = FetchOptions(concurrency=4, per_host=4, tries=3, outage_after=3, outage_pause=0.3, backoff_base=0.05)
+    eng = make_engine(engine, opts, settings.tmp_dir)
+    jobs = [Job(i, f"j{i}", f"http://127.0.0.1:{port}/p{i}.jpg", settings.images_dir / f"{i}.jpg") for i in range(6)]
+    try:
+        for job in jobs:
+            eng.submit(job)
+        time.sleep(1.0)
+        assert eng.results.empty(), "an image was failed during an outage"
+        assert eng.gate.wait_s(f"127.0.0.1:{port}") > 0
+        with FakeCdn(port=port):  # the CDN comes back
+            outs = [eng.results.get(timeout=15) for _ in jobs]
+    finally:
+        eng.close()
+    assert [o.kind for o in outs] == [DONE] * len(jobs)
+    assert all(check_image(j.dest.read_bytes()).ok for j in jobs)

@@ -7,12 +7,20 @@ sequences instead (two 503s with Retry-After, then a photo; a connection cut mid
 from __future__ import annotations
 
 import io
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
+
+
+def free_port() -> int:
+    """A port nothing listens on (for a CDN that is down), free to bind a FakeCdn to later."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def jpeg_bytes(w: int = 64, h: int = 48, seed: int = 0) -> bytes:
@@ -37,7 +45,7 @@ class FakeCdn:
     The n-th request for a path gets the n-th reply of its script (the last one repeats); unscripted paths get a JPEG.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.script: dict[str, list[Reply]] = {}
         self.hits: dict[str, int] = {}
         self.times: dict[str, list[float]] = {}  # monotonic arrival times per path
@@ -76,7 +84,7 @@ class FakeCdn:
                 if reply.cut_after is not None:
                     self.close_connection = True
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
