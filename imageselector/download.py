@@ -242,6 +242,8 @@ class Pipeline:
     # -- the unit run_loop drives
     def run_batch(self) -> int:
         """Claim a batch if there is room, then handle outcomes until there is room again (or all is done)."""
+        if self.engine.fatal:
+            self.stopper.request(self.engine.fatal)
         claimed = 0
         if len(self.open) < self.low_water and not self.stopper.should_stop():
             claimed = self._claim()
@@ -457,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
             c[RELEASE],
         )
         rc = _wait_helpers(helpers, stopper)
+        if engine.fatal:
+            log.error("stopped: %s (the rows were handed back, nothing failed)", engine.fatal)
+            rc = 1
         if not args.helper:
             _log_waiting(conn)
         conn.close()

@@ -266,9 +266,17 @@ class Engine:
         self.draining = threading.Event()  # start nothing new
         self.aborting = threading.Event()  # cut transfers in flight
         self.gate = HostGate()
+        self.fatal: str | None = None  # set when the worker must stop (the disk refuses writes)
 
     def drain(self) -> None:
         self.draining.set()
+
+    def cannot_write(self, job: Job, exc: OSError) -> Outcome:
+        """A disk problem (full, read-only, gone) is the machine's, not the image's: stop, fail nothing."""
+        if self.fatal is None:
+            self.fatal = f"cannot write {job.dest}: {exc}"
+        self.drain()
+        return Outcome(job, RELEASE)
 
     def abort(self) -> None:
         self.draining.set()
@@ -377,7 +385,10 @@ class ThreadEngine(Engine):
             except FetchError as exc:
                 step = Step(AGAIN, str(exc), bad_content=exc.truncated, no_answer=exc.no_answer)
             if step.kind == STORE:
-                store(job, resp.body, self.tmp_dir)
+                try:
+                    store(job, resp.body, self.tmp_dir)
+                except OSError as exc:
+                    return self.cannot_write(job, exc)
                 return Outcome(job, DONE, nbytes=len(resp.body))
             wait = tries.after(step, self.gate, host)
             if isinstance(wait, Outcome):
@@ -526,7 +537,10 @@ class AsyncEngine(Engine):
             except FetchError as exc:
                 step = Step(AGAIN, str(exc), bad_content=exc.truncated, no_answer=exc.no_answer)
             if step.kind == STORE:
-                await loop.run_in_executor(self._pool, store, job, resp.body, self.tmp_dir)
+                try:
+                    await loop.run_in_executor(self._pool, store, job, resp.body, self.tmp_dir)
+                except OSError as exc:
+                    return self.cannot_write(job, exc)
                 return Outcome(job, DONE, nbytes=len(resp.body))
             wait = tries.after(step, self.gate, host)
             if isinstance(wait, Outcome):

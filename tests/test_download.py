@@ -244,3 +244,22 @@ def test_cdn_outage_pauses_the_host_instead_of_failing_images(settings, engine):
         eng.close()
     assert [o.kind for o in outs] == [DONE] * len(jobs)
     assert all(check_image(j.dest.read_bytes()).ok for j in jobs)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_disk_that_refuses_writes_stops_the_run_and_fails_nothing(conn, settings, monkeypatch, engine):
+    import errno
+
+    import imageselector.download_engines as engines
+
+    def full(*_a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engines, "store", full)
+    seed_images(conn, 30)
+    with FakeCdn() as cdn:
+        assert run(monkeypatch, cdn, "--engine", engine, "--concurrency", "4") == 1
+    rows = all_rows(conn)
+    assert all(r["download_done"] == 0 and r["download_parked"] == 0 and r["download_error"] is None for r in rows)
+    assert all(r["download_claim"] is None and r["download_attempts"] == 0 for r in rows)
+    assert "No space left on device" in (settings.home / "image_downloader.log").read_text()
