@@ -199,6 +199,7 @@ class Pipeline:
 
     def _apply(self, outcomes: list[Outcome]) -> int:
         done: dict[int, list[Outcome]] = defaultdict(list)  # id(batch) -> outcomes
+        handed_back: dict[int, list[int]] = defaultdict(list)  # id(batch) -> rids
         batches: dict[int, ClaimedBatch] = {}
         for out in outcomes:
             batch = self.open.pop(out.job.rid, None)
@@ -218,7 +219,9 @@ class Pipeline:
                 self.progress.add(0, failed=1)
                 log.warning("%s %s: %s", "parked" if parked else "will retry later", out.job.name, out.reason)
             else:
-                batch.release([out.job.rid])
+                handed_back[id(batch)].append(out.job.rid)
+        for key, rids in handed_back.items():
+            batches[key].release(rids)
         for key, outs in done.items():
             batches[key].complete([o.job.rid for o in outs])
             self.progress.add(len(outs), nbytes=sum(o.nbytes for o in outs))
@@ -239,17 +242,20 @@ class Pipeline:
         if self.open:
             db.renew(self.conn, STAGE, self.owner, sorted(self.open))
 
+    def _stopping(self) -> bool:
+        if self.engine.fatal:
+            self.stopper.request(self.engine.fatal)
+        return self.stopper.should_stop()
+
     # -- the unit run_loop drives
     def run_batch(self) -> int:
         """Claim a batch if there is room, then handle outcomes until there is room again (or all is done)."""
-        if self.engine.fatal:
-            self.stopper.request(self.engine.fatal)
         claimed = 0
-        if len(self.open) < self.low_water and not self.stopper.should_stop():
+        if len(self.open) < self.low_water and not self._stopping():
             claimed = self._claim()
         handled = 0
         until = time.monotonic() + 5.0  # come back to run_loop now and then: it beats the heartbeat
-        while self.open and not self.stopper.should_stop():
+        while self.open and not self._stopping():
             if claimed and len(self.open) < self.low_water:
                 break
             handled += self._apply(self._collect(timeout=0.25))
