@@ -210,3 +210,26 @@ def test_model_error_keeps_attempts_counted(settings, conn, standin_encoders) ->
     ).fetchall()
     assert [r["a"] for r in rows] == [1, 1] and all(r["c"] == st.owner for r in rows)
     assert flagged(conn, "dinov3_base") == set()
+
+
+def test_archived_image_is_read_from_the_backup_location(home, tmp_path, monkeypatch, standin_encoders) -> None:
+    from imageselector.config import load_settings
+    from imageselector.layout import image_relpath
+
+    backup = tmp_path / "hdd" / "images"
+    monkeypatch.setenv("CLEANUP_DEST", str(backup))
+    settings = load_settings(home)
+    conn = db.connect(settings.db_path)
+    rows = seed_embeddable(conn, settings.images_dir, 2)
+    r = rows[1]
+    src = image_path(settings.images_dir, r["listing_id"], r["image_id"])
+    dst = backup / image_relpath(r["listing_id"], r["image_id"])
+    dst.parent.mkdir(parents=True)
+    src.rename(dst)
+    conn.execute("UPDATE image_status SET archived_at=1 WHERE gid=?", (r["gid"],))
+    run_stage(settings, conn, standin_encoders, ["dinov2_base"])
+    assert flagged(conn, "dinov2_base") == {rows[0]["gid"], r["gid"]}
+    enc = standin_encoders["dinov2_base"]
+    stored = read_index(settings.embeddings_dir / "dinov2_base.faiss").reconstruct(int(r["gid"]))
+    np.testing.assert_allclose(stored, enc.encode_batch(enc.preprocess(decode(dst))[None])[0], atol=1e-6)
+    conn.close()
