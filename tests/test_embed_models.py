@@ -136,3 +136,17 @@ def test_fallback_source_used_when_primary_fails(standin_registry: Path, caplog)
     enc = enc_mod.load_encoder(bad, "cpu", "fp32")
     assert enc.spec.source == good.source
     assert "using the fallback" in caplog.text
+
+
+def test_clip_preprocess_numpy_tail_is_bit_identical(standin_encoders: dict) -> None:
+    for name in ("clip_vitb32", "clip_vitl14"):
+        enc = standin_encoders[name]
+        assert enc._preprocess.fast
+        for seed, size in ((3, (480, 640)), (4, (700, 300))):
+            img = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+            assert torch.equal(enc.preprocess(img), enc._preprocess.full(img))
+    transparent = Image.new("RGBA", (64, 48), (255, 0, 0, 0))
+    assert torch.equal(
+        standin_encoders["clip_vitb32"].preprocess(transparent),
+        standin_encoders["clip_vitb32"].preprocess(Image.new("RGB", (64, 48), (255, 255, 255))),
+    )
