@@ -6,8 +6,8 @@ The CDN is the project's simulator in its own process (so neither client shares 
 photo renderer costs ~35 ms of CPU per image, which would swamp the clients on 2 cores, so the bench
 swaps in a bank of 64 rendered photos (JPEG quality chosen for the target size) served by image index.
 
-img2dataset runs from its own venv (bench/out/img2dataset-venv, created on first use:
-`python3.11 -m venv bench/out/img2dataset-venv && bench/out/img2dataset-venv/bin/pip install img2dataset==1.47.0`),
+img2dataset runs from its own venv, kept out of ours (it brings albumentations, opencv, pyarrow, wandb):
+bench/out/img2dataset-venv, created on first use with `python -m venv` + `pip install img2dataset==1.47.0`,
 with the same URL list, output_format files, resize_mode no, and its fastest setting that keeps the
 photo bytes as they are (disable_all_reencoding, like image_downloader); its process x thread count is
 tuned for these 2 cores on a short grid first. image_downloader runs as the real stage: claims, atomic
@@ -39,8 +39,25 @@ from tests.helpers.download_setup import catalogue_rows  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "download"
 I2D_VENV = ROOT / "bench" / "out" / "img2dataset-venv"
+I2D_VERSION = "1.47.0"
 SEED = 1
 BANK = 64
+
+
+def ensure_i2d() -> bool:
+    """img2dataset in its own venv under bench/out (made once); False, with the reason, if that fails."""
+    exe = I2D_VENV / "bin" / "img2dataset"
+    if exe.exists():
+        return True
+    print(f"installing img2dataset=={I2D_VERSION} into {I2D_VENV} (once; a minute or two)", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(I2D_VENV)], check=True)
+        pip = [str(I2D_VENV / "bin" / "pip"), "install", "-q", f"img2dataset=={I2D_VERSION}"]
+        subprocess.run(pip, check=True, stdout=subprocess.DEVNULL)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"  img2dataset could not be installed: {exc}")
+        return False
+    return exe.exists()
 
 
 def listings_for(n_images: int) -> int:
@@ -201,7 +218,7 @@ def main() -> int:
         return serve(args)
 
     OUT.mkdir(parents=True, exist_ok=True)
-    have_i2d = (I2D_VENV / "bin" / "img2dataset").exists() and not args.skip_i2d
+    have_i2d = not args.skip_i2d and ensure_i2d()
     cdn = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--images", str(args.images), "--latency-ms", str(args.latency_ms)]
         + ["--kb", str(args.kb)],
