@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from imageselector import db
 from imageselector.config import load_settings
 from imageselector.fsutil import clean_tmp
 from imageselector.logs import setup_logging
+from imageselector.scaleout import add_ray_arguments, ray_address
 from imageselector.stopping import KILL, KILL_EMBED, Stopper, refuse_if_killed
 from imageselector.worker import Heartbeat
 
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--watch", action="store_true", help="keep polling for new images instead of exiting when done")
     ap.add_argument("--models-file", help="registry JSON to use instead of the shipped one (IMAGESELECTOR_MODELS_FILE)")
+    add_ray_arguments(ap)
     ap.add_argument("--workers", type=int, default=2, help="decode/preprocess threads (default 2)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--flush-every", type=int, default=1024, help="flush after this many new vectors (default 1024)")
@@ -121,6 +124,50 @@ def main(argv: list[str] | None = None) -> int:
         args.workers,
         torch.get_num_threads(),
     )
+    address = ray_address(args, settings)
+    if address:
+        code = _run_on_ray(args, settings, address, names, stage, stopper, log)
+        if code is not None:
+            conn.close()
+            return code
+        stage = EmbedStage(settings, conn, encoders, opts, stopper)  # fall back to local compute
+        stage.open()
     stage.run(Heartbeat(settings.run_dir, "embed"))
     conn.close()
+    return 0
+
+
+def _run_on_ray(args, settings, address, names, stage, stopper, log) -> int | None:  # type: ignore[no-untyped-def]
+    """Image compute on Ray; this process keeps the store and the flags. None: continue locally."""
+    from imageselector.embedding.remote import run_remote
+    from imageselector.scaleout import RayUnavailable, open_pool_or_fallback
+
+    kwargs = dict(
+        models_file=str(Path(args.models_file).resolve())
+        if args.models_file
+        else settings.get("IMAGESELECTOR_MODELS_FILE"),
+        models=names,
+        device="auto" if args.device == "auto" else args.device,
+        dtype=args.dtype,
+    )
+    pool = open_pool_or_fallback(
+        "imageselector.embedding.remote:make_embed_compute", kwargs, args, address, stopper, log
+    )
+    if pool is None:
+        if stopper.should_stop():
+            stage.store.close()
+            return 0
+        return None
+    log.info("embedding on Ray at %s: %d replica(s) of %s; this process writes indexes and flags",
+             address, pool.n, ", ".join(names))  # fmt: skip
+    try:
+        run_remote(stage, pool, Heartbeat(settings.run_dir, "embed"))
+    except RayUnavailable as exc:
+        pool.close()
+        if args.ray_fallback == "local":
+            log.warning("%s; released the batches in flight and continuing locally", exc)
+            return None
+        log.error("%s; released the batches in flight; exiting so the monitor restarts the stage", exc)
+        return 1
+    pool.close()
     return 0
