@@ -53,7 +53,7 @@ class IndexPolicy:
     hnsw_min: int = 50_000
     m: int = 32
     ef_construction: int = 80
-    ef_search: int = 128
+    ef_search: int = 256
     fp16: bool = True
 
     @classmethod
