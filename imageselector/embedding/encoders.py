@@ -183,7 +183,8 @@ class OpenClipEncoder(Encoder):
 
     @property
     def has_text(self) -> bool:
-        return True
+        """Whether the stage builds this model's text index (the registry's `has_text`)."""
+        return self.spec.has_text
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
