@@ -51,8 +51,8 @@ class IndexPolicy:
     """When to use HNSW and how to build/search it. Defaults measured by bench/search.py."""
 
     hnsw_min: int = 50_000
-    m: int = 32
-    ef_construction: int = 80
+    m: int = 48
+    ef_construction: int = 160
     ef_search: int = 256
     fp16: bool = True
 
