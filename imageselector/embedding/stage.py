@@ -287,6 +287,7 @@ class EmbedStage:
         }
         self.prefetcher: Prefetcher | None = None
         self.repairs: dict[str, dict[str, int]] = {}
+        self.pending_texts: dict[str, set[int]] = {m: set() for m in encoders}
 
     def _remaining_fn(self, m: str):  # type: ignore[no-untyped-def]
         st = db.stage(f"embed_{m}")
@@ -450,7 +451,7 @@ class EmbedStage:
         for r in rows:
             self.store.new_entries[int(r["gid"])] = (int(r["listing_id"]), int(r["image_id"]))
         if m in self.store.texts:
-            self._add_texts(m, [int(r["listing_id"]) for r in rows])
+            self.pending_texts[m].update(int(r["listing_id"]) for r in rows)  # encoded in big batches at flush
 
     def maybe_flush(self, force: bool = False) -> None:
         """Flush when due: every `flush_every` vectors or `flush_s` seconds, but with big indexes no more
@@ -495,6 +496,10 @@ class EmbedStage:
             self.pending[m] = []
             done[m] = n
 
+        for m, listings in self.pending_texts.items():  # text files are written first: encode them now
+            if listings:
+                self._add_texts(m, sorted(listings))
+                listings.clear()
         took = self.store.flush(on_durable, force_meta=True)
         self.since_flush = 0
         self.last_flush = time.monotonic()
