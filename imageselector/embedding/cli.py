@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=2, help="decode/preprocess threads (default 2)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--flush-every", type=int, default=1024, help="flush after this many new vectors (default 1024)")
-    ap.add_argument("--flush-seconds", type=float, default=60.0, help="flush at most this often (default 60)")
+    ap.add_argument("--flush-seconds", type=float, default=60.0, help="flush after this many seconds (default 60)")
     ap.add_argument(
         "--flush-growth",
         type=float,
