@@ -7,21 +7,24 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-python3}"
 
-ensure_venv() {  # $1: requirements file
-  local reqs="$1" stamp
+hash_of() { cat "$@" | (sha256sum 2>/dev/null || shasum -a 256) | cut -c1-16; }
+
+ensure_venv() {  # $1: requirements file; installs it unless a superset is already installed
+  local reqs="$1" want have
   if [ ! -x venv/bin/python ]; then
     echo "==> creating venv/ with $($PY --version)"
     "$PY" -m venv venv
   fi
-  stamp="venv/.installed-$(cat requirements.txt "$reqs" | sha256sum 2>/dev/null | cut -c1-16 || shasum -a 256 requirements.txt "$reqs" | cut -c1-16)"
-  if [ ! -f "$stamp" ]; then
+  want="venv/.installed-$(basename "$reqs" .txt)-$(hash_of requirements.txt "$reqs")"
+  have="venv/.installed-requirements-dev-$(hash_of requirements.txt requirements-dev.txt)"
+  if [ ! -f "$want" ] && [ ! -f "$have" ]; then
     echo "==> installing $reqs (exact pins; first time takes a few minutes)"
     venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
     venv/bin/python -m pip install --quiet -r "$reqs"
     echo "==> warming rembg (numba compiles pymatting once, ~40 s)"
     venv/bin/python -c "import rembg" >/dev/null 2>&1 || true
     rm -f venv/.installed-*
-    touch "$stamp"
+    touch "$want"
   fi
 }
 
