@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from imageselector import cleanup, db
 from imageselector.config import load_settings
+from imageselector.fsutil import file_lock
 from imageselector.logs import Progress, setup_logging
 from imageselector.stopping import KILL, Stopper, refuse_if_killed
 from imageselector.worker import Heartbeat, run_loop
@@ -41,24 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-@contextlib.contextmanager
-def single_instance(run_dir: Path) -> Iterator[bool]:
-    """Hold `<home>/.run/cleanup.lock` (flock): two movers on one catalogue would race on the same files."""
-    import fcntl
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / "cleanup.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield True
-    finally:
-        os.close(fd)
+def single_instance(run_dir: Path):  # type: ignore[no-untyped-def]
+    """Hold `<home>/.run/cleanup.lock`: two movers on one catalogue would race on the same files."""
+    return file_lock(run_dir / "cleanup.lock", blocking=False)
 
 
 def dry_run(settings, conn, dest: Path, margin: int) -> int:  # type: ignore[no-untyped-def]

@@ -125,8 +125,7 @@ def _stage_indexes() -> list[str]:
         p = st.prefix
         # "Next work" for a stage: an index range scan over only its pending rows.
         out.append(
-            f"CREATE INDEX IF NOT EXISTS ix_{p}_todo ON image_status({st.not_before_col}) "
-            f"WHERE {st.pending_sql}"
+            f"CREATE INDEX IF NOT EXISTS ix_{p}_todo ON image_status({st.not_before_col}) WHERE {st.pending_sql}"
         )
         # Live leases (tiny): for reclaim_dead and the stuck-lease check.
         out.append(
@@ -311,7 +310,7 @@ CREATE TABLE IF NOT EXISTS bad_records (
     ref TEXT,
     detail TEXT
 );
-"""
+""",
     )
 
 
@@ -418,9 +417,7 @@ def apply_migrations(conn: sqlite3.Connection) -> int:
     """Bring the schema to SCHEMA_VERSION. Each migration runs in its own transaction."""
     current = conn.execute("PRAGMA user_version").fetchone()[0]
     if current > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"database schema v{current} is newer than this code (v{SCHEMA_VERSION}): update the code"
-        )
+        raise RuntimeError(f"database schema v{current} is newer than this code (v{SCHEMA_VERSION}): update the code")
     for version in range(current + 1, SCHEMA_VERSION + 1):
         with Transaction(conn):
             if conn.execute("PRAGMA user_version").fetchone()[0] >= version:
@@ -527,7 +524,9 @@ def claim_batch(
 
 
 @retry_on_lock
-def renew(conn: sqlite3.Connection, stage_name: str, owner: str, rids: Sequence[int], lease_s: float | None = None) -> int:
+def renew(
+    conn: sqlite3.Connection, stage_name: str, owner: str, rids: Sequence[int], lease_s: float | None = None
+) -> int:
     """Extend this owner's leases (for a batch that takes longer than expected)."""
     st = stage(stage_name)
     lease = st.lease_s if lease_s is None else lease_s

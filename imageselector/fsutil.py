@@ -60,7 +60,7 @@ def atomic_writer(final: Path, tmp_dir: Path | None = None) -> Iterator[BinaryIO
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(final, tmp_dir)
-    f = open(tmp, "wb")
+    f = open(tmp, "wb")  # noqa: SIM115 - closed explicitly before the rename
     try:
         yield f
         f.flush()
@@ -120,3 +120,25 @@ def _pid_alive(pid: int) -> bool:
 
 
 pid_alive = _pid_alive
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
+    """flock on a lock file; released by the kernel even on kill -9. Yields False if non-blocking and busy.
+
+    Holds one writer per resource (a model's index files, the cleanup mover, ...); the file carries the pid.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield True
+    finally:
+        os.close(fd)

@@ -12,7 +12,7 @@ import logging.handlers
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)-7s [%(stage)s] %(message)s"
@@ -128,7 +128,7 @@ class Progress:
         what: str = "items",
         *,
         interval: float = 30.0,
-        remaining: "callable[[], int | None] | None" = None,  # type: ignore[valid-type]
+        remaining: Callable[[], int | None] | None = None,
         clock=time.monotonic,  # type: ignore[no-untyped-def]
     ) -> None:
         self.log = logger

@@ -143,7 +143,9 @@ def test_permanent_failure_parks_at_once_with_reason(conn: sqlite3.Connection) -
     me = db.make_owner()
     rows = db.claim_batch(conn, "download", me, 2)
     assert db.fail(conn, "download", me, rows[0]["rid"], "HTTP 404 Not Found\nmore", permanent=True)
-    r = conn.execute("SELECT download_parked, download_error FROM image_status WHERE rowid=?", (rows[0]["rid"],)).fetchone()
+    r = conn.execute(
+        "SELECT download_parked, download_error FROM image_status WHERE rowid=?", (rows[0]["rid"],)
+    ).fetchone()
     assert r["download_parked"] == 1 and r["download_error"] == "HTTP 404 Not Found more"
 
 

@@ -34,7 +34,9 @@ def _build(conn) -> None:
     conn.execute("UPDATE image_status SET download_error='HTTP 404', download_parked=1 WHERE gid IN (25, 26)")
     conn.execute("UPDATE image_status SET download_error='HTTP 503', download_not_before=9e12 WHERE gid = 27")
     now = time.time()
-    conn.execute("INSERT INTO progress(ts, stage, n) VALUES (?, 'download', 60), (?, 'download', 120)", (now - 60, now - 1800))
+    conn.execute(
+        "INSERT INTO progress(ts, stage, n) VALUES (?, 'download', 60), (?, 'download', 120)", (now - 60, now - 1800)
+    )
 
 
 def test_guide_block_exact_text(conn) -> None:
@@ -68,7 +70,9 @@ def test_image_db_script_text_and_json(settings, conn) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "image_db.py")], capture_output=True, text=True, check=True)
     assert out.stdout.startswith(EXPECTED_BLOCK + "\n")
     assert "=== Stages ===" in out.stdout
-    js = subprocess.run([sys.executable, str(ROOT / "image_db.py"), "--json"], capture_output=True, text=True, check=True)
+    js = subprocess.run(
+        [sys.executable, str(ROOT / "image_db.py"), "--json"], capture_output=True, text=True, check=True
+    )
     data = json.loads(js.stdout)
     assert data["download_done"] == 20 and data["stages"]["download"]["parked"] == 2
 

@@ -21,19 +21,18 @@ lock: a gid's [listing_id, image_id] never changes, so merging is a union.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from imageselector.fsutil import atomic_write_text, atomic_writer
+from imageselector.fsutil import atomic_write_text, atomic_writer, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -87,24 +86,6 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     data.setdefault("text", {})
     data.setdefault("version", 0)
     return data
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
-    """flock on a lock file; released by the kernel even on kill -9. Yields False if non-blocking and busy."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield True
-    finally:
-        os.close(fd)
 
 
 class VectorIndex:
