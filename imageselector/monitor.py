@@ -459,11 +459,7 @@ class Monitor:
         qps = current.get("qps")
         if not isinstance(qps, int | float) or qps <= 0:
             qps = self.cfg.qps.initial_qps
-        q = self.cfg.qps
-        base = qps_tuner.Policy(
-            q.min_qps, q.max_qps, q.increase, q.decrease, q.headroom, q.stale_after_s, q.quota_horizon_s
-        )
-        policy = qps_tuner.policy_from_file(current, base)
+        policy = qps_tuner.policy_from_file(current, self.cfg.qps)
         decision = qps_tuner.decide(float(qps), self.qps_prev, stats, policy, now)
         if stats is not None:
             self.qps_prev = stats

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from imageselector.qps_tuner import Policy
+
 CONFIG_NAME = "pipeline_monitor.json"
 
 
@@ -58,19 +60,12 @@ DEFAULT_STAGES: dict[str, StageSpec] = {
 
 
 @dataclass(frozen=True)
-class QpsTuning:
-    """AIMD settings for qps_config.json (see imageselector/qps_tuner.py)."""
+class QpsTuning(Policy):
+    """AIMD settings for qps_config.json: the policy (imageselector/qps_tuner.py) plus when to apply it."""
 
     enabled: bool = True
     interval_s: float = 30.0
     initial_qps: float = 5.0
-    min_qps: float = 1.0
-    max_qps: float = 10.0
-    increase: float = 0.5
-    decrease: float = 0.5
-    headroom: float = 0.2
-    stale_after_s: float = 120.0
-    quota_horizon_s: float = 6 * 3600.0
 
 
 @dataclass(frozen=True)
