@@ -377,3 +377,12 @@ def open_pool_or_fallback(
             logger.warning("%s; retrying in %.0fs (--ray-fallback wait)", exc, retry_s)
             if stopper.wait(retry_s):
                 return None
+
+
+def after_cluster_loss(exc: Exception, args: Any, logger: logging.Logger) -> int | None:
+    """The cluster went away mid-run (in-flight batches already released): None = go on locally, else exit 1."""
+    if args.ray_fallback == "local":
+        logger.warning("%s; released the batches in flight and continuing locally", exc)
+        return None
+    logger.error("%s; released the batches in flight; exiting so the monitor restarts the stage", exc)
+    return 1

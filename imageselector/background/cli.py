@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_on_ray(args, settings, address, mdir, threads, batch_size, background, stopper, log) -> int | None:  # type: ignore[no-untyped-def]
     """Run the stage with its compute on Ray. Returns an exit code, or None to continue locally (fallback)."""
-    from imageselector.scaleout import RayUnavailable, RemoteStageRunner, open_pool_or_fallback
+    from imageselector.scaleout import RayUnavailable, after_cluster_loss, RemoteStageRunner, open_pool_or_fallback
 
     from .remote import RemoteBg
 
@@ -181,11 +181,7 @@ def _run_on_ray(args, settings, address, mdir, threads, batch_size, background, 
         runner.abandon()
         pool.close()
         conn.close()
-        if args.ray_fallback == "local":
-            log.warning("%s; released the batches in flight and continuing locally", exc)
-            return None
-        log.error("%s; released the batches in flight; exiting so the monitor restarts the stage", exc)
-        return 1
+        return after_cluster_loss(exc, args, log)
     pool.close()
     progress.report(final=True)
     log.info("backgrounds removed: %d, already marked (flag only): %d, parked: %d",

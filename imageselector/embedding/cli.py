@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_on_ray(args, settings, address, names, stage, stopper, log) -> int | None:  # type: ignore[no-untyped-def]
     """Image compute on Ray; this process keeps the store and the flags. None: continue locally."""
     from imageselector.embedding.remote import run_remote
-    from imageselector.scaleout import RayUnavailable, open_pool_or_fallback
+    from imageselector.scaleout import RayUnavailable, after_cluster_loss, open_pool_or_fallback
 
     kwargs = dict(
         models_file=str(Path(args.models_file).resolve())
@@ -164,10 +164,6 @@ def _run_on_ray(args, settings, address, names, stage, stopper, log) -> int | No
         run_remote(stage, pool, Heartbeat(settings.run_dir, "embed"))
     except RayUnavailable as exc:
         pool.close()
-        if args.ray_fallback == "local":
-            log.warning("%s; released the batches in flight and continuing locally", exc)
-            return None
-        log.error("%s; released the batches in flight; exiting so the monitor restarts the stage", exc)
-        return 1
+        return after_cluster_loss(exc, args, log)
     pool.close()
     return 0
