@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_on_ray(args, settings, address, mdir, threads, batch_size, background, stopper, log) -> int | None:  # type: ignore[no-untyped-def]
     """Run the stage with its compute on Ray. Returns an exit code, or None to continue locally (fallback)."""
-    from imageselector.scaleout import RayUnavailable, after_cluster_loss, RemoteStageRunner, open_pool_or_fallback
+    from imageselector.scaleout import RayUnavailable, RemoteStageRunner, after_cluster_loss, open_pool_or_fallback
 
     from .remote import RemoteBg
 
