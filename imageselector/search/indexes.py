@@ -30,16 +30,14 @@ import faiss
 import numpy as np
 
 from imageselector.db import EMBED_MODELS
-from imageselector.embedding.store import index_ids, write_index
+from imageselector.embedding.store import MMAP_FLAGS, index_ids, write_index
 
 log = logging.getLogger(__name__)
 
 TEXT_INDEXES: tuple[str, ...] = ("clip_vitb32_text", "clip_vitl14_text")
 ALL_INDEXES: tuple[str, ...] = (*EMBED_MODELS, *TEXT_INDEXES)
 CACHE_DIR = "search_cache"
-# IO_FLAG_MMAP_IFC maps the vectors of flat-code indexes (IndexFlat, IndexScalarQuantizer inside HNSWSQ)
-# straight from the file; plain IO_FLAG_MMAP still copies them into memory in faiss 1.15 (measured).
-MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+# One definition of the mmap flags (see store.MMAP_FLAGS): they also map IndexScalarQuantizer inside HNSWSQ.
 ADD_CHUNK = 20_000
 
 # Single queries never reach BLAS; batched ones (tail, bench ground truth) are far faster with it low.
