@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import signal
 
 import numpy as np
 import pytest
@@ -20,15 +19,6 @@ from imageselector.background.providers import (
     choose_providers,
 )
 from tests.helpers.bg import BRIGHT, DARK, flags, object_image, seed_downloaded, standin_in_home
-
-
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    """cli.main installs SIGTERM/SIGINT handlers (Stopper); give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
 
 
 @pytest.fixture(autouse=True)

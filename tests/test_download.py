@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import signal
 import time
 
 import pytest
@@ -18,15 +17,6 @@ from tests.helpers.fake_cdn import FakeCdn, Reply, free_port, jpeg_bytes
 from tests.helpers.rows import seed_images
 
 ENGINES = ["threads", "async"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    """main() installs SIGINT/SIGTERM handlers (graceful stop); give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
 
 
 def run(monkeypatch, cdn: FakeCdn, *args: str) -> int:

@@ -9,22 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from imageselector import db, layout
 from imageselector.download import main
 from imageselector.etsy.simulator import Faults, Simulator
 from imageselector.imagecheck import check_image
 from tests.conftest import ROOT
 from tests.helpers.download_setup import all_rows, assert_flags_match_files, catalogue_rows, files_under
-
-
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
 
 
 def start_downloader(home: Path, cdn_base: str, *args: str) -> subprocess.Popen:

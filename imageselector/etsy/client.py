@@ -171,6 +171,14 @@ class EtsyClient:
 
     # ---- requests ------------------------------------------------------------------------------
 
+    def _retry_wait(self, path: str, problem: str, failures: int) -> None:
+        """Back off before retry number `failures`, or give up once the retries are spent."""
+        if failures > self.max_retries:
+            raise RetriesExhausted(f"{path}: {problem} after {failures} attempts")
+        delay = self._backoff(failures)
+        log.info("%s on %s; retry %d/%d in %.1fs", problem, path, failures, self.max_retries, delay)
+        self._sleep(delay)
+
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
         return random.uniform(0, min(self.backoff_cap, self.backoff_base * (2**attempt)))
@@ -206,11 +214,7 @@ class EtsyClient:
                 self._count("timeouts")
                 last_problem = type(error).__name__
                 failures += 1
-                if failures > self.max_retries:
-                    raise RetriesExhausted(f"{path}: {last_problem} after {failures} attempts")
-                delay = self._backoff(failures)
-                log.info("%s on %s; retry %d/%d in %.1fs", last_problem, path, failures, self.max_retries, delay)
-                self._sleep(delay)
+                self._retry_wait(path, last_problem, failures)
                 continue
             self._remember_headers(resp.headers)
             self.pacer.observe(resp.headers)
@@ -226,11 +230,7 @@ class EtsyClient:
                 self._count("http_5xx")
                 failures += 1
                 last_problem = f"HTTP {status}"
-                if failures > self.max_retries:
-                    raise RetriesExhausted(f"{path}: {last_problem} after {failures} attempts")
-                delay = self._backoff(failures)
-                log.info("%s on %s; retry %d/%d in %.1fs", last_problem, path, failures, self.max_retries, delay)
-                self._sleep(delay)
+                self._retry_wait(path, last_problem, failures)
                 continue
             if status >= 400:
                 self._count("errors")
