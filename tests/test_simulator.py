@@ -19,6 +19,7 @@ import requests
 from PIL import Image
 
 from imageselector.etsy import cdn
+from imageselector.etsy.pacing import Pacer
 from imageselector.etsy.simulator import Faults, Simulator
 from imageselector.etsy.simulator.catalogue import Catalogue, tokens
 from imageselector.etsy.simulator.images import render
@@ -241,6 +242,17 @@ def test_daily_limit_429():
         assert s.stats["429_qpd"] == 2 and s.stats["429_qps"] == 0
 
 
+def test_no_limit_windows_send_no_headers_so_the_crawler_never_pauses(tmp_path):
+    """qps=0 / qpd=0 mean "no limit": `x-remaining-today: 0` there would make the crawler wait for tomorrow."""
+    over, _, headers = RateLimiter(qps=0, qpd=0).check()
+    assert over is None and headers == {}
+    _, _, headers = RateLimiter(qps=5, qpd=0).check()
+    assert headers == {"x-limit-per-second": "5", "x-remaining-this-second": "4"}
+    pacer = Pacer(tmp_path / "qps_config.json", tmp_dir=tmp_path)
+    pacer.observe(RateLimiter(qps=0, qpd=0).check()[2])
+    assert pacer.quota.remaining_today is None and pacer.quota.limit_per_day is None
+
+
 def test_rate_limiter_sliding_window():
     now = [100.0]
     rl = RateLimiter(qps=2, qpd=5, clock=lambda: now[0])
@@ -266,7 +278,7 @@ def test_api_faults_occur_at_configured_rates():
             codes.append(r.status_code)
             if r.status_code == 429:
                 assert r.json() == {"error": QPS_ERROR} and r.headers["retry-after"] == "1"
-                assert r.headers["x-remaining-this-second"] == "0" and "x-remaining-today" in r.headers
+                assert r.headers["x-remaining-this-second"] == "0" and "x-remaining-today" not in r.headers  # qpd=0
             if r.status_code == 200:
                 try:
                     r.json()

@@ -47,9 +47,13 @@ class RateLimiter:
             self._day.popleft()
 
     def _headers(self, limit_s) -> dict[str, str]:
-        return {
-            "x-limit-per-second": str(limit_s),
-            "x-remaining-this-second": str(max(0, int(self.qps - len(self._sec)))),
-            "x-limit-per-day": str(self.qpd),
-            "x-remaining-today": str(max(0, self.qpd - len(self._day))),
-        }
+        """Etsy's four headers; a window set to 0 (no limit, a simulator-only mode) sends none of its two,
+        since `x-remaining-today: 0` would tell the crawler its day's budget is spent."""
+        h: dict[str, str] = {}
+        if self.qps:
+            h["x-limit-per-second"] = str(limit_s)
+            h["x-remaining-this-second"] = str(max(0, int(self.qps - len(self._sec))))
+        if self.qpd:
+            h["x-limit-per-day"] = str(self.qpd)
+            h["x-remaining-today"] = str(max(0, self.qpd - len(self._day)))
+        return h
