@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     name = STAGE if not args.helper else f"{STAGE}-{args.helper}"
-    setup_logging(SCRIPT, settings.home, stage=name, secrets=settings.secrets())
+    setup_logging(SCRIPT, settings.home, stage=name, secrets=settings.secrets(), rotate=not args.helper)
     stopper = Stopper(settings.home, (KILL_DL, KILL))
     if refuse_if_killed(stopper):
         return 0

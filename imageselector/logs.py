@@ -65,8 +65,14 @@ def setup_logging(
     level: int = logging.INFO,
     max_bytes: int = 20 * 1024 * 1024,
     backups: int = 5,
+    rotate: bool = True,
 ) -> logging.Logger:
-    """Configure the root logger for one script; returns the logger to use."""
+    """Configure the root logger for one script; returns the logger to use.
+
+    `rotate=False` is for extra processes that share a log with the one that rotates it (the downloader's
+    `--processes` helpers): they append without ever rotating, and reopen the file when it has been rotated
+    under them, so two processes never rename the same files at once and no helper line goes to a stale file.
+    """
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / f"{script}.log"
@@ -78,7 +84,11 @@ def setup_logging(
     fmt = logging.Formatter(FORMAT)
     filters: list[logging.Filter] = [_StageFilter(stage or script), RedactSecrets(secrets)]
     handlers: list[logging.Handler] = []
-    fh = logging.handlers.RotatingFileHandler(log_path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+    fh: logging.Handler
+    if rotate:
+        fh = logging.handlers.RotatingFileHandler(log_path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+    else:
+        fh = logging.handlers.WatchedFileHandler(log_path, encoding="utf-8")
     handlers.append(fh)
     if not _same_file(sys.stderr, log_path):
         handlers.append(logging.StreamHandler(sys.stderr))

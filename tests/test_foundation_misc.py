@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -73,6 +75,48 @@ def test_logging_masks_secrets_and_tags_stage(tmp_path: Path, capsys: pytest.Cap
     text = (tmp_path / "unit.log").read_text()
     assert "supersecretkey" not in text and "***:other" in text and "[download]" in text
     assert "supersecretkey" not in capsys.readouterr().err
+
+
+def test_shared_log_only_the_main_process_rotates(tmp_path: Path) -> None:
+    """A `--processes` helper (rotate=False) appends to the shared log and follows the main process's rotation."""
+    helper = (
+        "import logging, sys; from pathlib import Path; from imageselector.logs import setup_logging\n"
+        "log = setup_logging('shared', Path(sys.argv[1]), stage='download-1', rotate=False, max_bytes=200)\n"
+        "for line in sys.stdin:\n"
+        "    log.info('helper %s', line.strip()); print('ok', flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", helper, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    log_path = tmp_path / "shared.log"
+
+    def say(n: int) -> None:
+        proc.stdin.write(f"{n}\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "ok\n"
+
+    try:
+        for n in range(5):  # ~60 bytes a line: well past max_bytes, yet a helper never rotates
+            say(n)
+        assert not (tmp_path / "shared.log.1").exists()
+        main_log = setup_logging("shared", tmp_path, stage="download", max_bytes=100, backups=50)
+        for n in range(3):
+            main_log.info("main %d", n)  # the main process rotates the file the helper writes
+        assert (tmp_path / "shared.log.1").exists()
+        say(99)
+        assert "helper 99" in log_path.read_text()  # the helper reopened the new file
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+        for h in logging.getLogger().handlers:
+            h.close()
+    every = "".join(p.read_text() for p in tmp_path.glob("shared.log*"))
+    assert all(f"helper {n}" in every for n in (0, 1, 2, 3, 4, 99)) and all(f"main {n}" in every for n in range(3))
 
 
 def test_progress_reports_rate_and_eta(caplog: pytest.LogCaptureFixture) -> None:
