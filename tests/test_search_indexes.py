@@ -22,13 +22,16 @@ def clustered(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def write_store(d: Path, vecs: np.ndarray, ids: np.ndarray, name: str = "dinov2_base", version: int = 1) -> None:
+def write_store(
+    d: Path, vecs: np.ndarray, ids: np.ndarray, name: str = "dinov2_base", version: int = 1, source: str = "hf:a"
+) -> None:
     """The store format of embed.py: IndexIDMap2(IndexFlatIP) + manifest.json, replaced atomically."""
     d.mkdir(parents=True, exist_ok=True)
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(vecs.shape[1]))
     index.add_with_ids(vecs, ids.astype(np.int64))
     atomic_write_bytes(d / f"{name}.faiss", faiss.serialize_index(index).tobytes())
-    manifest = {"models": {name: {"dim": vecs.shape[1], "count": len(ids), "standin": False}}, "version": version}
+    rec = {"dim": vecs.shape[1], "count": len(ids), "standin": False, "source": source}
+    manifest = {"models": {name: rec}, "version": version}
     atomic_write_bytes(d / "manifest.json", json.dumps(manifest).encode())
 
 
@@ -100,6 +103,26 @@ def test_cache_with_dropped_ids_is_not_trusted(tmp_path: Path) -> None:
     s.build_caches()
     cache = faiss.read_index(str(cache_path(tmp_path, "dinov2_base")))
     assert sorted(index_ids(cache).tolist()) == list(range(100, 1500))
+
+
+def test_cache_built_from_another_models_vectors_is_rebuilt(tmp_path: Path) -> None:
+    """Re-embedding with other weights keeps every id but changes every vector: the source stamp catches it."""
+    ids = np.arange(1500)
+    old, new = clustered(1500, seed=1), clustered(1500, seed=2)
+    write_store(tmp_path, old, ids, source="hf:old-weights")
+    update_cache("dinov2_base", tmp_path, POLICY)
+    write_store(tmp_path, new, ids, version=2, source="hf:new-weights")  # same ids, other vectors
+    s = IndexSet(tmp_path, POLICY)
+    s.refresh(force=True)
+    m = s.get("dinov2_base")
+    assert m.kind == "flat" and m.needs_build and "another model" in m.note
+    assert s.build_caches() == {"dinov2_base": 1500}  # rebuilt whole, not "nothing new"
+    m = s.get("dinov2_base")
+    assert m.kind == "hnsw" and m.describe()["tail"] == 0
+    _, got = m.search(new[:20], 1)
+    assert np.mean(got[:, 0] == ids[:20]) >= 0.9  # answers from the new vectors
+    write_store(tmp_path, new, ids, version=3, source="hf:new-weights")
+    assert update_cache("dinov2_base", tmp_path, POLICY) == 0  # same source again: nothing to do
 
 
 def test_refresh_is_cheap_and_a_corrupt_file_keeps_the_old_index(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import threading
 
 from imageselector.config import load_settings
 from imageselector.logs import setup_logging
-from imageselector.search.indexes import cache_path
+from imageselector.search.indexes import cache_meta_path, cache_path
 from imageselector.search.service import SearchError, SearchService, read_path_image
 
 log = logging.getLogger("search")
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.rebuild:
                 for name in names:
                     cache_path(settings.embeddings_dir, name).unlink(missing_ok=True)
+                    cache_meta_path(settings.embeddings_dir, name).unlink(missing_ok=True)
                 service.indexes.refresh(force=True)
             done = service.indexes.build_caches(names, tmp_dir=settings.tmp_dir)
             for name, m in service.indexes.models.items():

@@ -11,6 +11,9 @@
 - Vectors embedded after the cache was built (ids in the canonical file but not in the cache) form a
   small exact "tail" searched beside the graph, so results are complete before the cache catches up.
   A cache holding ids the canonical file no longer has is stale: it is ignored (exact search) until rebuilt.
+  So is one built from another model's vectors: beside each cache, `{name}.hnsw.json` records the manifest's
+  `source` of the vectors it was built from; when a model is re-embedded with other weights (same ids, new
+  vectors), the manifest's source changes and the cache is rebuilt, which the ids alone could not tell.
 - embed.py replaces files atomically (rename), so an open mmap keeps reading the old inode safely;
   `IndexSet.refresh()` notices a new manifest / file and reopens what changed.
 """
@@ -30,7 +33,8 @@ import faiss
 import numpy as np
 
 from imageselector.db import EMBED_MODELS
-from imageselector.embedding.store import MMAP_FLAGS, index_ids, write_index
+from imageselector.embedding.store import MMAP_FLAGS, TEXT_SUFFIX, index_ids, write_index
+from imageselector.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,26 @@ def cache_path(embeddings_dir: Path, name: str) -> Path:
     return Path(embeddings_dir) / CACHE_DIR / f"{name}.hnsw.faiss"
 
 
+def cache_meta_path(embeddings_dir: Path, name: str) -> Path:
+    return Path(embeddings_dir) / CACHE_DIR / f"{name}.hnsw.json"
+
+
+def canonical_source(embeddings_dir: Path, name: str) -> str | None:
+    """The manifest's `source` of an index's vectors (a text index shares its CLIP model's)."""
+    model = name.removesuffix(TEXT_SUFFIX)
+    rec = (read_manifest(embeddings_dir).get("models") or {}).get(model)
+    return rec.get("source") if isinstance(rec, dict) else None
+
+
+def cache_source(embeddings_dir: Path, name: str) -> str | None:
+    """The source the HNSW cache was built from (None: unknown, e.g. no stamp yet)."""
+    try:
+        doc = json.loads(cache_meta_path(embeddings_dir, name).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    return doc.get("source") if isinstance(doc, dict) else None
+
+
 @dataclass
 class ModelIndex:
     """One opened index: the main structure (flat canonical or HNSW cache) plus an exact tail."""
@@ -188,6 +212,9 @@ def open_model(name: str, path: Path, policy: IndexPolicy, embeddings_dir: Path)
     cache = read_index(cpath)
     if cache.d != canonical.d:
         return ModelIndex(name, path, sig, "flat", canonical, needs_build=True, note="HNSW cache has another dim")
+    if cache_source(embeddings_dir, name) != canonical_source(embeddings_dir, name):
+        note = "HNSW cache built from another model's vectors; exact search"
+        return ModelIndex(name, path, sig, "flat", canonical, needs_build=True, note=note)
     canon_ids, cache_ids = index_ids(canonical), index_ids(cache)
     if not np.isin(cache_ids, canon_ids).all():
         return ModelIndex(name, path, sig, "flat", canonical, needs_build=True, note="HNSW cache stale; exact search")
@@ -210,8 +237,9 @@ def update_cache(
     """Bring the HNSW cache of one index up to its canonical file. Returns vectors added (-1: stopped).
 
     Adds only the ids the cache lacks (embed.py appends); rebuilds from scratch when the cache holds ids
-    the canonical file dropped or was built with another dim/policy.
+    the canonical file dropped, was built from another source's vectors or with another dim/policy.
     """
+    source = canonical_source(embeddings_dir, name)  # read before the vectors: a later change only makes it stale
     canonical = read_index(Path(embeddings_dir) / f"{name}.faiss")
     canon_ids = index_ids(canonical)
     cpath = cache_path(embeddings_dir, name)
@@ -219,7 +247,8 @@ def update_cache(
     if cpath.exists():
         cache = read_index(cpath, mmap=False)
         same_kind = isinstance(inner(cache), faiss.IndexHNSWSQ) == policy.fp16
-        if cache.d != canonical.d or not same_kind or not np.isin(index_ids(cache), canon_ids).all():
+        same_source = cache_source(embeddings_dir, name) == source
+        if cache.d != canonical.d or not same_kind or not same_source or not np.isin(index_ids(cache), canon_ids).all():
             log.info("%s: HNSW cache does not match the canonical index; rebuilding it", name)
             cache = None
     if cache is None:
@@ -236,7 +265,10 @@ def update_cache(
             return -1
         pos = missing[start : start + ADD_CHUNK]
         cache.add_with_ids(reconstruct_positions(canonical, pos), canon_ids[pos])
-    write_index(cache, cpath, tmp_dir or Path(embeddings_dir).parent / ".tmp")  # the data home's .tmp
+    tmp = tmp_dir or Path(embeddings_dir).parent / ".tmp"  # the data home's .tmp
+    write_index(cache, cpath, tmp)
+    # The stamp goes second: a crash between the two leaves an old or missing stamp, i.e. a rebuild, never a lie.
+    atomic_write_text(cache_meta_path(embeddings_dir, name), json.dumps({"source": source, "dim": cache.d}), tmp)
     log.info("%s: HNSW cache has %d vectors (%.1f s)", name, cache.ntotal, time.monotonic() - t0)
     return len(missing)
 
