@@ -37,6 +37,13 @@ def _done(conn) -> int:
     return conn.execute("SELECT SUM(embed_dinov2_base) FROM image_status").fetchone()[0] or 0
 
 
+def _least_done(conn) -> int:
+    """Rows done by the model furthest behind (models progress at their own rates: a row one model's
+    run was killed on waits out its retry backoff for that model only)."""
+    cols = ", ".join(f"SUM(embed_{m})" for m in ALL)
+    return min(v or 0 for v in conn.execute(f"SELECT {cols} FROM image_status").fetchone())
+
+
 def _kill_at_some_instant(settings, conn, registry: Path, rng: random.Random, mid_flush: bool) -> bool:
     """Start embed.py and SIGKILL it once work is under way: at a random moment, or while a file is being written.
 
@@ -73,7 +80,7 @@ def _finish_and_check(settings, conn, registry: Path) -> None:
     emb = settings.embeddings_dir
     proc = subprocess.Popen(_cmd(registry, "--watch"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while _done(conn) < N and proc.poll() is None and time.monotonic() < deadline:
+    while _least_done(conn) < N and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     (settings.home / "KILL_EMBED").touch()
     assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,7 +63,8 @@ def test_kill_fans_out_and_escalates_within_the_bound(home):
     assert "writing KILL_DL, KILL_BG, KILL_EMBED" in log
     assert f"embed (pid {pids['embed']}) still running after" in log
     assert "ignored SIGTERM: sending SIGKILL (last resort)" in log
-    assert "download exited (exit code 0)" in log
+    # A worker that sees KILL before the monitor's tick does exits on its own: both are a clean exit.
+    assert re.search(r"download (had already )?exited \(exit code 0\)", log)
 
 
 def test_sigterm_to_monitor_takes_the_same_path(home):
