@@ -38,8 +38,8 @@ def _done(conn) -> int:
 
 
 def _least_done(conn) -> int:
-    """Rows done by the model furthest behind (models progress at their own rates: a row one model's
-    run was killed on waits out its retry backoff for that model only)."""
+    """Rows done by the model furthest behind. Models progress at their own rates: a kill mid-flush leaves
+    some models' files (and flags) written and others not, and each model claims its own rows."""
     cols = ", ".join(f"SUM(embed_{m})" for m in ALL)
     return min(v or 0 for v in conn.execute(f"SELECT {cols} FROM image_status").fetchone())
 
