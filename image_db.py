@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from imageselector.cli_status import main  # noqa: E402
+from imageselector.status.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,7 +33,7 @@ shift || true
 case "$cmd" in
   demo)
     ensure_venv requirements.txt
-    exec venv/bin/python -m imageselector.demo "$@"
+    exec venv/bin/python -m imageselector.proving.demo "$@"
     ;;
   test)
     ensure_venv requirements-dev.txt

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from imageselector import chaos  # noqa: E402
+from imageselector.proving import chaos  # noqa: E402
 
 
 def _stamp(msg: str) -> None:

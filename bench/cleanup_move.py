@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from imageselector import cleanup, db  # noqa: E402
+from imageselector import db  # noqa: E402
+from imageselector.cleanup import stage as cleanup  # noqa: E402
 from imageselector.config import load_settings  # noqa: E402
 from imageselector.layout import image_path, image_relpath  # noqa: E402
 from tests.helpers.cleanup_setup import make_catalogue  # noqa: E402

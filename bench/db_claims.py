@@ -92,7 +92,7 @@ def main() -> int:
         lock_errors = sum(r[1] for r in results)
         conn = db.connect(path, migrate=False)
         in_proc = []
-        from imageselector import status
+        from imageselector.status import figures as status
 
         for _ in range(5):
             s0 = time.perf_counter()

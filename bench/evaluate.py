@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from imageselector import db, eval_run  # noqa: E402
+from imageselector import db  # noqa: E402
 from imageselector.config import load_settings  # noqa: E402
+from imageselector.evaluation import stage as eval_run  # noqa: E402
 from tests.helpers.rows import image_rows  # noqa: E402
 
 DIMS = {"clip_vitb32": 512, "clip_vitl14": 768, "dinov2_base": 768, "dinov2_large": 1024, "dinov3_base": 768}

@@ -197,7 +197,7 @@ def test_leftover_temp_files_are_cleaned_at_start(settings, conn, model):
 
 
 def test_custom_model_outside_models_dir_is_placed_inside(settings, conn, tmp_path):
-    from imageselector.background.standin import build_standin_u2net
+    from imageselector.background.standins import build_standin_u2net
 
     outside = build_standin_u2net(tmp_path / "elsewhere" / "mine.onnx")
     seed_downloaded(conn, settings.images_dir, 1)
@@ -208,7 +208,7 @@ def test_custom_model_outside_models_dir_is_placed_inside(settings, conn, tmp_pa
 
 def test_named_model_is_found_in_u2net_home_without_download(settings, conn, tmp_path, monkeypatch):
     """The production path: `--model u2net` with u2net.onnx already in U2NET_HOME (a custom setting here)."""
-    from imageselector.background.standin import build_standin_u2net
+    from imageselector.background.standins import build_standin_u2net
 
     models = tmp_path / "u2net_home"
     build_standin_u2net(models / "u2net.onnx")

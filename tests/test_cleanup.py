@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from imageselector import cleanup, db
-from imageselector.cli_cleanup import main
+from imageselector import db, layout
+from imageselector.cleanup import stage as cleanup
+from imageselector.cleanup.cli import main
 from imageselector.layout import image_path, image_relpath
 from tests.helpers.cleanup_setup import make_catalogue, other_filesystem, rows, tmpfs, tree
 
@@ -68,11 +69,11 @@ def test_moves_qualifying_images_and_records_them(settings, conn, dest, capsys):
         else:
             assert dst.read_bytes() == content[key] and not src.exists() and r["archived_at"] is not None
     assert conn.execute("SELECT COUNT(*) FROM image_status WHERE archived_at IS NOT NULL").fetchone()[0] == 7
-    assert db.kv_get(conn, cleanup.KV_DEST) == str(dest)
+    assert db.kv_get(conn, layout.KV_DEST) == str(dest)
     assert db.kv_get(conn, cleanup.KV_INFLIGHT) == "[]"
     assert not list((dest / ".tmp").glob("*"))
     # image_db.py shows the move
-    from imageselector import status
+    from imageselector.status import figures as status
 
     assert status.collect(conn)["archived"] == 7
     # a rerun has nothing left to do and changes nothing
@@ -269,13 +270,13 @@ def test_locate_image(settings, conn, dest, monkeypatch):
     monkeypatch.setenv("CLEANUP_DEST", str(dest))
     assert main(["--min-free-mb", "0"]) == 0
     r_moved, r_kept = rows(conn)[1], rows(conn)[0]
-    got = cleanup.locate_image(settings, r_moved)
+    got = layout.locate_image(settings, r_moved)
     assert got == dest / image_relpath(r_moved["listing_id"], r_moved["image_id"])
     assert got.read_bytes() == content[(r_moved["listing_id"], r_moved["image_id"])]
-    assert cleanup.locate_image(settings, (r_kept["listing_id"], r_kept["image_id"])) == image_path(
+    assert layout.locate_image(settings, (r_kept["listing_id"], r_kept["image_id"])) == image_path(
         settings.images_dir, r_kept["listing_id"], r_kept["image_id"]
     )
-    assert cleanup.locate_image(settings, {"listing_id": 1, "image_id": 2}, conn) is None
+    assert layout.locate_image(settings, {"listing_id": 1, "image_id": 2}, conn) is None
 
 
 def test_help_exits_zero():

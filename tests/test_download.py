@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from imageselector import layout
-from imageselector.download import main, reconcile
-from imageselector.download_engines import DONE, FetchOptions, Job, make_engine, retry_after_s
+from imageselector.download.engines import DONE, FetchOptions, Job, make_engine, retry_after_s
+from imageselector.download.stage import main, reconcile
 from imageselector.imagecheck import NOT_IMAGE, OK, TOO_BIG, TRUNCATED, check_image
 from tests.helpers.download_setup import all_rows, assert_flags_match_files, files_under, row_path
 from tests.helpers.fake_cdn import FakeCdn, Reply, free_port, jpeg_bytes
@@ -240,7 +240,7 @@ def test_cdn_outage_pauses_the_host_instead_of_failing_images(settings, engine):
 def test_disk_that_refuses_writes_stops_the_run_and_fails_nothing(conn, settings, monkeypatch, engine):
     import errno
 
-    import imageselector.download_engines as engines
+    import imageselector.download.engines as engines
 
     def full(*_a):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from imageselector import db, layout
-from imageselector.download import main
+from imageselector.download.stage import main
 from imageselector.etsy.simulator import Faults, Simulator
 from imageselector.imagecheck import check_image
 from tests.conftest import ROOT

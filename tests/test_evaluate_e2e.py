@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imageselector import eval_run
-from imageselector.cli_evaluate import main
+from imageselector.evaluation import stage as eval_run
+from imageselector.evaluation.cli import main
 from imageselector.search.ensemble import load_weights
 from tests.helpers.embed_fixtures import standin_registry  # noqa: F401 - session fixture
 from tests.helpers.search_home import build_search_home

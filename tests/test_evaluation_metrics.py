@@ -9,8 +9,8 @@ import faiss
 import numpy as np
 import pytest
 
-from imageselector import eval_run
-from imageselector import evaluation as ev
+from imageselector.evaluation import metrics as ev
+from imageselector.evaluation import stage as eval_run
 from imageselector.search.ensemble import ListingHit
 
 

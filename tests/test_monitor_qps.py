@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from imageselector import db, qps_tuner
-from imageselector.qps_tuner import Policy, SyncStats, decide
+from imageselector import db
+from imageselector.monitor import qps_tuner
+from imageselector.monitor.qps_tuner import Policy, SyncStats, decide
 
 P = Policy(min_qps=1.0, max_qps=10.0, increase=0.5, decrease=0.5, headroom=0.2, stale_after_s=120)
 NOW = 1_000_000.0
@@ -62,7 +63,7 @@ def test_parse_stats_accepts_header_spellings():
 
 
 def test_monitor_applies_the_policy_to_qps_config(settings, conn):
-    from imageselector.monitor import Monitor
+    from imageselector.monitor.stage import Monitor
     from tests.helpers.monitor_harness import make_config
 
     cfg = make_config({}, qps={"enabled": True, "initial_qps": 4.0, "min_qps": 0.5, "max_qps": 8.0})

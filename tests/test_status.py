@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from imageselector import db, status
+from imageselector import db
+from imageselector.status import figures as status
 from tests.helpers.rows import seed_images
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from imageselector import db
-from imageselector.cli_sync import build_client, run_sync
+from imageselector.etsy.cli import build_client, run_sync
 from imageselector.etsy.crawl import CrawlConfig, Crawler
 from imageselector.etsy.simulator import Faults, Simulator
 from imageselector.stopping import KILL, Stopper
@@ -157,8 +157,8 @@ def test_kill_file_present_refuses_to_start(home):
 
 
 def test_second_sync_on_the_same_home_refuses(home):
-    from imageselector.cli_sync import single_instance
     from imageselector.config import load_settings
+    from imageselector.etsy.cli import single_instance
 
     settings = load_settings(home)
     held = single_instance(settings)

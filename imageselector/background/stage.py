@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imageselector import db, layout, status
+from imageselector import db, layout
 from imageselector.background.imaging import UndecodableImage, composite, decode, encode_jpeg, marker_text
 from imageselector.background.session import BgModel
 from imageselector.config import Settings
 from imageselector.fsutil import atomic_write_bytes, fsync_dir
 from imageselector.logs import Progress
+from imageselector.status import figures as status
 from imageselector.stopping import Stopper
 from imageselector.worker import ClaimedBatch
 

@@ -84,12 +84,12 @@ def _chunks(seq: Sequence[Any], n: int = _CHUNK) -> list[Sequence[Any]]:
 
 
 def find_image(settings: Settings, row: Any) -> Path | None:
-    """The file of a row: images/, else (archived) the backup location via cleanup.locate_image."""
+    """The file of a row: images/, else (archived) the backup location via layout.locate_image."""
     p = image_path(settings.images_dir, row["listing_id"], row["image_id"])
     if p.is_file():
         return p
     try:
-        from imageselector.cleanup import locate_image
+        from imageselector.layout import locate_image
     except ImportError:  # pragma: no cover - cleanup not installed
         return None
     return locate_image(settings, row)

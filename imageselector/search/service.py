@@ -28,7 +28,7 @@ from imageselector import db
 from imageselector.config import Settings
 from imageselector.db import EMBED_MODELS
 from imageselector.imagecheck import check_image
-from imageselector.search import catalog
+from imageselector.search import listings as catalog
 from imageselector.search.ensemble import DEFAULT_RRF_K, aggregate_max, load_weights, rrf_fuse, weight_for
 from imageselector.search.indexes import TEXT_INDEXES, IndexPolicy, IndexSet
 

@@ -23,7 +23,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from imageselector.search import catalog, page
+from imageselector.search import listings as catalog
+from imageselector.search import page
 from imageselector.search.service import SearchError, SearchService, open_query_image
 
 log = logging.getLogger(__name__)

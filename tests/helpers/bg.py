@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from imageselector import layout
-from imageselector.background.standin import build_standin_u2net
+from imageselector.background.standins import build_standin_u2net
 from tests.helpers.rows import seed_images
 
 ROOT = Path(__file__).resolve().parents[2]

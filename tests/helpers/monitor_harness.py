@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imageselector import monitor_config
-from imageselector.monitor import Monitor
-from imageselector.monitor_config import MonitorConfig
+from imageselector.monitor import config as monitor_config
+from imageselector.monitor.config import MonitorConfig
+from imageselector.monitor.stage import Monitor
 
 FAKE = str(Path(__file__).resolve().parent / "fake_worker.py")
 

@@ -1,6 +1,6 @@
 """Chaos run: the whole pipeline on the simulator with API and CDN faults, `kill -9` of random workers, then KILL.
 
-After the stop, `imageselector.verify` checks every flag against its artifact, ids, leases and row end states,
+After the stop, `imageselector.proving.verify` checks every flag against its artifact, ids, leases and row end states,
 and the run checks that the monitor and every worker exited within the kill bound. Used by `bench/chaos.py`
 (20 kills) and by the test suite (a few). Stand-in models keep it fast on a CPU.
 """
@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imageselector import db, status
+from imageselector import db
 from imageselector.config import PROJECT_ROOT, load_settings
 from imageselector.fsutil import pid_alive
-from imageselector.monitor import STATE_FILE
-from imageselector.verify import VerifyReport, verify
+from imageselector.monitor.stage import STATE_FILE
+from imageselector.proving.verify import VerifyReport, verify
+from imageselector.status import figures as status
 
 API_FAULTS = "api_429=0.05,api_5xx=0.05,api_timeout=0.02,timeout_s=2"
 CDN_FAULTS = "cdn_404=0.03,cdn_truncated=0.05,cdn_not_image=0.03,cdn_5xx=0.03"
@@ -118,7 +119,7 @@ def prepare_models(home: Path) -> tuple[Path, Path]:
     """Stand-in embedding models and u2net, built once per home."""
     import logging
 
-    from imageselector.background.standin import build_standin_u2net
+    from imageselector.background.standins import build_standin_u2net
     from imageselector.embedding.standins import build_standins
 
     out = home / "models" / "standin"

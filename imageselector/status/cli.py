@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imageselector import db, status
+from imageselector import db
 from imageselector.config import load_settings
+from imageselector.status import figures as status
 
 
 def main(argv: list[str] | None = None) -> int:

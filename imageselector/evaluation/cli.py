@@ -7,9 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from imageselector import db, eval_report, eval_run
+from imageselector import db
 from imageselector.config import load_settings
 from imageselector.db import EMBED_MODELS
+from imageselector.evaluation import report as eval_report
+from imageselector.evaluation import stage as eval_run
 from imageselector.logs import setup_logging
 from imageselector.search.ensemble import DEFAULT_RRF_K
 

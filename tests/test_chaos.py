@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imageselector import chaos
+from imageselector.proving import chaos
 
 
 def test_pipeline_survives_kill_9_and_faults_consistently(home):

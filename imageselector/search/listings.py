@@ -107,7 +107,7 @@ def image_file(settings, conn: sqlite3.Connection, listing_id: int, image_id: in
 
     Paths come from the ids after a database lookup, never from a client.
     """
-    from imageselector.cleanup import locate_image
+    from imageselector.layout import locate_image
 
     row = conn.execute(
         "SELECT 1 FROM image_status WHERE listing_id=? AND image_id=?", (int(listing_id), int(image_id))

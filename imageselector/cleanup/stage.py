@@ -14,7 +14,7 @@ whole in at least one place, and the next run finishes the job):
 At start-up, rows named in `cleanup_inflight` whose original still exists are verified again and their
 originals deleted (crash between 3 and 4). A row whose original is gone but whose copy exists with
 `archived_at` still NULL is adopted (the copy was only ever renamed into place complete).
-Later stages find an image wherever it is with `locate_image()`.
+Later stages find an image wherever it is with `layout.locate_image()`.
 """
 
 from __future__ import annotations
@@ -35,14 +35,16 @@ from typing import Any
 from imageselector import db
 from imageselector.config import Settings
 from imageselector.fsutil import atomic_writer, clean_tmp, fsync_dir
-from imageselector.layout import image_path, image_relpath
+from imageselector.layout import (
+    KV_DEST,
+    KV_DEST_HISTORY,
+    image_path,
+    image_relpath,
+)
 
 log = logging.getLogger("cleanup_images")
 
-DEFAULT_DEST = "/Volumes/HDD_1000/embedded_backup/images/"
 DEFAULT_MIN_FREE_MB = 1024.0
-KV_DEST = "cleanup_dest"
-KV_DEST_HISTORY = "cleanup_dests"
 KV_INFLIGHT = "cleanup_inflight"
 PAUSE_ENV = "IMAGESELECTOR_CLEANUP_PAUSE_AT"  # test hook: "copy", "copied" or "recorded"
 CHUNK = 64 * 1024
@@ -62,10 +64,6 @@ class CopyError(Exception):
 # --------------------------------------------------------------------------------------------------
 # The destination
 # --------------------------------------------------------------------------------------------------
-
-
-def dest_from_settings(settings: Settings, override: str | os.PathLike[str] | None = None) -> Path:
-    return Path(override or settings.get("CLEANUP_DEST") or DEFAULT_DEST).expanduser()
 
 
 def volume_root(dest: Path) -> Path | None:
@@ -450,61 +448,3 @@ def estimate_bytes(settings: Settings, conn: sqlite3.Connection, sample: int = 5
 # Finding an image wherever it is (search thumbnails, re-embedding)
 # --------------------------------------------------------------------------------------------------
 
-_ROOTS_CACHE: dict[str, tuple[float, list[Path]]] = {}
-_ROOTS_TTL_S = 30.0
-
-
-def backup_roots(settings: Settings, conn: sqlite3.Connection | None = None) -> list[Path]:
-    """Every backup destination images may have been moved to (recorded ones first, then the setting)."""
-    key = str(settings.db_path)
-    hit = _ROOTS_CACHE.get(key)
-    if conn is None and hit is not None and time.monotonic() - hit[0] < _ROOTS_TTL_S:
-        return hit[1]
-    roots: list[str] = []
-    own = None
-    try:
-        if conn is None and settings.db_path.exists():
-            conn = own = db.connect(settings.db_path, readonly=True)
-        if conn is not None:
-            current = db.kv_get(conn, KV_DEST)
-            if current:
-                roots.append(current)
-            with contextlib.suppress(ValueError, TypeError):
-                roots += json.loads(db.kv_get(conn, KV_DEST_HISTORY) or "[]")
-    except sqlite3.Error as exc:
-        log.debug("backup roots not readable from the database: %s", exc)
-    finally:
-        if own is not None:
-            own.close()
-    roots.append(str(dest_from_settings(settings)))
-    out: list[Path] = []
-    for r in roots:
-        p = Path(r)
-        if p not in out:
-            out.append(p)
-    _ROOTS_CACHE[key] = (time.monotonic(), out)
-    return out
-
-
-def _ids(row_or_ids: Any) -> tuple[int, int]:
-    if isinstance(row_or_ids, (sqlite3.Row, Mapping)):
-        return int(row_or_ids["listing_id"]), int(row_or_ids["image_id"])
-    listing_id, image_id = row_or_ids
-    return int(listing_id), int(image_id)
-
-
-def locate_image(settings: Settings, row_or_ids: Any, conn: sqlite3.Connection | None = None) -> Path | None:
-    """Where an image's file is now: in images/, else at a backup location; None if nowhere.
-
-    `row_or_ids` is a row/mapping with listing_id and image_id, or a (listing_id, image_id) pair.
-    """
-    listing_id, image_id = _ids(row_or_ids)
-    local = image_path(settings.images_dir, listing_id, image_id)
-    if local.is_file():
-        return local
-    rel = image_relpath(listing_id, image_id)
-    for root in backup_roots(settings, conn):
-        p = root / rel
-        if p.is_file():
-            return p
-    return None

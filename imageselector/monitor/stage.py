@@ -6,7 +6,7 @@ One `StageRunner` per worker. Each tick (1 s) the monitor:
   the stage's kill file present waits for the file to go; exit code 2 (bad usage/config) is not retried;
 - checks heartbeats (`<home>/.run/*.heartbeat` carrying the child's pid): none for `hang_timeout_s`
   means hung -> SIGTERM, then SIGKILL after `term_grace_s`, then restart like a crash;
-- every `qps.interval_s` adjusts qps_config.json (imageselector/qps_tuner.py);
+- every `qps.interval_s` adjusts qps_config.json (imageselector/monitor/qps_tuner.py);
 - every `status_interval_s` logs one line per stage: state, rate, backlog, restarts.
 On `KILL` (or SIGTERM/SIGINT to the monitor) it writes KILL_DL, KILL_BG, KILL_EMBED, gives every worker
 `kill_timeout_s` (30 s) to exit, then SIGTERM, then SIGKILL; logs what each did and exits 0.
@@ -28,11 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imageselector import db, monitor_config, qps_tuner, status
+from imageselector import db
 from imageselector.config import PROJECT_ROOT, Settings, load_settings
 from imageselector.fsutil import atomic_write_text, pid_alive
 from imageselector.logs import fmt_duration, setup_logging
-from imageselector.monitor_config import MonitorConfig, StageSpec
+from imageselector.monitor import config as monitor_config
+from imageselector.monitor import qps_tuner
+from imageselector.monitor.config import MonitorConfig, StageSpec
+from imageselector.status import figures as status
 from imageselector.stopping import KILL, STAGE_KILL_FILES, Stopper, remove_kill_files
 
 log = logging.getLogger("pipeline")

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from imageselector import evaluation as ev
 from imageselector.config import Settings
 from imageselector.db import EMBED_MODELS
+from imageselector.evaluation import metrics as ev
 from imageselector.search.ensemble import DEFAULT_RRF_K, WEIGHTS_FILE, load_weights
 from imageselector.search.indexes import TEXT_INDEXES, index_ids, read_index, read_manifest, reconstruct_positions
 
@@ -424,8 +424,8 @@ def _costs(settings: Settings, models: Sequence[str], queries: Sequence[ev.Query
     for m, sec in logged.items():
         out[m] = {"sec_per_image": sec, "source": "embed.log"}
     if opts.measure_cost:
-        from imageselector.cleanup import locate_image
         from imageselector.db import connect
+        from imageselector.layout import locate_image
 
         conn = connect(settings.db_path, readonly=True)
         try:

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from imageselector.evaluation import METRIC_LABELS, METRICS
+from imageselector.evaluation.metrics import METRIC_LABELS, METRICS
 from imageselector.fsutil import atomic_write_bytes, atomic_write_text
 
 CHART_METRICS = ("listing_r10", "listing_map10", "image_map10")

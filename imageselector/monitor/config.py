@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from imageselector.qps_tuner import Policy
+from imageselector.monitor.qps_tuner import Policy
 
 CONFIG_NAME = "pipeline_monitor.json"
 
@@ -61,7 +61,7 @@ DEFAULT_STAGES: dict[str, StageSpec] = {
 
 @dataclass(frozen=True)
 class QpsTuning(Policy):
-    """AIMD settings for qps_config.json: the policy (imageselector/qps_tuner.py) plus when to apply it."""
+    """AIMD settings for qps_config.json: the policy (imageselector/monitor/qps_tuner.py) plus when to apply it."""
 
     enabled: bool = True
     interval_s: float = 30.0

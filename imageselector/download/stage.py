@@ -29,7 +29,7 @@ from pathlib import Path
 
 from imageselector import db, layout
 from imageselector.config import PROJECT_ROOT, load_settings
-from imageselector.download_engines import (
+from imageselector.download.engines import (
     DONE,
     ENGINES,
     PARK,

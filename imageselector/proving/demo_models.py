@@ -136,7 +136,7 @@ def choose(settings: Settings, mode: str, standin_dir: Path) -> ModelChoice:
             root.setLevel(level)
         why.append(f"embedding stand-ins built: {registry}")
     if not real_bg:
-        from imageselector.background.standin import build_standin_u2net
+        from imageselector.background.standins import build_standin_u2net
 
         bg_model = build_standin_u2net(standin_dir / "u2net_standin.onnx")
         why.append(f"background stand-in built: {bg_model}")

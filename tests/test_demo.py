@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imageselector import demo, demo_models
+from imageselector.proving import demo, demo_models
 
 
 def _data(total=10, backlog=0, failing=0, leased=0):
@@ -43,7 +43,7 @@ def test_offline_without_weights_chooses_standins_with_a_warning(settings, monke
         p.write_text("{}")
         return p
 
-    import imageselector.background.standin as bg_standin
+    import imageselector.background.standins as bg_standin
     import imageselector.embedding.standins as emb_standins
 
     monkeypatch.setattr(emb_standins, "build_standins", fake_build)

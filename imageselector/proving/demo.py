@@ -1,4 +1,4 @@
-"""`python -m imageselector.demo [--home DIR] [--listings N]`: the whole pipeline end to end, in a home of its own.
+"""`python -m imageselector.proving.demo [--home DIR] [--listings N]`: the whole pipeline end to end, in a home of its own.
 
 Without ETSY_API_KEY it starts the local Etsy simulator (a few hundred listings, real photos from
 scikit-image) and points the workers at it; with a key it crawls the real API (a bounded crawl).
@@ -20,10 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from imageselector import db, demo_models, status
+from imageselector import db
 from imageselector.config import PROJECT_ROOT, load_settings
 from imageselector.logs import fmt_duration, setup_logging
-from imageselector.monitor import STATE_FILE
+from imageselector.monitor.stage import STATE_FILE
+from imageselector.proving import demo_models
+from imageselector.status import figures as status
 
 DEFAULT_HOME = PROJECT_ROOT / "demo_home"
 SIM_READY = "SIMULATOR READY"
@@ -141,7 +143,7 @@ def set_home_env(home: Path, updates: dict[str, str | None]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m imageselector.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m imageselector.proving.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--home", type=Path, default=DEFAULT_HOME, help=f"data home for the demo (default {DEFAULT_HOME})")
     ap.add_argument(
         "--listings",

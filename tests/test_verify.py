@@ -12,7 +12,7 @@ from PIL import Image
 from imageselector import layout
 from imageselector.background.imaging import encode_jpeg, marker_text
 from imageselector.embedding.store import new_index, write_index
-from imageselector.verify import verify
+from imageselector.proving.verify import verify
 from tests.helpers.rows import seed_images
 
 

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from imageselector import cleanup, db
+from imageselector import db, layout
+from imageselector.cleanup import stage as cleanup
 from imageselector.config import load_settings
 from imageselector.fsutil import file_lock
 from imageselector.logs import Progress, setup_logging
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print how many images (and bytes) would move; change nothing"
     )
     ap.add_argument("--watch", action="store_true", help="keep running, moving new images as they qualify")
-    ap.add_argument("--dest", help=f"backup folder (default: CLEANUP_DEST or {cleanup.DEFAULT_DEST})")
+    ap.add_argument("--dest", help=f"backup folder (default: CLEANUP_DEST or {layout.DEFAULT_DEST})")
     ap.add_argument("--batch", type=int, default=200, help="images per database transaction (default 200)")
     ap.add_argument("--limit", type=int, help="move at most this many images, then exit")
     ap.add_argument("--poll", type=float, default=60.0, help="seconds between scans in --watch mode (default 60)")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = load_settings()
     log = setup_logging(SCRIPT, settings.home, secrets=settings.secrets())
-    dest = cleanup.dest_from_settings(settings, args.dest)
+    dest = layout.dest_from_settings(settings, args.dest)
     min_free_mb = (
         args.min_free_mb
         if args.min_free_mb is not None

@@ -1,6 +1,6 @@
 """Does the data home tell the truth? Every flag against its artifact, ids, leases, and where each row ended.
 
-Used by the chaos test and bench after a run, and by hand: `python -m imageselector.verify [--home DIR]`.
+Used by the chaos test and bench after a run, and by hand: `python -m imageselector.proving.verify [--home DIR]`.
 Checks, for rows not moved to the backup disk:
 - `download_done=1` -> the file exists and decodes fully;
 - `bg_removed=1` -> also carries the background-removal marker (and download_done=1);
@@ -190,7 +190,7 @@ def conn_ready(r: Any, name: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m imageselector.verify", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m imageselector.proving.verify", description=__doc__.split("\n")[0])
     ap.add_argument("--home", help="data home (default IMAGESELECTOR_HOME or the project root)")
     ap.add_argument("--no-files", action="store_true", help="skip decoding image files")
     ap.add_argument("--json", action="store_true")

@@ -1,0 +1,1 @@
+"""Moving finished images to the backup disk."""

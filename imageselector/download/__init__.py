@@ -1,0 +1,1 @@
+"""The download stage: CDN photos -> images/ files."""

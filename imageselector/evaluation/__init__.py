@@ -1,0 +1,1 @@
+"""Retrieval quality per model and per fusion."""

@@ -1,0 +1,1 @@
+"""The supervisor of the four workers, its config and the QPS policy."""

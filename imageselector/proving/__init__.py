@@ -1,0 +1,1 @@
+"""Tools that prove the pipeline works: demo, chaos harness, consistency check."""

@@ -1,0 +1,1 @@
+"""What image_db.py prints: figures from the database, and its CLI."""
