@@ -23,6 +23,7 @@ from imageselector import db
 from imageselector.fsutil import atomic_write_text
 
 DIE_ENV = "IMAGESELECTOR_UPGRADE_DIE_AFTER"
+SLEEP_ENV = "IMAGESELECTOR_UPGRADE_TICK_SLEEP"  # seconds per step: widens the window for kills by time
 OPS_ENV = "IMAGESELECTOR_UPGRADE_OPS_FILE"
 
 
@@ -55,6 +56,7 @@ class Ops:
     def __init__(self) -> None:
         raw = os.environ.get(DIE_ENV, "")
         self.die_after = int(raw) if raw.isdigit() else 0
+        self.sleep_s = float(os.environ.get(SLEEP_ENV) or 0)
         self.n = 0
         self.phases: dict[str, list[int]] = {}
         self.phase = "start"
@@ -68,6 +70,8 @@ class Ops:
         span[1] = self.n
         if self.die_after and self.n >= self.die_after:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
 
     def record(self) -> None:
         path = os.environ.get(OPS_ENV)
