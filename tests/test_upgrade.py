@@ -17,17 +17,18 @@ import time
 from pathlib import Path
 
 import faiss
-import numpy as np
 import pytest
 
 from imageselector import db
 from imageselector.config import load_settings
 from imageselector.embedding.store import index_ids
 from imageselector.layout import image_path
+from imageselector.upgrade.cli import main as upgrade_main
 from imageselector.upgrade.state import DIE_ENV, OPS_ENV, SLEEP_ENV
 from imageselector.verify import verify
 from tests.helpers.legacy_home import COLUMNS, MODELS, Expect, build_legacy_home
 
+faiss.omp_set_num_threads(1)  # no OpenMP pool in this process: the upgrade runs in forked children
 ROOT = Path(__file__).resolve().parent.parent
 UPGRADE = str(ROOT / "scripts" / "upgrade_home.py")
 
@@ -51,6 +52,25 @@ def run_upgrade(home: Path, backup: Path, *args: str, **extra: str) -> subproces
         [sys.executable, UPGRADE, *args], env=env_for(home, backup, **extra), capture_output=True, text=True,
         timeout=120,
     )
+
+
+def upgrade_in_fork(home: Path, backup: Path, **extra: str) -> int:
+    """The upgrade in a forked child (no interpreter start, no imports: ~10x faster than a subprocess).
+    Returns its exit code, or -signal when killed, like subprocess."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        rc = 99
+        try:
+            os.environ.clear()
+            os.environ.update(env_for(home, backup, **extra))
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            rc = upgrade_main([])
+        finally:
+            os._exit(rc)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[int, int, str]]:
@@ -168,28 +188,24 @@ def test_killed_at_any_step_then_rerun_ends_the_same(tmp_path: Path) -> None:
     ref_home, ref_backup = tmp_path / "ref" / "home", tmp_path / "ref" / "hdd"
     build_legacy_home(ref_home, ref_backup)
     ops_file = tmp_path / "ops.json"
-    assert run_upgrade(ref_home, ref_backup, **{OPS_ENV: str(ops_file)}).returncode == 0
+    assert upgrade_in_fork(ref_home, ref_backup, **{OPS_ENV: str(ops_file)}) == 0
     ops = json.loads(ops_file.read_text())
     total, phases = ops["total"], ops["phases"]
     assert {"database", "images", "vectors", "finish"} <= set(phases)
     rng = random.Random(14)
     points = {lo + (hi - lo) * k // 2 for lo, hi in phases.values() for k in range(3)}  # every phase: start, middle, end
-    points |= {rng.randint(1, total) for _ in range(22 - len(points))}
+    points |= {rng.randint(1, total) for _ in range(24 - len(points))}
     killed_phases = set()
     for i, point in enumerate(sorted(points)):
         home, backup = tmp_path / f"k{i}" / "home", tmp_path / f"k{i}" / "hdd"
         ex = build_legacy_home(home, backup)
         files = legacy_files(home)
-        first = run_upgrade(home, backup, **{DIE_ENV: str(point)})
-        assert first.returncode == -signal.SIGKILL, (point, first.stdout, first.stderr)
+        assert upgrade_in_fork(home, backup, **{DIE_ENV: str(point)}) == -signal.SIGKILL, point
         killed_phases |= {p for p, (lo, hi) in phases.items() if lo <= point <= hi}
         if i % 2:  # a second kill during the resumed run
-            second = run_upgrade(home, backup, **{DIE_ENV: str(rng.randint(1, 8))})
-            assert second.returncode in (0, -signal.SIGKILL), second.stderr
-        state = db.home_state(home / "etsy_data.db")
-        assert state in (db.LEGACY, db.UPGRADING, None)
-        final = run_upgrade(home, backup)
-        assert final.returncode == 0, (point, final.stdout, final.stderr)
+            assert upgrade_in_fork(home, backup, **{DIE_ENV: str(rng.randint(1, 8))}) in (0, -signal.SIGKILL)
+        assert db.home_state(home / "etsy_data.db") in (db.LEGACY, db.UPGRADING, None)
+        assert upgrade_in_fork(home, backup) == 0, point
         check_upgraded(home, backup, ex, files)
     assert killed_phases >= {"database", "images", "vectors", "finish"}
 

@@ -126,11 +126,7 @@ def _same_bytes(a: Path, b: Path) -> bool:
 def adopt(plan: FolderPlan, rows: Rows, tick: Callable[[], None]) -> None:
     """Rename each planned file to its place in today's layout under the same root."""
     root = plan.root
-    for shard in range(1000):
-        d = root / f"{shard:03d}"
-        if not d.is_dir():
-            d.mkdir(exist_ok=True)
-    fsync_dir(root)
+    made: set[Path] = set()
     touched: set[Path] = set()
     pending = 0
     for name, p in plan.moves:
@@ -143,6 +139,9 @@ def adopt(plan: FolderPlan, rows: Rows, tick: Callable[[], None]) -> None:
             )
             continue
         size = src.stat().st_size
+        if dst.parent not in made:
+            dst.parent.mkdir(exist_ok=True)
+            made.add(dst.parent)
         os.rename(src, dst)
         plan.moved += 1
         plan.bytes += size
@@ -168,13 +167,9 @@ def located(root: Path, rows: Rows) -> np.ndarray:
     iids: list[int] = []
     if not root.is_dir():
         return np.zeros(0, dtype=np.int64)
-    for shard in range(1000):
-        d = root / f"{shard:03d}"
-        try:
-            it = os.scandir(d)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        with it:
+    shards = [e.path for e in os.scandir(root) if SHARD_RE.match(e.name) and e.is_dir(follow_symlinks=False)]
+    for d in shards:
+        with os.scandir(d) as it:
             for e in it:
                 m = re.match(r"^(\d+)_(\d+)\.jpg$", e.name)
                 if m:
