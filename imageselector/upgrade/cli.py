@@ -323,6 +323,8 @@ def upgrade(settings: Settings, backup: Path | None, specs: dict, out: Out) -> i
         if removed:
             log.info("removed %d temp files left by an interrupted run", removed)
         ops.enter("database")
+        times: dict[str, float] = {}
+        t = time.monotonic()
         if state == db.LEGACY:
             rep = database.upgrade(conn, {"started": time.time(), "version": 1}, ops.tick)
             if rep is not None:
@@ -332,12 +334,15 @@ def upgrade(settings: Settings, backup: Path | None, specs: dict, out: Out) -> i
         if rep_saved := marker.get("report", {}).get("database"):
             log.info("database step done earlier: %s", rep_saved)
         table = Rows.load(conn)
+        times["database"], t = time.monotonic() - t, time.monotonic()
         ops.enter("images")
         if marker.get("phase") == "images":
             _images_phase(settings, conn, table, backup, marker, ops, out)
+        times["images"], t = time.monotonic() - t, time.monotonic()
         ops.enter("vectors")
         if marker.get("phase") == "vectors":
             _vectors_phase(settings, conn, table, specs, marker, ops, out)
+        times["vectors"], t = time.monotonic() - t, time.monotonic()
         ops.enter("finish")
         with db.Transaction(conn):
             conn.execute("DELETE FROM kv WHERE key=?", (db.KV_UPGRADE,))
@@ -347,6 +352,9 @@ def upgrade(settings: Settings, backup: Path | None, specs: dict, out: Out) -> i
             )
         ops.tick()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        times["finish"] = time.monotonic() - t
+        log.info("phase times: %s", ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+        print("phase times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()), flush=True)
         counts = db.connect(settings.db_path)
         try:
             c = {r["name"]: int(r["n"]) for r in counts.execute("SELECT name, n FROM counters")}
