@@ -38,25 +38,39 @@ class Rows:
         cols = {r[1] for r in conn.execute("PRAGMA table_info(image_status)")}
         legacy = "gid" not in cols
         done_cols = [st.done_col for st in db.STAGES.values()]
-        exprs = ["rowid", "COALESCE(listing_id, -1)", "COALESCE(image_id, -1)"]
-        exprs.append("0" if legacy else "gid")
-        exprs += [f"CASE WHEN {c}=1 THEN 1 ELSE 0 END" if c in cols else "0" for c in done_cols]
-        parked_cols = [db.STAGES[s].parked_col for s in db.STAGES]
-        exprs += [f"{p}" if p in cols else "0" for p in parked_cols]
-        exprs.append("archived_at IS NOT NULL" if "archived_at" in cols else "0")
-        exprs.append("CASE WHEN is_primary=1 THEN 1 ELSE 0 END" if "is_primary" in cols else "0")
-        cur = conn.execute(f"SELECT {', '.join(exprs)} FROM image_status ORDER BY rowid")
+        # flags, parked flags, archived and primary packed into one integer: 5 values a row cross into Python
+        bits = [f"(CASE WHEN {c}=1 THEN 1 ELSE 0 END)" if c in cols else "0" for c in done_cols]
+        bits += [f"(CASE WHEN {db.STAGES[s].parked_col}=1 THEN 1 ELSE 0 END)" if db.STAGES[s].parked_col in cols
+                 else "0" for s in db.STAGES]
+        bits.append("(archived_at IS NOT NULL)" if "archived_at" in cols else "0")
+        bits.append("(CASE WHEN is_primary=1 THEN 1 ELSE 0 END)" if "is_primary" in cols else "0")
+        packed = " | ".join(f"({b} << {k})" for k, b in enumerate(bits))
+        gid = "0" if legacy else "gid"
+        cur = conn.execute(
+            f"SELECT rowid, COALESCE(listing_id, -1), COALESCE(image_id, -1), {gid}, {packed}"
+            " FROM image_status ORDER BY rowid"
+        )
         parts = []
         while chunk := cur.fetchmany(_CHUNK):
             parts.append(np.asarray(chunk, dtype=np.int64))
-        width = len(exprs)
-        data = np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.int64)
-        gid = np.arange(len(data), dtype=np.int64) if legacy else data[:, 3].copy()
-        k = 4
-        flags = {c: data[:, k + i].copy() for i, c in enumerate(done_cols)}
-        k += len(done_cols)
-        parked = {c: data[:, k + i].copy() for i, c in enumerate(done_cols)}
-        rows = cls(data[:, 0].copy(), data[:, 1].copy(), data[:, 2].copy(), gid, flags, parked, data[:, -2].copy(), data[:, -1].copy())
+        data = np.concatenate(parts) if parts else np.zeros((0, 5), dtype=np.int64)
+        del parts
+        word = data[:, 4]
+        n = len(done_cols)
+
+        def bit(k: int) -> np.ndarray:
+            return (word >> k) & 1
+
+        rows = cls(
+            data[:, 0].copy(),
+            data[:, 1].copy(),
+            data[:, 2].copy(),
+            np.arange(len(data), dtype=np.int64) if legacy else data[:, 3].copy(),
+            {c: bit(i) for i, c in enumerate(done_cols)},
+            {c: bit(n + i) for i, c in enumerate(done_cols)},
+            bit(2 * n),
+            bit(2 * n + 1),
+        )
         del data
         rows._order = np.argsort(rows.iid, kind="stable")
         rows._sorted_iid = rows.iid[rows._order]
