@@ -23,9 +23,9 @@ from imageselector import db
 from imageselector.config import load_settings
 from imageselector.embedding.store import index_ids
 from imageselector.layout import image_path
+from imageselector.proving.verify import verify
 from imageselector.upgrade.cli import main as upgrade_main
 from imageselector.upgrade.state import DIE_ENV, OPS_ENV, SLEEP_ENV
-from imageselector.verify import verify
 from tests.helpers.legacy_home import COLUMNS, MODELS, Expect, build_legacy_home
 
 faiss.omp_set_num_threads(1)  # no OpenMP pool in this process: the upgrade runs in forked children

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from imageselector import db
-from imageselector.layout import DEFAULT_DEST, KV_DEST_HISTORY
 from imageselector.config import SHARED_SECRET_MISSING, Settings, load_settings
 from imageselector.embedding.registry import RegistryError, load_registry
 from imageselector.embedding.store import IMAGE_INDEX, TEXT_SUFFIX
 from imageselector.fsutil import clean_tmp, file_lock
+from imageselector.layout import DEFAULT_DEST, KV_DEST_HISTORY
 from imageselector.logs import fmt_duration, setup_logging
 from imageselector.upgrade import database, images, vectors
 from imageselector.upgrade.rows import Rows
