@@ -13,8 +13,17 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from imageselector import db
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+DB_NAME = "etsy_data.db"
+# The original guide's .env held only ETSY_API_KEY; said by sync and by the upgrade.
+SHARED_SECRET_MISSING = (
+    "ETSY_API_KEY is set but ETSY_SHARED_SECRET is not: since February 2026 Etsy requires both (sent as "
+    "x-api-key: keystring:shared_secret). Copy the \"Shared secret\" shown next to your app's keystring at "
+    "https://www.etsy.com/developers/your-apps into .env as ETSY_SHARED_SECRET=..., then start again"
+)
 DEFAULT_API_BASE = "https://openapi.etsy.com/v3/application"
 DEFAULT_CDN_BASE = "https://i.etsystatic.com"
 
@@ -47,7 +56,7 @@ class Settings:
 
     @property
     def db_path(self) -> Path:
-        return self.home / "etsy_data.db"
+        return self.home / DB_NAME
 
     @property
     def images_dir(self) -> Path:
@@ -92,10 +101,17 @@ class Settings:
         return [s for s in (self.api_key, self.shared_secret) if s]
 
 
-def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
-    """Read settings once per process. `home` overrides IMAGESELECTOR_HOME (tests, the demo)."""
+def load_settings(home: str | os.PathLike[str] | None = None, *, check_home: bool = True) -> Settings:
+    """Read settings once per process. `home` overrides IMAGESELECTOR_HOME (tests, the demo).
+
+    A home still holding the original pipeline's database raises `db.LegacyHomeError` here, before any
+    entry point writes a log line, a lock or a heartbeat into it (`entry.run` turns it into exit 2).
+    Only the upgrade passes `check_home=False`.
+    """
     env = _env()
     home_path = Path(home or env.get("IMAGESELECTOR_HOME") or PROJECT_ROOT).expanduser().resolve()
+    if check_home:
+        db.check_home(home_path / DB_NAME)
     home_path.mkdir(parents=True, exist_ok=True)
     return Settings(
         home=home_path,

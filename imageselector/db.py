@@ -385,8 +385,14 @@ class Transaction:
             self.conn.execute("ROLLBACK")
 
 
-def connect(path: str | os.PathLike[str], *, migrate: bool = True, readonly: bool = False) -> sqlite3.Connection:
-    """Open the database in WAL mode with a busy timeout; apply pending migrations unless told not to."""
+def connect(
+    path: str | os.PathLike[str], *, migrate: bool = True, readonly: bool = False, allow_legacy: bool = False
+) -> sqlite3.Connection:
+    """Open the database in WAL mode with a busy timeout; apply pending migrations unless told not to.
+
+    A seed-era database (or one whose upgrade was interrupted) raises LegacyHomeError before anything
+    is written to it: no journal-mode switch, no migration. Only the upgrade passes `allow_legacy`.
+    """
     path = Path(path)
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10.0)
@@ -395,6 +401,15 @@ def connect(path: str | os.PathLike[str], *, migrate: bool = True, readonly: boo
         conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA busy_timeout=10000")
+    if not allow_legacy:
+        try:
+            state = schema_state(conn)
+        except BaseException:
+            conn.close()
+            raise
+        if state is not None:
+            conn.close()
+            raise LegacyHomeError(legacy_message(state, path))
     if not readonly:
         _retry_pragma(conn, "PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
@@ -429,6 +444,83 @@ def apply_migrations(conn: sqlite3.Connection) -> int:
 
 def schema_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Seed-era homes: the original pipeline's database (image_status without gid) must be upgraded by
+# scripts/upgrade_home.py before any other code touches it. Detection never writes.
+# --------------------------------------------------------------------------------------------------
+
+UPGRADE_COMMAND = "venv/bin/python scripts/upgrade_home.py"
+KV_UPGRADE = "upgrade_home"  # present while an upgrade is under way (set with the new schema, removed at its end)
+# Rows with gid below this came from the original pipeline: their bg-removed files carry no marker.
+KV_LEGACY_ROWS = "legacy_rows"
+LEGACY = "legacy"
+UPGRADING = "upgrading"
+
+
+class LegacyHomeError(RuntimeError):
+    """The data home holds the original pipeline's database, or an upgrade that has not finished."""
+
+
+def legacy_message(state: str, db_path: str | os.PathLike[str]) -> str:
+    if state == UPGRADING:
+        return (
+            f"the upgrade of {db_path} has not finished (interrupted?): run `{UPGRADE_COMMAND}` again to complete it, "
+            "then start the pipeline"
+        )
+    return (
+        f"{db_path} is the original pipeline's database (image_status has no gid column): upgrade this home first "
+        f"with `{UPGRADE_COMMAND} --dry-run`, then `{UPGRADE_COMMAND}` (IMAC_OPERATIONS.md, Upgrading an existing "
+        "installation)"
+    )
+
+
+def schema_state(conn: sqlite3.Connection) -> str | None:
+    """LEGACY, UPGRADING or None (a current or new database), read without writing anything."""
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "image_status" not in names:
+        return None
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(image_status)")}
+    if "gid" not in cols:
+        return LEGACY
+    if "kv" in names and conn.execute("SELECT 1 FROM kv WHERE key=?", (KV_UPGRADE,)).fetchone() is not None:
+        return UPGRADING
+    return None
+
+
+def home_state(db_path: str | os.PathLike[str]) -> str | None:
+    """`schema_state` of a database file, without creating -wal/-shm files or changing a byte.
+
+    The main file is read as immutable (no locks, no WAL). Only when it looks legacy and a non-empty
+    -wal exists (the newest state may be there) is it read again through SQLite's WAL, read-only.
+    """
+    path = Path(db_path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True, isolation_level=None)
+        try:
+            state = schema_state(conn)
+        finally:
+            conn.close()
+        wal = Path(f"{path}-wal")
+        if state is None or not wal.is_file() or wal.stat().st_size == 0:
+            return state
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10.0)
+        try:
+            return schema_state(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None  # not readable as a database: the normal open reports it
+
+
+def check_home(db_path: str | os.PathLike[str]) -> None:
+    """Raise LegacyHomeError (one line naming the upgrade command) for a seed-era or half-upgraded home."""
+    state = home_state(db_path)
+    if state is not None:
+        raise LegacyHomeError(legacy_message(state, db_path))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from imageselector import db
-from imageselector.config import Settings, load_settings
+from imageselector.config import SHARED_SECRET_MISSING, Settings, load_settings
 from imageselector.etsy.client import AuthError, EtsyClient, RetriesExhausted, StatsPublisher
 from imageselector.etsy.crawl import CrawlConfig, Crawler
 from imageselector.etsy.pacing import Pacer, StopRequested
@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     lock = single_instance(settings)
     if lock is None:
         log.error("another sync_data.py is already running on %s (see .run/sync.lock); not starting", settings.home)
+        return 2
+    if settings.api_key and not settings.shared_secret:
+        log.error("%s", SHARED_SECRET_MISSING)
         return 2
     if not settings.api_key or not settings.shared_secret:
         log.error(

@@ -3,7 +3,8 @@
 Used by the chaos test and bench after a run, and by hand: `python -m imageselector.proving.verify [--home DIR]`.
 Checks, for rows not moved to the backup disk:
 - `download_done=1` -> the file exists and decodes fully;
-- `bg_removed=1` -> also carries the background-removal marker (and download_done=1);
+- `bg_removed=1` -> also carries the background-removal marker (and download_done=1), except rows adopted from
+  the original pipeline by scripts/upgrade_home.py (gid below kv `legacy_rows`: their files predate the marker);
 - `embed_<m>=1` -> gid is in `embeddings/<m>.faiss` and `image_index.json[gid]` is [listing_id, image_id];
 - no gid or (listing_id, image_id) twice, no id twice in any index;
 - no lease held by a process that is gone (a stuck lease);
@@ -129,8 +130,9 @@ def _check(conn: Any, settings: Settings, rep: VerifyReport, check_files: bool, 
     for name in stages:
         rep.done[name] = rep.parked[name] = rep.unfinished[name] = 0
     flagged_gids: dict[str, set[int]] = {m: set() for m in ids_by_model}
+    legacy_rows = int(db.kv_get(conn, db.KV_LEGACY_ROWS) or 0)  # adopted by the upgrade: bg files carry no marker
     for r in rows:
-        _check_row(r, settings, rep, check_files, stages, image_index, ids_by_model, flagged_gids)
+        _check_row(r, settings, rep, check_files, stages, image_index, ids_by_model, flagged_gids, legacy_rows)
     for m, ids in ids_by_model.items():
         rep.orphan_vectors += len(ids - flagged_gids[m])
 
@@ -143,7 +145,7 @@ def _load_image_index(settings: Settings) -> list[Any]:
         return []
 
 
-def _check_row(r, settings, rep, check_files, stages, image_index, ids_by_model, flagged_gids) -> None:  # type: ignore[no-untyped-def]
+def _check_row(r, settings, rep, check_files, stages, image_index, ids_by_model, flagged_gids, legacy_rows=0) -> None:  # type: ignore[no-untyped-def]
     key = f"{r['listing_id']}_{r['image_id']} (gid {r['gid']})"
     archived = r["archived_at"] is not None
     path = layout.image_path(settings.images_dir, r["listing_id"], r["image_id"])
@@ -167,7 +169,7 @@ def _check_row(r, settings, rep, check_files, stages, image_index, ids_by_model,
         why = _decodes(path)
         if why:
             rep.add(f"{key}: download_done=1 but the file {why}")
-        elif r["bg_removed"] == 1 and "bg" in stages and not _is_marked(path):
+        elif r["bg_removed"] == 1 and "bg" in stages and r["gid"] >= legacy_rows and not _is_marked(path):
             rep.add(f"{key}: bg_removed=1 but the file has no background-removal marker")
     for m, ids in ids_by_model.items():
         if r[f"embed_{m}"] != 1:

@@ -1,0 +1,1 @@
+"""Upgrading a home built by the original pipeline (IMAC_OPERATIONS.md before this project) in place."""
