@@ -99,3 +99,25 @@ def test_warning_is_shown(conn) -> None:
     seed_images(conn, 1)
     db.kv_set(conn, "status_warning", "stand-in models: results are only structural")
     assert "WARNING: stand-in models" in status.render(status.collect(conn))
+
+
+def _closed_early(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run with stdout a pipe whose reader is already gone (`| head` that has had enough)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.close()  # before the script writes anything: its first write meets a closed pipe
+    err = proc.stderr.read()
+    proc.stderr.close()
+    return subprocess.CompletedProcess(argv, proc.wait(timeout=120), b"", err)
+
+
+def test_broken_pipe_is_quiet(settings, conn) -> None:
+    """`image_db.py | head`, `search.py --status | head`, `evaluate.py --help | head`: exit 0, nothing on stderr."""
+    _build(conn)
+    for argv in (
+        [sys.executable, str(ROOT / "image_db.py")],
+        [sys.executable, str(ROOT / "image_db.py"), "--json"],
+        [sys.executable, str(ROOT / "image_search_v2" / "search.py"), "--status"],
+        [sys.executable, str(ROOT / "image_search_v2" / "evaluate.py"), "--help"],
+    ):
+        done = _closed_early(argv)
+        assert (done.returncode, done.stderr.decode()) == (0, ""), argv
