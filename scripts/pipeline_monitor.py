@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run and supervise the whole pipeline: `nohup venv/bin/python scripts/pipeline_monitor.py > pipeline.log 2>&1 &`."""
+"""Run and supervise the whole pipeline: `nohup venv/bin/python scripts/pipeline_monitor.py >> pipeline.log 2>&1 &`."""
 
 import sys
 from pathlib import Path

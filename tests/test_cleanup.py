@@ -244,8 +244,22 @@ def test_watch_moves_new_rows_and_stops_on_kill(settings, conn, dest):
 def test_kill_file_present_refuses_to_start(settings, conn, dest):
     content = make_catalogue(conn, settings.images_dir, n=6)
     (settings.home / "KILL").touch()
-    assert main(["--dest", str(dest), "--min-free-mb", "0"]) == 0
+    assert main(["--dest", str(dest), "--min-free-mb", "0"]) == 2  # a refused start is not a success
     assert tree(dest) == {} and len(tree(settings.images_dir)) == len(content)
+    assert "KILL present" in logtext(settings)
+
+
+def test_limit_is_what_the_messages_count(settings, conn, dest):
+    """--limit 3 announces 3 (of the qualifying total), and the last line says 0 left, not total - 3."""
+    make_catalogue(conn, settings.images_dir, n=12)
+    qualifying = cleanup.count_eligible(conn)
+    assert qualifying > 3
+    assert main(["--dest", str(dest), "--min-free-mb", "0", "--limit", "3", "--batch", "2"]) == 0
+    text = logtext(settings)
+    assert f"moving up to 3 of {qualifying:,} qualifying images" in text
+    final = next(line for line in text.splitlines() if "finished: " in line)
+    assert "3 images done" in final and "0 left, ETA 0s" in final, final
+    assert "moved 3 images" in text
 
 
 def test_bad_copy_keeps_original(settings, conn, dest, monkeypatch):

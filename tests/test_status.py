@@ -60,10 +60,27 @@ def test_stage_figures(conn) -> None:
     _build(conn)
     s = status.collect(conn)["stages"]["download"]
     assert (s["done"], s["parked"], s["failing"], s["backlog"]) == (20, 2, 1, 8)
-    assert s["per_min_10m"] == 6.0 and s["per_min_1h"] == 3.0
-    assert abs(s["eta_s"] - 8 / (3.0 / 60)) < 1e-6
+    # 10 min: one entry, no span to measure: 60 over the whole window (a lower bound); 1 h: the 60 done
+    # between the two entries, over the 1,740 s between them
+    assert s["per_min_10m"] == 6.0 and abs(s["per_min_1h"] - 60 / 29) < 1e-9
+    assert abs(s["eta_s"] - 8 / (60 / 1740)) < 1e-6
     bg = status.collect(conn)["stages"]["bg"]
     assert (bg["done"], bg["backlog"], bg["eta_s"]) == (12, 8, None)
+
+
+def test_rates_cover_only_the_span_work_covered(conn) -> None:
+    """A run 2 minutes old shows its real pace, not 2/10 of it; the ETA follows the last 10 minutes."""
+    seed_images(conn, 3000)
+    conn.execute("UPDATE image_status SET download_done=1 WHERE gid < 1300")
+    now = 1_000_000.0
+    rows = [(now - 3000 + 60 * k, "download", 10) for k in range(40)]  # 40 min ago: 10/min
+    rows += [(now - 120 + 10 * k, "download", 100) for k in range(13)]  # the last 2 min: 100 every 10 s
+    conn.executemany("INSERT INTO progress(ts, stage, n) VALUES (?,?,?)", rows)
+    s = status.collect(conn, now=now)["stages"]["download"]
+    assert s["per_min_10m"] == 600.0  # 1,200 after the first entry, over 120 s
+    first_1h, last_1h = now - 3000, now
+    assert abs(s["per_min_1h"] - (39 * 10 + 13 * 100) / ((last_1h - first_1h) / 60)) < 1e-9
+    assert abs(s["eta_s"] - s["backlog"] / 10.0) < 1e-6 and s["backlog"] == 1700  # 600/min = 10/s
 
 
 def test_image_db_script_text_and_json(settings, conn) -> None:
@@ -82,3 +99,25 @@ def test_warning_is_shown(conn) -> None:
     seed_images(conn, 1)
     db.kv_set(conn, "status_warning", "stand-in models: results are only structural")
     assert "WARNING: stand-in models" in status.render(status.collect(conn))
+
+
+def _closed_early(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run with stdout a pipe whose reader is already gone (`| head` that has had enough)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.close()  # before the script writes anything: its first write meets a closed pipe
+    err = proc.stderr.read()
+    proc.stderr.close()
+    return subprocess.CompletedProcess(argv, proc.wait(timeout=120), b"", err)
+
+
+def test_broken_pipe_is_quiet(settings, conn) -> None:
+    """`image_db.py | head`, `search.py --status | head`, `evaluate.py --help | head`: exit 0, nothing on stderr."""
+    _build(conn)
+    for argv in (
+        [sys.executable, str(ROOT / "image_db.py")],
+        [sys.executable, str(ROOT / "image_db.py"), "--json"],
+        [sys.executable, str(ROOT / "image_search_v2" / "search.py"), "--status"],
+        [sys.executable, str(ROOT / "image_search_v2" / "evaluate.py"), "--help"],
+    ):
+        done = _closed_early(argv)
+        assert (done.returncode, done.stderr.decode()) == (0, ""), argv

@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from imageselector import db
+from imageselector import db, weights
 from imageselector.config import load_settings
 from imageselector.fsutil import clean_tmp
 from imageselector.logs import Progress, setup_logging
@@ -85,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         code = _run_on_ray(args, settings, address, mdir, threads, batch_size, background, stopper, log)
         if code is not None:
             return code
+    if args.model_path is None:
+        check = weights.preflight_rembg(args.model, mdir)
+        if not check.ok:
+            log.error("%s", check.line)
+            return 2
     log.info("loading rembg model %s from %s (providers asked: %s)", args.model_path or args.model, mdir, choice.names)
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # we report the fallback ourselves, below

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             return dry_run(settings, conn, dest, margin)
         stopper = Stopper(settings.home, (KILL,))
         if refuse_if_killed(stopper):
-            return 0
+            return 2  # a refused start is not a success: a script or a person must see it did nothing
         with single_instance(settings.run_dir) as mine:
             if not mine:
                 log.error("another cleanup_images.py is already running (see %s)", settings.run_dir / "cleanup.lock")
@@ -99,8 +99,10 @@ def _move(settings, conn, dest: Path, margin: int, args, stopper: Stopper, log) 
         return 2
     if cleanup.same_filesystem(dest, settings.images_dir if settings.images_dir.exists() else settings.home):
         log.warning("destination %s is on the same disk as images/: moving frees no space there", dest)
-    log.info("moving up to %s images (about %s) to %s", f"{count:,}", cleanup.fmt_bytes(estimate), dest)
-    progress = Progress(log, "images", remaining=lambda: max(0, count - mover.moved))
+    target = count if args.limit is None else min(count, args.limit)
+    of = f" of {count:,} qualifying" if target < count else ""
+    log.info("moving up to %s%s images (about %s) to %s", f"{target:,}", of, cleanup.fmt_bytes(estimate), dest)
+    progress = Progress(log, "images", remaining=lambda: max(0, target - mover.moved))
     mover = cleanup.Mover(settings, conn, dest, margin, batch_size=args.batch, limit=args.limit, progress=progress)
     try:
         mover.prepare()

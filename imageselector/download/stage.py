@@ -357,7 +357,7 @@ def build_parser(settings_get=lambda name, default: default) -> argparse.Argumen
         help="downloader processes (default 1); more helps only when one process is CPU-bound",
     )
     p.add_argument("--helper", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines (default 30)")
+    p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines (default 10)")
     return p
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from imageselector import db
+from imageselector import db, weights
 from imageselector.config import load_settings
 from imageselector.fsutil import clean_tmp
 from imageselector.logs import setup_logging
@@ -91,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    check = weights.preflight_embedding({n: registry[n] for n in names})
+    if not check.ok:
+        log.error("%s", check.line)
+        return 2
+    if check.all_local:
+        weights.go_offline()  # everything is here: no hub round trips, no retries when the network is down
+    else:
+        log.info("%s", check.line)
     try:
         encoders = {n: load_encoder(registry[n], args.device, args.dtype) for n in names}
     except ValueError as exc:

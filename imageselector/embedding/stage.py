@@ -61,7 +61,7 @@ class Options:
     flush_growth: float = 0.02
     flush_max_s: float = 1800.0
     poll_s: float = 10.0
-    progress_s: float = 30.0
+    progress_s: float = 10.0
 
 
 @dataclass

@@ -135,7 +135,7 @@ def run_sync(
     conn = db.connect(settings.db_path)
     heartbeat = Heartbeat(settings.run_dir, "sync")
     crawler = Crawler(conn, client, CrawlConfig.from_settings(settings))
-    interval = log_interval if log_interval is not None else settings.get_float("ETSY_LOG_INTERVAL_S", 30.0)
+    interval = log_interval if log_interval is not None else settings.get_float("ETSY_LOG_INTERVAL_S", 10.0)
     reporter = Reporter(log, crawler, heartbeat, interval)
     # Runs on whichever thread waits for the daily quota: only thread-safe work (no database connection).
     client.pacer.on_wait = lambda: (

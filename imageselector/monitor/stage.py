@@ -10,7 +10,10 @@ One `StageRunner` per worker. Each tick (1 s) the monitor:
 - every `status_interval_s` logs one line per stage: state, rate, backlog, restarts.
 On `KILL` (or SIGTERM/SIGINT to the monitor) it writes KILL_DL, KILL_BG, KILL_EMBED, gives every worker
 `kill_timeout_s` (30 s) to exit, then SIGTERM, then SIGKILL; logs what each did and exits 0.
-Children log to `<home>/<log>.log` themselves; their stdout/stderr go to the same file for tracebacks.
+The monitor owns `pipeline.log` (imageselector/logs.py writes and rotates it; under `nohup ... >> pipeline.log`
+its stdout/stderr follow the current file). Children log to `<home>/<log>.log` themselves; their stdout/stderr
+go to the same file for tracebacks, through an O_APPEND descriptor that each child re-points at its current
+log whenever it rotates it, so nothing is written over a backup.
 """
 
 from __future__ import annotations

@@ -8,17 +8,18 @@ the one network probe is a HEAD request with a short timeout, skipped under HF_H
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from imageselector import weights
 from imageselector.config import Settings
+from imageselector.weights import FETCH_COMMAND
 
 log = logging.getLogger(__name__)
 
 STANDIN_WARNING = (
     "DEMO WITH STAND-IN MODELS (random weights): search results are only structural, not visual similarity. "
-    "Install the real model weights for meaningful results (docs/monitor.md)."
+    f"Fetch the real model weights for meaningful results: {FETCH_COMMAND} (or ./run.sh models)."
 )
 
 
@@ -36,54 +37,13 @@ class ModelChoice:
         return None if self.real_embed and self.real_bg else STANDIN_WARNING
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("IMAGESELECTOR_OFFLINE") == "1"
-
-
 def reachable(url: str, timeout: float = 3.0) -> bool:
-    if _offline():
-        return False
-    try:
-        import requests
-
-        requests.head(url, timeout=timeout, allow_redirects=False)
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "not reachable"
-        return False
-
-
-def _hf_cached(repo: str, filenames: tuple[str, ...]) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    for name in filenames:
-        got = try_to_load_from_cache(repo.strip("/"), name)
-        if isinstance(got, str) and Path(got).is_file():
-            return True
-    return False
+    return weights.reachable(url, timeout)
 
 
 def embedding_weights_cached(spec) -> bool:  # type: ignore[no-untyped-def]
-    """True when `spec`'s weights load without a download (local files or the Hugging Face cache)."""
-    if spec.standin:
-        return False
-    if spec.pretrained and Path(spec.pretrained).is_file():
-        return True
-    if Path(spec.source).is_dir():
-        return True
-    if spec.library == "open_clip":
-        try:
-            import open_clip
-
-            cfg = open_clip.get_pretrained_cfg(spec.source, spec.pretrained or "")
-        except Exception:  # noqa: BLE001
-            return False
-        hub = (cfg or {}).get("hf_hub")
-        return bool(hub) and _hf_cached(hub, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
-    if spec.library == "transformers":
-        return _hf_cached(spec.source, ("model.safetensors", "pytorch_model.bin"))
-    return False
+    """True when `spec`'s real weights load without a download (local files or the Hugging Face cache)."""
+    return not spec.standin and weights.locate(spec) is not None
 
 
 def _u2net_file(settings: Settings) -> Path | None:
@@ -106,7 +66,7 @@ def choose(settings: Settings, mode: str, standin_dir: Path) -> ModelChoice:
         from imageselector.embedding.registry import DEFAULT_REGISTRY, load_registry
 
         specs = load_registry(DEFAULT_REGISTRY)  # the real five (a home .env may point at stand-ins)
-        missing = [n for n, s in specs.items() if not embedding_weights_cached(s)]
+        missing = [a.name for a in weights.availability(specs) if not a.present]  # a cached fallback counts
         if not missing:
             real_embed = True
             why.append("embedding weights found in the local cache")

@@ -7,6 +7,7 @@ import sys
 
 from imageselector import db
 from imageselector.config import load_settings
+from imageselector.entry import run
 from imageselector.status import figures as status
 
 
@@ -26,4 +27,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -1,7 +1,9 @@
 """What `image_db.py` prints: the guide's status block, then per-stage failures, rates and ETAs.
 
 Everything is an O(1) read: flag totals come from `counters` (kept exact by triggers), failures and
-leases from small partial indexes, rates from the `progress` log. So it answers in milliseconds on
+leases from small partial indexes, rates from the `progress` log (over the span that completions actually
+cover within the last 10 minutes / hour; the ETA uses the 10-minute pace, or the hour's when 10 minutes
+hold too few completions to measure). So it answers in milliseconds on
 a 1.2M-row database while four workers write.
 """
 
@@ -49,6 +51,26 @@ def counters(conn: sqlite3.Connection) -> dict[str, int]:
     return {r["name"]: int(r["n"]) for r in conn.execute("SELECT name, n FROM counters")}
 
 
+def window_rate(conn: sqlite3.Connection, name: str, now: float, window: float) -> tuple[float, bool]:
+    """Completions per minute over the part of the last `window` seconds that work actually covered.
+
+    The span runs from the first to the last completion logged in the window; the first entry's items
+    were done before the span began, so they are not counted. A run 2 minutes old therefore shows its
+    real pace, not 2/10 of it. Returns (per minute, measured): with fewer than two entries (or a span
+    under a second) nothing can be measured, and the count over the whole window is a lower bound.
+    """
+    k, total, first_ts, last_ts = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(n), 0), MIN(ts), MAX(ts) FROM progress WHERE stage=? AND ts >= ?",
+        (name, now - window),
+    ).fetchone()
+    if k >= 2 and last_ts - first_ts >= 1.0:
+        first_n = conn.execute(
+            "SELECT n FROM progress WHERE stage=? AND ts >= ? ORDER BY ts LIMIT 1", (name, now - window)
+        ).fetchone()[0]
+        return (total - first_n) / ((last_ts - first_ts) / 60.0), True
+    return total / (window / 60.0), False
+
+
 def stage_status(conn: sqlite3.Connection, c: dict[str, int], name: str, now: float) -> StageStatus:
     st = db.stage(name)
     failing = parked = 0
@@ -68,15 +90,13 @@ def stage_status(conn: sqlite3.Connection, c: dict[str, int], name: str, now: fl
     ready = c.get(READY_COUNTER.get(name, "bg_removed"), 0)
     done = c.get(st.done_col, 0)
     backlog = max(0, ready - done - parked)
-    rate = {}
-    for label, window in (("10m", 600.0), ("1h", 3600.0)):
-        n = conn.execute(
-            "SELECT COALESCE(SUM(n), 0) FROM progress WHERE stage=? AND ts >= ?", (name, now - window)
-        ).fetchone()[0]
-        rate[label] = n / (window / 60.0)
-    per_s = (rate["1h"] or rate["10m"]) / 60.0
+    rate = {label: window_rate(conn, name, now, window) for label, window in (("10m", 600.0), ("1h", 3600.0))}
+    per_min = next((r for r, measured in (rate["10m"], rate["1h"]) if measured), None)
+    if per_min is None:  # too few completions to measure a span: the lower bound over the window
+        per_min = rate["10m"][0] or rate["1h"][0]
+    per_s = per_min / 60.0
     eta = 0.0 if backlog == 0 else (backlog / per_s if per_s > 0 else None)
-    return StageStatus(name, done, backlog, leased, failing, parked, rate["10m"], rate["1h"], eta)
+    return StageStatus(name, done, backlog, leased, failing, parked, rate["10m"][0], rate["1h"][0], eta)
 
 
 def collect(conn: sqlite3.Connection, now: float | None = None) -> dict[str, Any]:

@@ -366,7 +366,7 @@ def upgrade(settings: Settings, backup: Path | None, specs: dict, out: Out) -> i
             + ", ".join(f"{m} {c.get(f'embed_{m}', 0):,}" for m in db.EMBED_MODELS)
         )
         _env_lines(settings, out)
-        out("start the pipeline again: rm -f KILL; nohup venv/bin/python scripts/pipeline_monitor.py > pipeline.log 2>&1 &")
+        out("start the pipeline again: rm -f KILL; nohup venv/bin/python scripts/pipeline_monitor.py >> pipeline.log 2>&1 &")
         return 0
     finally:
         ops.record()
