@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -238,7 +238,7 @@ def draft_side(geometries: Iterable[Geometry | None]) -> int | None:
     return max(sides) if sides else None
 
 
-def decode(path: str | Path, draft: int | None = None) -> Image.Image:
+def decode(path: str | Path | BinaryIO, draft: int | None = None) -> Image.Image:
     """Open and fully read an image. With `draft`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4,
     1/8) whose short side is still >= draft, and its info says so (`draft_scale`, `full_size`); any other
     format is decoded as is."""
