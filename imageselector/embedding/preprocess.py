@@ -242,14 +242,21 @@ def decode(path: str | Path | BinaryIO, draft: int | None = None) -> Image.Image
     """Open and fully read an image. With `draft`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4,
     1/8) whose short side is still >= draft, and its info says so (`draft_scale`, `full_size`); any other
     format is decoded as is."""
-    with Image.open(path) as im:
-        full = im.size
-        scale = 1
+    im = Image.open(path)
+    try:
+        full, scale = im.size, 1
         if draft and im.format == "JPEG":
             im.draft(None, (draft, draft))  # a square box keeps the short side >= draft
             scale = int(im.decoderconfig[0]) if im.decoderconfig else 1
-        im.load()
-        out = im.copy() if im.mode in ("RGB", "RGBA", "L", "P", "LA") else im.convert("RGB")
+        im.load()  # a single-frame JPEG's file is closed here: no copy needed
+        if im.format == "JPEG" and im.mode in ("RGB", "L"):
+            out = im
+        else:
+            out = im.copy() if im.mode in ("RGB", "RGBA", "L", "P", "LA") else im.convert("RGB")
+            im.close()
+    except BaseException:
+        im.close()
+        raise
     if scale > 1:
         out.info.update(draft_scale=scale, full_size=full)
     return out
