@@ -3,10 +3,13 @@
     venv/bin/python bench/embed.py [--images 256] [--batch-size 8] [--threads 2] [--dtype auto]
 
 1. ViT-B-32 at real size with random weights (open_clip, pretrained=None), same batch size and torch
-   thread count for both figures:
+   thread count for every figure:
    - bare forward: `encode_batch` on pre-made tensors;
    - end-to-end: the real stage (claim, decode, preprocess in worker threads, forward, index append,
-     flags, flushes), without and with the listing-text vectors.
+     flags, flushes) with the reference and with the fast preprocessing (interleaved), then with the
+     listing-text vectors; decode and preprocess CPU ms per image for both paths.
+   1b. Vector drift, fast vs reference preprocessing: cosine (min, median) of each image's two vectors
+   and top-10 neighbour overlap, for ViT-B-32 and the five stand-ins (random weights).
 2. `--model all` decoding each image once vs five sequential single-model passes, with the five
    stand-in models (tiny, so decoding is a large share: the case where decode-once matters most).
 3. Precision: fp16/bf16 against fp32 (cosine of the same image, top-10 overlap of neighbours) and speed,
@@ -33,8 +36,9 @@ from PIL import Image  # noqa: E402
 from imageselector import db  # noqa: E402
 from imageselector.config import load_settings  # noqa: E402
 from imageselector.embedding.encoders import load_encoder  # noqa: E402
+from imageselector.embedding.preprocess import decode, draft_scale, draft_side  # noqa: E402
 from imageselector.embedding.registry import ModelSpec, load_registry  # noqa: E402
-from imageselector.embedding.stage import EmbedStage, Options, decode  # noqa: E402
+from imageselector.embedding.stage import EmbedStage, Options  # noqa: E402
 from imageselector.embedding.standins import build_standins  # noqa: E402
 from imageselector.layout import image_path  # noqa: E402
 from imageselector.stopping import Stopper  # noqa: E402
@@ -108,6 +112,53 @@ def bare_forward(enc, tensors: torch.Tensor, batch: int) -> float:
     return time.perf_counter() - t0
 
 
+def prep_cost(enc, paths: list[Path], reps: int = 3) -> tuple[float, float]:
+    """CPU seconds per image in this thread (best of reps): (decode, preprocess). The fast path's decode is the
+    draft decode, and its preprocess includes its share of the batched normalise that runs before the forward."""
+    draft = draft_side([enc.geometry])
+    best_dec = best_pre = float("inf")
+    for _ in range(reps):
+        t = time.thread_time()  # this thread only: torch's idle worker threads spin and would inflate it
+        imgs = [decode(p, draft) for p in paths]
+        dec = time.thread_time() - t
+        t = time.thread_time()
+        x = torch.stack([enc.preprocess(im) for im in imgs])
+        if x.dtype == torch.uint8:
+            for i in range(0, len(x), 8):
+                enc.recipe.normalise(x[i : i + 8])
+        pre = time.thread_time() - t
+        best_dec, best_pre = min(best_dec, dec / len(paths)), min(best_pre, pre / len(paths))
+    return best_dec, best_pre
+
+
+def draft_share(paths: list[Path], enc) -> str:
+    """How many of the bench's JPEGs the fast path decodes at reduced scale, and at which."""
+    side = draft_side([enc.geometry])
+    scales: dict[int, int] = {}
+    for p in paths:
+        with Image.open(p) as im:
+            f = draft_scale(im.size, side) if side else 1
+        scales[f] = scales.get(f, 0) + 1
+    parts = ", ".join(f"1/{f}: {c}" for f, c in sorted(scales.items()))
+    return f"short side kept >= {side}; images per scale {parts}"
+
+
+def drift(ref_enc, fast_enc, paths: list[Path], batch: int) -> str:
+    """Cosine of the same image's vectors (min / median) and top-10 neighbour overlap, fast vs reference."""
+    draft = draft_side([fast_enc.geometry])
+    ref = np.concatenate(
+        [ref_enc.encode_batch(torch.stack([ref_enc.preprocess(decode(p)) for p in paths[i : i + batch]]))
+         for i in range(0, len(paths), batch)]
+    )  # fmt: skip
+    fast = np.concatenate(
+        [fast_enc.encode_batch(torch.stack([fast_enc.preprocess(decode(p, draft)) for p in paths[i : i + batch]]))
+         for i in range(0, len(paths), batch)]
+    )  # fmt: skip
+    cos = (ref * fast).sum(axis=1)
+    _, _, overlap = agreement(fast, ref)
+    return f"cosine min {cos.min():.5f} median {np.median(cos):.5f}, top-10 overlap {overlap:.3f}"
+
+
 def vitb32_spec(text: bool) -> ModelSpec:
     return ModelSpec(name="clip_vitb32", library="open_clip", source="ViT-B-32", dim=512, has_text=text)
 
@@ -131,6 +182,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--skip-dtype", action="store_true")
     ap.add_argument("--skip-all", action="store_true", help="skip the decode-once vs five passes part")
+    ap.add_argument("--skip-drift", action="store_true", help="skip the fast vs reference vector drift part")
     ap.add_argument("--reps", type=int, default=3)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -142,45 +194,62 @@ def main() -> int:
     n, b = a.images, a.batch_size
     print(f"torch {torch.__version__}, {a.threads} torch threads, {a.workers} decode threads, batch {b}, {n} images")
 
-    # ---- 1. ViT-B-32: end-to-end vs bare forward ------------------------------------------------
-    enc_img = load_encoder(vitb32_spec(False), "cpu", a.dtype)
+    # ---- 1. ViT-B-32: end-to-end vs bare forward, reference and fast preprocessing ---------------
+    enc_img = load_encoder(vitb32_spec(False), "cpu", a.dtype, preprocess="reference")
+    enc_fast = load_encoder(vitb32_spec(False), "cpu", a.dtype, preprocess="fast")
     enc_txt = load_encoder(vitb32_spec(True), "cpu", a.dtype)
-    enc_txt.model = enc_img.model  # same weights for both runs
+    enc_fast.model = enc_txt.model = enc_img.model  # same weights for every run
     s0, c0 = fresh_home(root, "bare", n)
     paths = [image_path(s0.images_dir, r[0], r[1]) for r in c0.execute("SELECT listing_id, image_id FROM image_status")]
-    c0 = time.thread_time()  # this thread only: torch's idle worker threads spin and would inflate it
-    imgs = [decode(p) for p in paths]
-    dec_cpu = (time.thread_time() - c0) / n
-    c0 = time.thread_time()
-    tensors = torch.stack([enc_img.preprocess(im) for im in imgs])
-    pre_cpu = (time.thread_time() - c0) / n
+    cost = {mode: prep_cost(enc, paths) for mode, enc in (("reference", enc_img), ("fast", enc_fast))}
+    tensors = torch.stack([enc_img.preprocess(decode(p)) for p in paths])
     bare_forward(enc_img, tensors[: 2 * b], b)  # warm-up (kernel creation)
     sw, cw = fresh_home(root, "warm_vitb32", 2 * b)
     run_e2e(sw, cw, {"clip_vitb32": enc_txt}, b, a.workers)
     c0 = time.process_time()
     bare_forward(enc_img, tensors, b)
     fwd_cpu = (time.process_time() - c0) / n
-    # Interleave the two measurements and keep the best of each: other processes share this machine.
-    bares, e2es, e2es_text = [], [], []
+    # Interleave the measurements and keep the best of each: other processes share this machine.
+    bares: list[float] = []
+    e2es: dict[str, list[float]] = {"reference": [], "fast": []}
     for rep in range(a.reps):
         bares.append(n / bare_forward(enc_img, tensors, b))
-        s1, c1 = fresh_home(root, f"e2e{rep}", n)
-        e2es.append(n / run_e2e(s1, c1, {"clip_vitb32": enc_img}, b, a.workers))
+        for mode, enc in (("reference", enc_img), ("fast", enc_fast)):
+            s1, c1 = fresh_home(root, f"e2e{rep}_{mode}", n)
+            e2es[mode].append(n / run_e2e(s1, c1, {"clip_vitb32": enc}, b, a.workers))
     s2, c2 = fresh_home(root, "e2e_text", n)
-    e2es_text.append(n / run_e2e(s2, c2, {"clip_vitb32": enc_txt}, b, a.workers))
-    bare, e2e = max(bares), max(e2es)
+    e2e_text = n / run_e2e(s2, c2, {"clip_vitb32": enc_txt}, b, a.workers)
+    bare = max(bares)
     dt = enc_img.dtype_name
     print(f"load average at start/now: {load0} / {os.getloadavg()[0]:.1f} (2 cores; other processes share them)")
-    print(
-        f"CPU ms per image: decode {dec_cpu * 1e3:.1f}, preprocess {pre_cpu * 1e3:.1f}, ViT-B-32 {dt} forward {fwd_cpu * 1e3:.1f}"
-    )
-    print(f"  -> if every core is busy, end-to-end/bare can be at most {fwd_cpu / (fwd_cpu + dec_cpu + pre_cpu):.3f}")
+    for mode, (dec, pre) in cost.items():
+        print(
+            f"{mode:9s} preprocessing, CPU ms per image: decode {dec * 1e3:.2f} + preprocess {pre * 1e3:.2f} "
+            f"= {(dec + pre) * 1e3:.2f}; ViT-B-32 {dt} forward {fwd_cpu * 1e3:.1f} "
+            f"-> with every core busy, end-to-end/bare at most {fwd_cpu / (fwd_cpu + dec + pre):.3f}"
+        )
+    print(f"JPEG draft decode (fast): {draft_share(paths, enc_fast)}")
     print(f"ViT-B-32 ({dt}) bare forward on pre-made tensors, images/s: {', '.join(f'{x:.1f}' for x in bares)}")
-    print(f"ViT-B-32 ({dt}) end-to-end stage (image vectors), images/s: {', '.join(f'{x:.1f}' for x in e2es)}")
-    print(f"ViT-B-32 ({dt}) end-to-end stage + listing text, images/s:  {e2es_text[0]:.1f}")
+    for mode, xs in e2es.items():
+        print(
+            f"ViT-B-32 ({dt}) end-to-end stage, {mode:9s} preprocessing, images/s: {', '.join(f'{x:.1f}' for x in xs)}"
+        )
+    print(f"ViT-B-32 ({dt}) end-to-end stage + listing text (fast), images/s: {e2e_text:.1f}")
+
+    # ---- 1b. how far the fast path moves vectors against the reference ----------------------------
+    reg = load_registry(build_standins(root / "standins"))
+    if not a.skip_drift:
+        m = min(n, 128)
+        print(f"fast vs reference preprocessing, {m} images (RANDOM weights: real weights could not be tried here):")
+        cases = [("ViT-B-32 random", vitb32_spec(False))] + [(f"stand-in {k}", s) for k, s in reg.items()]
+        for label, spec in cases:
+            torch.manual_seed(0)
+            ref_enc = load_encoder(spec, "cpu", "fp32", preprocess="reference")
+            fast_enc = load_encoder(spec, "cpu", "fp32", preprocess="fast")
+            fast_enc.model = ref_enc.model
+            print(f"  {label:24s} {drift(ref_enc, fast_enc, paths[:m], b)}")
 
     # ---- 2. decode once (--model all) vs five sequential passes, stand-ins ----------------------
-    reg = load_registry(build_standins(root / "standins"))
     encs = {} if a.skip_all else {m: load_encoder(s, "cpu", a.dtype) for m, s in reg.items()}
     if encs:  # a small full run first: kernel creation, text tower, processors, all outside the timings
         sw, cw = fresh_home(root, "warm", 2 * b)
@@ -201,7 +270,7 @@ def main() -> int:
     # ---- 3. precision agreement ---------------------------------------------------------------
     if not a.skip_dtype:
         m = min(n, 128)
-        imgs = imgs[:m]
+        imgs = [decode(p) for p in paths[:m]]
         cases = [("ViT-B-32 random", vitb32_spec(False))] + [(f"stand-in {k}", s) for k, s in reg.items()]
         for label, spec in cases:
             torch.manual_seed(0)  # the random ViT-B-32 must get the same weights in every precision
@@ -225,7 +294,11 @@ def main() -> int:
                     f"{label:24s} {low} vs fp32: cosine min {cmin:.5f} mean {cmean:.5f}, top-10 overlap {ov:.3f}, "
                     f"speed {m / t_lo:6.1f} vs {m / t_ref:6.1f} images/s"
                 )
-    print(f"end-to-end / bare forward (ViT-B-32 {dt}, best of {a.reps} each): {e2e / bare:.3f}")
+    print(
+        f"end-to-end / bare forward (ViT-B-32 {dt}, {a.threads} threads, best of {a.reps} each): "
+        f"reference {max(e2es['reference']) / bare:.3f}, fast {max(e2es['fast']) / bare:.3f}; "
+        f"decode+preprocess ms/image: reference {sum(cost['reference']) * 1e3:.2f}, fast {sum(cost['fast']) * 1e3:.2f}"
+    )
     return 0
 
 

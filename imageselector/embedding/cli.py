@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "fp32", "fp16", "bf16"],
         help="auto: fp16 on mps/cuda, bf16 on a CPU with native bf16, else fp32 (docs/embedding.md)",
     )
+    ap.add_argument(
+        "--preprocess",
+        default="fast",
+        choices=["fast", "reference"],
+        help="fast: one resize per image, JPEG draft decode (default); reference: each library's own transform",
+    )
     ap.add_argument("--watch", action="store_true", help="keep polling for new images instead of exiting when done")
     ap.add_argument("--models-file", help="registry JSON to use instead of the shipped one (IMAGESELECTOR_MODELS_FILE)")
     add_ray_arguments(ap)
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log.info("%s", check.line)
     try:
-        encoders = {n: load_encoder(registry[n], args.device, args.dtype) for n in names}
+        encoders = {n: load_encoder(registry[n], args.device, args.dtype, args.preprocess) for n in names}
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -127,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info(
         "embedding with %s; batch %d, %d decode threads, %d torch threads",
-        ", ".join(f"{n} ({e.device}/{e.dtype_name})" for n, e in encoders.items()),
+        ", ".join(
+            f"{n} ({e.device}/{e.dtype_name}/{'fast' if e.recipe else 'reference'})" for n, e in encoders.items()
+        ),
         args.batch_size,
         args.workers,
         torch.get_num_threads(),
@@ -157,6 +165,7 @@ def _run_on_ray(args, settings, address, names, stage, stopper, log) -> int | No
         models=names,
         device="auto" if args.device == "auto" else args.device,
         dtype=args.dtype,
+        preprocess=args.preprocess,
     )
     pool = open_pool_or_fallback(
         "imageselector.embedding.remote:make_embed_compute", kwargs, args, address, stopper, log

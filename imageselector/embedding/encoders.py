@@ -6,6 +6,11 @@ Every model, real or stand-in, loads through the same code: `open_clip.create_mo
 worker threads while the model runs. Pooling: CLIP's own image/text projection; DINOv2/DINOv3
 `pooler_output` = the CLS token after the final norm (timm: `forward_features(x)[:, 0]`, the same token).
 
+Two preprocessing paths (`preprocess=` of `load_encoder`, `embed.py --preprocess`): `reference` runs the
+library's own transform per image and gives float tensors; `fast` (preprocess.py) gives uint8 pixels from
+one PIL resize that `encode_batch` normalises per batch, with the recipe read from that same transform
+and checked against it at load time (a model whose recipe cannot be read or disagrees stays on reference).
+
 Precision: `dtype="auto"` picks per device from measured agreement with fp32 (docs/embedding.md):
 bf16 on a CPU with native bf16 (AVX-512-BF16/AMX), fp16 on CUDA and MPS, else fp32. The vectors are
 always returned as float32 and normalised in float32.
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imageselector.embedding import preprocess as pp
 from imageselector.embedding.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -114,9 +120,10 @@ class NumpyTail:
 
 
 class Encoder:
-    """Base: subclasses set `model`, implement `preprocess` and `_forward`."""
+    """Base: subclasses set `model`, implement `_reference` (and `_recipe`) and `_forward`."""
 
     def __init__(self, spec: ModelSpec, device: str, dtype: str) -> None:
+        self.recipe: pp.Recipe | None = None  # set by `use_fast`: the fast path is on
         self.spec = spec
         self.name = spec.name
         self.device = device
@@ -131,15 +138,49 @@ class Encoder:
         if self.dtype != torch.float32:
             self.model.to(self.dtype)
 
-    def preprocess(self, img: Image.Image) -> torch.Tensor:  # pragma: no cover - abstract
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        """One decoded image -> this model's input: uint8 [3,H,W] pixels (fast) or the float tensor (reference)."""
+        if self.recipe is not None:
+            return torch.from_numpy(self.recipe.geometry.pixels(to_rgb(img), img.info))
+        return self._reference(img)
+
+    @property
+    def geometry(self) -> pp.Geometry | None:
+        """The fast path's resize/crop (models with equal ones share pixels); None on the reference path."""
+        return self.recipe.geometry if self.recipe is not None else None
+
+    def use_fast(self) -> bool:
+        """Switch to the fast path if this model's recipe can be read and agrees with the reference on a probe."""
+        recipe = self._recipe()
+        if recipe is None:
+            log.info("%s: preprocessing not recognised; using the reference path", self.name)
+            return False
+        probe = pp.probe_image()
+        ref = self._reference(probe)
+        fast = recipe.normalise(torch.from_numpy(recipe.geometry.pixels(probe))[None])[0]
+        if not pp.agrees(fast, ref):
+            log.warning("%s: fast preprocessing disagrees with the reference; using the reference path", self.name)
+            return False
+        self.recipe = recipe
+        return True
+
+    def _reference(self, img: Image.Image) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _recipe(self) -> pp.Recipe | None:
+        return None
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def encode_batch(self, x: torch.Tensor) -> np.ndarray:
-        """Pre-made [n,3,H,W] float32 tensors (from `preprocess`) -> [n, dim] float32, L2-normalised."""
+        """A batch stacked from `preprocess` (uint8 pixels, normalised here in one op, or float tensors) ->
+        [n, dim] float32, L2-normalised."""
         with torch.inference_mode():
+            if x.dtype == torch.uint8:
+                if self.recipe is None:
+                    raise ValueError(f"{self.name}: uint8 pixels given but the fast path is off")
+                x = self.recipe.normalise(x)
             out = self._forward(x.to(self.device, self.dtype))
         vecs = _normalise(out)
         if vecs.shape[1] != self.dim:
@@ -175,8 +216,11 @@ class OpenClipEncoder(Encoder):
         self._tokenizer = open_clip.get_tokenizer(name)
         self._place()
 
-    def preprocess(self, img: Image.Image) -> torch.Tensor:
+    def _reference(self, img: Image.Image) -> torch.Tensor:
         return self._preprocess(to_rgb(img))
+
+    def _recipe(self) -> pp.Recipe | None:
+        return pp.from_torchvision(self._preprocess.full)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(x)
@@ -208,8 +252,11 @@ class TransformersEncoder(Encoder):
         self.model = AutoModel.from_pretrained(spec.source, **kw)
         self._place()
 
-    def preprocess(self, img: Image.Image) -> torch.Tensor:
+    def _reference(self, img: Image.Image) -> torch.Tensor:
         return self.processor(images=to_rgb(img), return_tensors="pt")["pixel_values"][0].float()
+
+    def _recipe(self) -> pp.Recipe | None:
+        return pp.from_hf_processor(self.processor)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=x)
@@ -240,8 +287,11 @@ class TimmEncoder(Encoder):
         self._preprocess = NumpyTail(create_transform(**cfg))
         self._place()
 
-    def preprocess(self, img: Image.Image) -> torch.Tensor:
+    def _reference(self, img: Image.Image) -> torch.Tensor:
         return self._preprocess(to_rgb(img))
+
+    def _recipe(self) -> pp.Recipe | None:
+        return pp.from_torchvision(self._preprocess.full)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.model.forward_features(x)
@@ -267,9 +317,14 @@ def _build(spec: ModelSpec, device: str, dtype: str) -> Encoder:
         root.setLevel(level)
 
 
-def load_encoder(spec: ModelSpec, device: str = "auto", dtype: str = "auto") -> Encoder:
+def load_encoder(
+    spec: ModelSpec, device: str = "auto", dtype: str = "auto", preprocess: str = pp.DEFAULT_MODE
+) -> Encoder:
     """Load one model for inference. If the primary source cannot be loaded (a gated repo without a token,
-    no network) and the spec has a `fallback`, the fallback is loaded instead and `encoder.spec` says so."""
+    no network) and the spec has a `fallback`, the fallback is loaded instead and `encoder.spec` says so.
+    `preprocess`: `fast` or `reference` (module docstring)."""
+    if preprocess not in pp.MODES:
+        raise ValueError(f"preprocess must be one of {', '.join(pp.MODES)}, not {preprocess!r}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     try:
@@ -287,5 +342,15 @@ def load_encoder(spec: ModelSpec, device: str = "auto", dtype: str = "auto") -> 
             fb.source,
         )
         enc = _build(fb, dev, dt)
-    log.info("%s: loaded %s on %s in %s (dim %d)", spec.name, enc.spec.describe(), dev, dt, enc.dim)
+    if preprocess == "fast":
+        enc.use_fast()
+    log.info(
+        "%s: loaded %s on %s in %s (dim %d), %s preprocessing",
+        spec.name,
+        enc.spec.describe(),
+        dev,
+        dt,
+        enc.dim,
+        "fast" if enc.recipe is not None else "reference",
+    )
     return enc

@@ -21,21 +21,26 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from imageselector import db
+from imageselector.embedding.preprocess import DEFAULT_MODE, decode, draft_side
 from imageselector.embedding.stage import EmbedStage, find_image, log
 from imageselector.worker import ClaimedBatch
 
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def decode_bytes(data: bytes) -> Image.Image:
-    """The local stage's `decode`, from bytes instead of a path."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.copy() if im.mode in ("RGB", "RGBA", "L", "P", "LA") else im.convert("RGB")
+def decode_bytes(data: bytes, draft: int | None = None) -> Image.Image:
+    """The local stage's `decode` (same JPEG draft scale), from bytes instead of a path."""
+    return decode(io.BytesIO(data), draft)
 
 
 def make_embed_compute(
-    *, models_file: str | None, models: list[str], device: str, dtype: str, home: str | None = None
+    *,
+    models_file: str | None,
+    models: list[str],
+    device: str,
+    dtype: str,
+    home: str | None = None,
+    preprocess: str = DEFAULT_MODE,
 ) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """Load one replica of `models`; returns compute({"images": [bytes], "want": {m: [i]}}) -> vectors per model."""
     import torch
@@ -45,13 +50,14 @@ def make_embed_compute(
     from imageselector.embedding.registry import load_registry
 
     registry = load_registry(models_file, load_settings(home) if home else None)
-    encoders = {m: load_encoder(registry[m], device, dtype) for m in models}
+    encoders = {m: load_encoder(registry[m], device, dtype, preprocess) for m in models}
+    draft = draft_side(e.geometry for e in encoders.values())
 
     def compute(payload: dict[str, Any]) -> dict[str, Any]:
         images: list[Image.Image | str] = []
         for data in payload["images"]:
             try:
-                images.append(decode_bytes(data))
+                images.append(decode_bytes(data, draft))
             except _DECODE_ERRORS as exc:
                 images.append(f"undecodable image: {type(exc).__name__}: {exc}")
         out: dict[str, Any] = {"ok": {}, "vectors": {}, "errors": {}}

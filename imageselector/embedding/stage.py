@@ -39,6 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from imageselector import db
 from imageselector.config import Settings
 from imageselector.embedding.encoders import Encoder
+from imageselector.embedding.preprocess import decode, draft_side
 from imageselector.embedding.store import Store
 from imageselector.layout import image_path
 from imageselector.logs import Progress
@@ -95,12 +96,6 @@ def find_image(settings: Settings, row: Any) -> Path | None:
     return locate_image(settings, row)
 
 
-def decode(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im.copy() if im.mode in ("RGB", "RGBA", "L", "P", "LA") else im.convert("RGB")
-
-
 # --------------------------------------------------------------------------------------------------
 # Prefetch: claim + decode once + preprocess per model, ahead of the models
 # --------------------------------------------------------------------------------------------------
@@ -119,6 +114,8 @@ class Prefetcher(threading.Thread):
         self.q: queue.Queue[Round | BaseException] = queue.Queue(maxsize=max(1, opts.prefetch))
         self.halt = threading.Event()
         self.pool = ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="embed-decode")
+        # JPEGs are decoded at reduced scale when every model is on the fast path (preprocess.py)
+        self.draft = draft_side(getattr(e, "geometry", None) for e in encoders.values())
 
     def _stop_now(self) -> bool:
         return self.halt.is_set() or self.stopper.should_stop()
@@ -184,20 +181,28 @@ class Prefetcher(threading.Thread):
         return rnd
 
     def _load(self, row: sqlite3.Row, models: list[str]) -> tuple[str, bool] | dict[str, Any]:
-        """Decode once, preprocess for each model. Returns (error, permanent) or {model: tensor | error}."""
+        """Decode once, preprocess for each model (models with the same fast-path geometry share one result).
+        Returns (error, permanent) or {model: tensor | error}."""
         path = find_image(self.settings, row)
         if path is None:
             return ("image file missing", False)
         try:
-            img = decode(path)
+            img = decode(path, self.draft)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             return (f"undecodable image: {type(exc).__name__}: {exc}", True)
         out: dict[str, Any] = {}
+        shared: dict[Any, Any] = {}
         for m in models:
+            key = getattr(self.encoders[m], "geometry", None)
+            if key is not None and key in shared:
+                out[m] = shared[key]
+                continue
             try:
                 out[m] = self.encoders[m].preprocess(img)
             except Exception as exc:  # noqa: BLE001 - one bad image must not stop the stage
                 out[m] = f"preprocessing failed: {type(exc).__name__}: {exc}"
+            if key is not None:
+                shared[key] = out[m]
         return out
 
     def get(self) -> Round:
