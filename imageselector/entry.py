@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from imageselector.db import LegacyHomeError
+from imageselector.config import HomeError
 
 HOME_ERROR_EXIT = 2
 
@@ -17,6 +17,6 @@ HOME_ERROR_EXIT = 2
 def run(main: Callable[[], int | None]) -> int:
     try:
         return int(main() or 0)
-    except LegacyHomeError as exc:
+    except HomeError as exc:  # LegacyHomeError and the rest of the family (config.HomeError)
         print(f"error: {exc}", file=sys.stderr)
         return HOME_ERROR_EXIT

@@ -7,6 +7,7 @@ Every line carries time, level and stage; known secrets are masked before anythi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
@@ -74,7 +75,8 @@ def setup_logging(
     under them, so two processes never rename the same files at once and no helper line goes to a stale file.
     """
     home = Path(home)
-    home.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # a read-only home: the log goes to stderr only (below)
+        home.mkdir(parents=True, exist_ok=True)
     log_path = home / f"{script}.log"
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -85,12 +87,17 @@ def setup_logging(
     filters: list[logging.Filter] = [_StageFilter(stage or script), RedactSecrets(secrets)]
     handlers: list[logging.Handler] = []
     fh: logging.Handler
-    if rotate:
-        fh = logging.handlers.RotatingFileHandler(log_path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
-    else:
-        fh = logging.handlers.WatchedFileHandler(log_path, encoding="utf-8")
-    handlers.append(fh)
-    if not _same_file(sys.stderr, log_path):
+    try:
+        if rotate:
+            fh = logging.handlers.RotatingFileHandler(
+                log_path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+            )
+        else:
+            fh = logging.handlers.WatchedFileHandler(log_path, encoding="utf-8")
+        handlers.append(fh)
+    except OSError:  # read-only home (search, status): stderr only
+        pass
+    if not handlers or not _same_file(sys.stderr, log_path):
         handlers.append(logging.StreamHandler(sys.stderr))
     for h in handlers:
         h.setFormatter(fmt)
