@@ -58,6 +58,7 @@ def main() -> int:
         print(
             f"{name:>6}: {finished} images through all stages in {r.settle_s:.0f} s = {rates[name]:.1f} images/min "
             f"(kills {r.kills}, restarts {r.restarts}, parked {sum(r.parked.values())}, "
+            f"orphan vectors {r.orphan_vectors}, "
             f"inconsistencies {len(r.problems)})"
         )
     print(f"folder: {base}")

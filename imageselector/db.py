@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from imageselector.config import DatabaseUnreadable, HomeError, HomeReadOnly, NewerSchema
+
 T = TypeVar("T")
 
 EMBED_MODELS: tuple[str, ...] = (
@@ -381,8 +383,60 @@ class Transaction:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
             self.conn.execute("COMMIT")
-        else:
-            self.conn.execute("ROLLBACK")
+        elif self.conn.in_transaction:  # SQLite may have rolled back itself (e.g. 'database or disk is full')
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the original error is the one to report
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_file(path: str | os.PathLike[str]) -> None:
+    """Before anything is opened or written: is the file (if any) a SQLite database of a schema we know?
+
+    Reads the 100-byte header only (magic string; PRAGMA user_version is the big-endian int at offset 60),
+    so a bad home is refused before a log file or a -wal is created beside it.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DatabaseUnreadable(f"cannot read the database {path}: {exc.strerror or exc}") from None
+    if not head:
+        return  # an empty file is a database SQLite has not written yet
+    if not head.startswith(SQLITE_MAGIC) or len(head) < 64:
+        raise DatabaseUnreadable(
+            f"{path} is not a SQLite database (corrupt or overwritten); restore it from a backup "
+            f"or move it away to start afresh"
+        )
+    version = int.from_bytes(head[60:64], "big")
+    if version > SCHEMA_VERSION:
+        raise NewerSchema(
+            f"{path} has schema v{version}, newer than this code (v{SCHEMA_VERSION}): update the code (git pull)"
+        )
+
+
+def check_usable(settings: Any, *, write: bool) -> None:
+    """An entry point's first check of its home (config.Settings): the database file, and write access if needed."""
+    check_file(settings.db_path)
+    if write:
+        settings.require_writable()
+
+
+def _classify(exc: sqlite3.Error, path: Path) -> Exception:
+    """Turn an open-time SQLite error into the HomeError it means, or return it unchanged."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc)
+    if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or "not a database" in text or "malformed" in text:
+        return DatabaseUnreadable(f"{path} is not a readable SQLite database ({text}); restore it from a backup")
+    if name in ("SQLITE_READONLY", "SQLITE_CANTOPEN") or "readonly" in text or "unable to open" in text:
+        return HomeReadOnly(f"cannot open {path} for writing ({text}): is the home read-only?")
+    return exc
 
 
 def connect(
@@ -392,10 +446,32 @@ def connect(
 
     A seed-era database (or one whose upgrade was interrupted) raises LegacyHomeError before anything
     is written to it: no journal-mode switch, no migration. Only the upgrade passes `allow_legacy`.
+    `readonly` opens with mode=ro; where even that fails (a read-only home cannot hold the -shm file WAL
+    readers need) it falls back to `immutable=1`, which reads the main file only. Raises
+    DatabaseUnreadable / NewerSchema / HomeReadOnly (config.HomeError) for a home that cannot be used.
     """
     path = Path(path)
+    check_file(path)
+    try:
+        conn = _open(path, readonly, migrate, allow_legacy)
+    except sqlite3.Error as exc:
+        raise _classify(exc, path) from exc
+    return conn
+
+
+def _open(path: Path, readonly: bool, migrate: bool, allow_legacy: bool) -> sqlite3.Connection:
     if readonly:
+        if not path.is_file():
+            raise DatabaseUnreadable(f"no database at {path}")
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10.0)
+        try:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if "unable to open" not in str(exc) and "readonly" not in str(exc):
+                raise
+            conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None, timeout=10.0)
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
@@ -432,7 +508,7 @@ def apply_migrations(conn: sqlite3.Connection) -> int:
     """Bring the schema to SCHEMA_VERSION. Each migration runs in its own transaction."""
     current = conn.execute("PRAGMA user_version").fetchone()[0]
     if current > SCHEMA_VERSION:
-        raise RuntimeError(f"database schema v{current} is newer than this code (v{SCHEMA_VERSION}): update the code")
+        raise NewerSchema(f"database schema v{current} is newer than this code (v{SCHEMA_VERSION}): update the code")
     for version in range(current + 1, SCHEMA_VERSION + 1):
         with Transaction(conn):
             if conn.execute("PRAGMA user_version").fetchone()[0] >= version:
@@ -459,7 +535,7 @@ LEGACY = "legacy"
 UPGRADING = "upgrading"
 
 
-class LegacyHomeError(RuntimeError):
+class LegacyHomeError(HomeError, RuntimeError):
     """The data home holds the original pipeline's database, or an upgrade that has not finished."""
 
 
@@ -700,6 +776,43 @@ def fail(
             f"UPDATE image_status SET {st.claim_col}=NULL, {st.error_col}=?, {st.parked_col}=?,"
             f" {st.not_before_col}=? WHERE rowid=?",
             (error, 1 if park else 0, 0 if park else time.time() + backoff_s(row["a"], retry_base_s), rid),
+        )
+    return park
+
+
+@retry_on_lock
+def send_back_to_download(conn: sqlite3.Connection, stage_name: str, owner: str, rid: int, error: str) -> bool | None:
+    """A later stage found its input file undecodable or gone: download it again. Returns True when parked instead.
+
+    Every flag after download goes back to 0 too (the new file needs its background removed and new
+    vectors; an old vector is replaced when the row is embedded again), with fresh attempt counts: the
+    input was at fault, not those stages. The row's `download_attempts` is the count across stages: a
+    successful download never resets it, so an image the CDN serves corrupt every time is parked in the
+    download stage (with the reason) once that stage has used its `max_attempts`, instead of looping
+    between the stages. Only a row this owner holds is touched (None otherwise). Move the bad
+    file away BEFORE calling this: once the flag is 0 a downloader may write the new file at any moment.
+    """
+    st = stage(stage_name)
+    dl = stage("download")
+    error = error.replace("\n", " ")[:400]
+    with Transaction(conn):
+        row = conn.execute(
+            f"SELECT {dl.attempts_col} AS a FROM image_status WHERE rowid=? AND {st.claim_col}=?", (rid, owner)
+        ).fetchone()
+        if row is None:
+            return None
+        park = row["a"] >= dl.max_attempts
+        why = f"{error} (still after {row['a']} downloads)" if park else f"sent back by {st.name}: {error}"
+        resets = ", ".join(  # a new file is a new input for every later stage: their counts start afresh
+            f"{s.done_col}=0, {s.claim_col}=NULL, {s.not_before_col}=0, {s.attempts_col}=0, {s.error_col}=NULL"
+            for s in STAGES.values()
+            if s.name != "download"
+        )
+        conn.execute(
+            f"UPDATE image_status SET {resets},"
+            f" download_done=0, {dl.claim_col}=NULL, {dl.not_before_col}=0, {dl.parked_col}=?, {dl.error_col}=?"
+            f" WHERE rowid=?",
+            (1 if park else 0, why, rid),
         )
     return park
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from imageselector.db import LegacyHomeError
+from imageselector.config import HomeError
 from imageselector.pipes import quiet_broken_pipe
 
 HOME_ERROR_EXIT = 2
@@ -20,6 +20,6 @@ HOME_ERROR_EXIT = 2
 def run(main: Callable[[], int | None]) -> int:
     try:
         return quiet_broken_pipe(main)
-    except LegacyHomeError as exc:
+    except HomeError as exc:  # LegacyHomeError and the rest of the family (config.HomeError)
         print(f"error: {exc}", file=sys.stderr)
         return HOME_ERROR_EXIT

@@ -8,7 +8,11 @@ Temp files live in the data home's `.tmp/` (same filesystem), never beside the f
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
+import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,8 +73,11 @@ def atomic_writer(final: Path, tmp_dir: Path | None = None) -> Iterator[BinaryIO
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException:
-        f.close()
-        with contextlib.suppress(FileNotFoundError):
+        # Cleanup must not raise again: on a full disk close() itself fails (flushing its buffer), and
+        # an exception here would skip the unlink and leave the temp file behind.
+        with contextlib.suppress(OSError):
+            f.close()
+        with contextlib.suppress(OSError):
             tmp.unlink()
         raise
 
@@ -87,8 +94,6 @@ def atomic_write_text(final: Path, text: str, tmp_dir: Path | None = None) -> No
 
 def clean_tmp(tmp_dir: Path, older_than_s: float = 0.0) -> int:
     """Remove temp files left by writers whose pid is gone (never a live writer's). Returns how many."""
-    import time
-
     removed = 0
     if not tmp_dir.is_dir():
         return 0
@@ -104,9 +109,52 @@ def clean_tmp(tmp_dir: Path, older_than_s: float = 0.0) -> int:
             if now - p.stat().st_mtime >= older_than_s:
                 p.unlink()
                 removed += 1
-        except FileNotFoundError:
+        except OSError:  # gone meanwhile, or not ours to remove: never a reason to stop a start-up
             pass
     return removed
+
+
+def clean_home_tmp(home: Path) -> int:
+    """At start-up: temp files of dead writers in `<home>/.tmp` and `<home>/.run` (heartbeats, pid files)."""
+    return clean_tmp(Path(home) / ".tmp") + clean_tmp(Path(home) / ".run")
+
+
+# --------------------------------------------------------------------------------------------------
+# Free space: a full disk is the machine's problem, never a row's
+# --------------------------------------------------------------------------------------------------
+
+_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether an error means "no space left" (ENOSPC, a quota, SQLite's 'database or disk is full')."""
+    seen = 0
+    while exc is not None and seen < 8:  # also look at the cause chain (wrapped errors)
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        if isinstance(exc, sqlite3.Error):
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc):
+                return True
+        if "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def free_mb(*paths: Path) -> float:
+    """The least free space, in MB, among the filesystems holding `paths` (missing paths: their parent)."""
+    least = float("inf")
+    for p in paths:
+        p = Path(p)
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        try:
+            least = min(least, shutil.disk_usage(p).free / 1e6)
+        except OSError:
+            continue
+    return least
 
 
 def _pid_alive(pid: int) -> bool:

@@ -9,6 +9,7 @@ Formats other than JPEG and PNG (rare on Etsy's CDN) get a full decode, still un
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -81,3 +82,31 @@ def check_image(body: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Verdict:
         return Verdict(TOO_BIG, str(exc))
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, struct.error) on bad data
         return Verdict(TRUNCATED, f"corrupt image: {type(exc).__name__}: {exc}")
+
+
+def decode_error(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Fully decode an image file with bounded memory; None when it decodes, else why not.
+
+    A JPEG is decoded through `draft` at 1/8 scale: every entropy-coded block is still read (so a cut-off
+    or corrupt stream fails), but the pixels held are 64 times fewer. The pixel limit is checked before
+    anything is allocated. Used by `image_downloader.py --verify`.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w <= 0 or h <= 0:
+                    return f"{im.format} with size {w}x{h}"
+                if w * h > max_pixels:
+                    return f"{im.format} {w}x{h} exceeds {max_pixels:,} pixels"
+                if im.format == "JPEG":
+                    im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
+                im.load()
+        return None
+    except FileNotFoundError:
+        return "missing"
+    except UnidentifiedImageError:
+        return "not an image Pillow recognises"
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on bad data
+        return f"{type(exc).__name__}: {exc}"

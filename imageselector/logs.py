@@ -9,6 +9,7 @@ messages and in tracebacks alike.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
@@ -165,7 +166,8 @@ def setup_logging(
     under them, so two processes never rename the same files at once and no helper line goes to a stale file.
     """
     home = Path(home)
-    home.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # a read-only home: the log goes to stderr only (below)
+        home.mkdir(parents=True, exist_ok=True)
     log_path = home / f"{script}.log"
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -177,12 +179,15 @@ def setup_logging(
     handlers: list[logging.Handler] = []
     stdio = _stdio_fds_on(log_path)
     fh: logging.Handler
-    if rotate:
-        fh = _RotatingFile(log_path, stdio, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
-    else:
-        fh = _WatchedFile(log_path, stdio, encoding="utf-8")
-    handlers.append(fh)
-    if 2 not in stdio and not _same_file(sys.stderr, log_path):
+    try:
+        if rotate:
+            fh = _RotatingFile(log_path, stdio, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        else:
+            fh = _WatchedFile(log_path, stdio, encoding="utf-8")
+        handlers.append(fh)
+    except OSError:  # read-only home (search, status): stderr only
+        pass
+    if not handlers or (2 not in stdio and not _same_file(sys.stderr, log_path)):
         handlers.append(logging.StreamHandler(sys.stderr))
     for h in handlers:
         h.setFormatter(fmt)

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from imageselector.config import HomeError
+from imageselector.fsutil import is_disk_full
+
 KILL = "KILL"
+EXIT_NO_SPACE = 75  # a worker that stopped because the disk is full (EX_TEMPFAIL): the monitor waits for space
 KILL_DL = "KILL_DL"
 KILL_BG = "KILL_BG"
 KILL_EMBED = "KILL_EMBED"
@@ -78,6 +83,21 @@ def refuse_if_killed(stopper: Stopper) -> bool:
     return False
 
 
+def split_kill_files(
+    home: Path, last_exit: float | None, names: Iterable[str] = ALL_KILL_FILES
+) -> tuple[list[str], list[str]]:
+    """(stale, fresh) kill files present now. Fresh: touched after `last_exit` (the monitor's last exit),
+    i.e. a stop asked for since, which must be honoured. With no recorded exit every file counts as stale."""
+    stale, fresh = [], []
+    for name in names:
+        try:
+            mtime = (Path(home) / name).stat().st_mtime
+        except OSError:
+            continue
+        (fresh if last_exit is not None and mtime > last_exit else stale).append(name)
+    return stale, fresh
+
+
 def remove_kill_files(home: Path, names: Iterable[str] = ALL_KILL_FILES) -> list[str]:
     """Delete stale kill files; returns the names removed."""
     removed = []
@@ -89,3 +109,23 @@ def remove_kill_files(home: Path, names: Iterable[str] = ALL_KILL_FILES) -> list
         except FileNotFoundError:
             pass
     return removed
+
+
+def guarded_main(prog: str, body: Callable[[], int]) -> int:
+    """Run an entry point's body. A home that cannot be used: one line, exit 2. A full disk: one line,
+    exit EXIT_NO_SPACE (the monitor waits for space instead of counting a crash); rows were handed back
+    (or their leases expire), nothing is lost."""
+    try:
+        return body()
+    except HomeError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        msg = f"{prog}: stopped, the disk is full ({exc}); start again when there is space"
+        if logging.getLogger().handlers:
+            logging.getLogger(prog).error("%s", msg)
+        else:
+            print(msg, file=sys.stderr)
+        return EXIT_NO_SPACE

@@ -9,11 +9,13 @@ and uses `ClaimedBatch` so leftover rows are always released, never stranded und
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ class ClaimedBatch:
         self.completed: list[int] = []
         self.parked = 0
         self.failed = 0
+        self.sent_back = 0
 
     @classmethod
     def claim(cls, conn: sqlite3.Connection, stage: str, owner: str, limit: int, **kw: Any) -> ClaimedBatch:
@@ -66,6 +69,34 @@ class ClaimedBatch:
         self.failed += 1
         self.parked += int(parked)
         return parked
+
+    def send_back(self, rid: int, error: str, bad_file: Path | None, tmp_dir: Path) -> bool:
+        """Input undecodable or missing: move the bad file out of images/, then hand the row back to download.
+
+        The file goes first (renamed into `tmp_dir`, removed after the flag change) so a downloader can never
+        write the fresh copy before the old one is taken away. Returns True when the row was parked instead
+        (out of download attempts: see db.send_back_to_download).
+        """
+        moved = None
+        if bad_file is not None and bad_file.exists():
+            moved = Path(tmp_dir) / f".{bad_file.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                moved.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(bad_file, moved)
+            except OSError as exc:  # cannot take it away: do not let a download race with it
+                log.warning("could not move %s aside (%s); failing the row instead", bad_file, exc)
+                return self.fail(rid, f"{error}; and the file could not be moved aside: {exc}")
+        parked = db.send_back_to_download(self.conn, self.stage, self.owner, rid, error)
+        if moved is not None:
+            with contextlib.suppress(OSError):
+                if parked is None and bad_file is not None and not bad_file.exists():
+                    os.replace(moved, bad_file)  # the row is no longer ours: leave everything as it was
+                else:
+                    moved.unlink()
+        self._open.discard(rid)
+        self.parked += int(bool(parked))
+        self.sent_back += int(parked is False)
+        return bool(parked)
 
     def release(self, rids: Sequence[int]) -> None:
         db.release(self.conn, self.stage, self.owner, rids)

@@ -143,24 +143,43 @@ def test_flag_is_set_only_after_the_file_is_replaced(settings, conn, model, monk
 # -- failures and crashes --------------------------------------------------------------------------
 
 
-def test_corrupt_and_missing_images(settings, conn, model):
+def test_corrupt_and_missing_images_go_back_to_download(settings, conn, model):
+    """Undecodable or missing input is not bg's to park: the file is taken away and the row downloaded again."""
     paths = seed_downloaded(conn, settings.images_dir, 4)
     paths[0].write_bytes(paths[0].read_bytes()[:200])  # truncated download
     paths[1].write_bytes(b"<html>not an image</html>")
-    paths[2].unlink()  # missing: transient, retried later
+    paths[2].unlink()  # missing
     assert run(model) == 0
     rows = conn.execute(
-        "SELECT bg_removed, bg_parked, bg_error, bg_attempts FROM image_status ORDER BY rowid"
+        "SELECT download_done, download_error, download_parked, bg_removed, bg_parked, bg_error, bg_attempts"
+        " FROM image_status ORDER BY rowid"
     ).fetchall()
     assert [r["bg_removed"] for r in rows] == [0, 0, 0, 1]
-    assert rows[0]["bg_parked"] == 1 and "undecodable" in rows[0]["bg_error"]
-    assert rows[1]["bg_parked"] == 1 and "undecodable" in rows[1]["bg_error"]
-    assert rows[2]["bg_parked"] == 0 and "missing" in rows[2]["bg_error"]
-    assert paths[1].read_bytes() == b"<html>not an image</html>"  # bad input is left as it was
-    # a second run does not touch the parked rows (and the missing one waits for its backoff)
-    assert run(model) == 0
-    again = conn.execute("SELECT bg_attempts FROM image_status ORDER BY rowid").fetchall()
-    assert [r[0] for r in again] == [r["bg_attempts"] for r in rows]
+    assert [r["download_done"] for r in rows] == [0, 0, 0, 1]
+    assert "sent back by bg: undecodable" in rows[0]["download_error"]
+    assert "sent back by bg: undecodable" in rows[1]["download_error"]
+    assert "sent back by bg: image file missing" in rows[2]["download_error"]
+    assert [r["bg_parked"] for r in rows] == [0, 0, 0, 0] and [r["bg_attempts"] for r in rows[:3]] == [0, 0, 0]
+    assert not paths[0].exists() and not paths[1].exists()  # the bad files are gone (the download writes anew)
+    assert not any(settings.tmp_dir.glob("*.tmp"))  # moved aside, then removed
+    ready = conn.execute("SELECT COUNT(*) FROM image_status WHERE download_done=1 AND bg_removed=0").fetchone()[0]
+    assert ready == 0  # nothing for bg until the downloads are done again
+
+
+def test_an_image_broken_after_every_download_is_parked_not_looped(settings, conn, model):
+    """download_attempts counts across stages: after max_attempts downloads, the row is parked in download."""
+    paths = seed_downloaded(conn, settings.images_dir, 1)
+    cdn_body = b"\xff\xd8\xff broken every time"
+    max_attempts = db.stage("download").max_attempts
+    for n in range(1, max_attempts + 1):
+        conn.execute("UPDATE image_status SET download_done=1, download_attempts=?", (n,))  # "downloaded" n times
+        paths[0].write_bytes(cdn_body)
+        assert run(model) == 0
+        row = conn.execute("SELECT * FROM image_status").fetchone()
+        assert row["download_done"] == 0
+        assert row["download_parked"] == (1 if n == max_attempts else 0), n
+    assert "still after 5 downloads" in row["download_error"] and not paths[0].exists()
+    assert row["bg_parked"] == 0 and row["bg_removed"] == 0
 
 
 def test_processed_once_across_a_crash_between_replace_and_flag(settings, conn, model, monkeypatch):

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from imageselector import db
+from imageselector.config import NewerSchema
 from tests.helpers.rows import image_rows, seed_images
 
 GUIDE_COLUMNS = [
@@ -35,7 +36,7 @@ def test_migrations_are_idempotent_and_refuse_newer_schema(settings) -> None:
     c2 = db.connect(settings.db_path)  # re-applying must be a no-op that keeps data
     assert c2.execute("SELECT COUNT(*) FROM image_status").fetchone()[0] == 5
     c2.execute(f"PRAGMA user_version={db.SCHEMA_VERSION + 1}")
-    with pytest.raises(RuntimeError, match="newer than this code"):
+    with pytest.raises(NewerSchema, match="newer than this code"):
         db.apply_migrations(c2)
     c2.close()
 

@@ -248,7 +248,8 @@ def test_disk_that_refuses_writes_stops_the_run_and_fails_nothing(conn, settings
     monkeypatch.setattr(engines, "store", full)
     seed_images(conn, 30)
     with FakeCdn() as cdn:
-        assert run(monkeypatch, cdn, "--engine", engine, "--concurrency", "4") == 1
+        # EXIT_NO_SPACE (75): the monitor pauses for disk space instead of counting a crash
+        assert run(monkeypatch, cdn, "--engine", engine, "--concurrency", "4") == 75
     rows = all_rows(conn)
     assert all(r["download_done"] == 0 and r["download_parked"] == 0 and r["download_error"] is None for r in rows)
     assert all(r["download_claim"] is None and r["download_attempts"] == 0 for r in rows)

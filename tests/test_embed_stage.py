@@ -67,17 +67,21 @@ def test_all_models_flags_texts_manifest(settings, conn, standin_encoders) -> No
     assert before == {m: (emb / f"{m}.faiss").read_bytes() for m in ALL}
 
 
-def test_undecodable_image_is_parked_missing_file_retried(settings, conn, standin_encoders) -> None:
+def test_undecodable_or_missing_image_goes_back_to_download(settings, conn, standin_encoders) -> None:
     rows = seed_embeddable(conn, settings.images_dir, 4)
-    image_path(settings.images_dir, rows[1]["listing_id"], rows[1]["image_id"]).write_bytes(b"not a jpeg at all")
+    bad = image_path(settings.images_dir, rows[1]["listing_id"], rows[1]["image_id"])
+    bad.write_bytes(b"not a jpeg at all")
     image_path(settings.images_dir, rows[2]["listing_id"], rows[2]["image_id"]).unlink()
     run_stage(settings, conn, standin_encoders, ["dinov2_base", "clip_vitb32"])
+    for gid, why in ((rows[1]["gid"], "undecodable"), (rows[2]["gid"], "missing")):
+        r = conn.execute("SELECT * FROM image_status WHERE gid=?", (gid,)).fetchone()
+        assert r["download_done"] == 0 and r["bg_removed"] == 0 and r["download_parked"] == 0
+        assert "sent back by embed_" in r["download_error"] and why in r["download_error"]
+        for m in ("dinov2_base", "clip_vitb32"):
+            st = db.stage(f"embed_{m}")
+            assert r[st.parked_col] == 0 and r[st.claim_col] is None and r[st.attempts_col] == 0
+    assert not bad.exists()
     for m in ("dinov2_base", "clip_vitb32"):
-        st = db.stage(f"embed_{m}")
-        r1 = conn.execute("SELECT * FROM image_status WHERE gid=?", (rows[1]["gid"],)).fetchone()
-        assert r1[st.parked_col] == 1 and "undecodable" in r1[st.error_col]
-        r2 = conn.execute("SELECT * FROM image_status WHERE gid=?", (rows[2]["gid"],)).fetchone()
-        assert r2[st.parked_col] == 0 and "missing" in r2[st.error_col] and r2[st.not_before_col] > 0
         assert flagged(conn, m) == {rows[0]["gid"], rows[3]["gid"]}
     check_no_lies(conn, settings.embeddings_dir, ["dinov2_base", "clip_vitb32"], exact=True)
 

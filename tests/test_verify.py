@@ -78,7 +78,9 @@ def test_each_kind_of_inconsistency_is_reported(settings, conn):
     assert f"image_index.json[{rows[3]['gid']}] is [1, 2]" in text
     assert "parked in bg without a reason" in text
     assert rep.unfinished["embed_clip_vitb32"] == 1 and rep.stuck_leases == 1
-    assert rep.orphan_vectors == 2  # rows 4 and 5 have vectors but no flag
+    # row 5 is parked in bg: its vector can never be flagged (an orphan); row 4 is still in flight (pending)
+    assert rep.orphan_vectors == 1 and rep.pending_vectors == 1
+    assert "1 orphan vector(s)" in text
     assert not rep.ok
 
 
@@ -92,3 +94,29 @@ def test_flag_without_vector_and_duplicate_ids_in_an_index(settings, conn):
     text = "\n".join(rep.inconsistencies)
     assert "clip_vitb32.faiss holds 1 duplicated ids" in text
     assert sum("embed_clip_vitb32=1 but gid not in clip_vitb32.faiss" in m for m in rep.inconsistencies) == 2
+
+
+def test_a_backlog_is_consistent_exit_0_and_only_settled_asks_for_none(settings, conn, home):
+    from imageselector.proving.verify import main
+
+    rows = _honest_home(settings, conn, n=4)
+    seed_images(conn, 3, start_listing=9000)  # three new rows not downloaded yet: a backlog, nothing wrong
+    # a row flushed to the index before its flag (the flag comes with the next flush): pending, not orphan
+    conn.execute("UPDATE image_status SET embed_clip_vitb32=0 WHERE rowid=?", (rows[0]["rid"],))
+    rep = verify(settings, stages=STAGES)
+    assert rep.ok and rep.backlog == 4 and not rep.settled
+    assert rep.orphan_vectors == 0 and rep.pending_vectors == 1
+    assert main(["--home", str(home)]) == 0
+    assert main(["--home", str(home), "--settled"]) == 1
+
+
+def test_the_vector_of_a_row_parked_for_its_model_is_an_orphan(settings, conn):
+    rows = _honest_home(settings, conn, n=3)
+    conn.execute(
+        "UPDATE image_status SET embed_clip_vitb32=0, embed_clip_vitb32_parked=1, embed_clip_vitb32_error='x'"
+        " WHERE rowid=?",
+        (rows[2]["rid"],),
+    )
+    rep = verify(settings, stages=STAGES)
+    assert rep.orphan_vectors == 1 and not rep.ok
+    assert any("1 orphan vector(s)" in m for m in rep.inconsistencies)

@@ -15,7 +15,7 @@ from imageselector.config import load_settings
 from imageselector.fsutil import clean_tmp
 from imageselector.logs import Progress, setup_logging
 from imageselector.scaleout import add_ray_arguments, ray_address
-from imageselector.stopping import KILL, KILL_BG, Stopper, refuse_if_killed
+from imageselector.stopping import KILL, KILL_BG, Stopper, guarded_main, refuse_if_killed
 from imageselector.worker import Heartbeat, run_loop
 
 from .imaging import parse_color
@@ -46,8 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return guarded_main("bg_remover.py", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = load_settings()
+    db.check_usable(settings, write=True)
     log = setup_logging("bg_remover", settings.home, stage="bg", secrets=settings.secrets())
     try:
         background = parse_color(args.background)
@@ -142,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         stage.close()
         stage.progress.report(final=True)
         log.info(
-            "backgrounds removed: %d, already marked (flag only): %d, parked: %d",
+            "backgrounds removed: %d, already marked (flag only): %d, parked: %d, sent back to download: %d",
             stage.processed,
             stage.flagged_only,
             stage.parked,
+            stage.sent_back,
         )
         conn.close()
     return code

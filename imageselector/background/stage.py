@@ -28,7 +28,7 @@ from imageselector import db, layout
 from imageselector.background.imaging import UndecodableImage, composite, decode, encode_jpeg, marker_text
 from imageselector.background.session import BgModel
 from imageselector.config import Settings
-from imageselector.fsutil import atomic_write_bytes, fsync_dir
+from imageselector.fsutil import atomic_write_bytes, fsync_dir, is_disk_full
 from imageselector.logs import Progress
 from imageselector.status import figures as status
 from imageselector.stopping import Stopper
@@ -64,6 +64,7 @@ class Item:
     tensor: np.ndarray | None = None
     error: str | None = None
     permanent: bool = False
+    redownload: bool = False  # the input file is gone or undecodable: back to the download stage
 
 
 class BgStage:
@@ -92,6 +93,7 @@ class BgStage:
         self.processed = 0  # backgrounds removed by this run
         self.flagged_only = 0  # files that already carried the marker
         self.parked = 0
+        self.sent_back = 0  # rows whose input was undecodable or missing, handed back to the download stage
         self._errors_in_a_row = 0
 
     def close(self) -> None:
@@ -109,7 +111,7 @@ class BgStage:
         try:
             data = item.path.read_bytes()
         except FileNotFoundError:
-            item.error = f"image file missing: {item.path}"
+            item.error, item.redownload = f"image file missing: {item.path}", True
             return item
         except OSError as exc:
             item.error = f"cannot read {item.path}: {exc}"
@@ -117,7 +119,7 @@ class BgStage:
         try:
             decoded = decode(data)
         except UndecodableImage as exc:
-            item.error, item.permanent = f"undecodable image: {exc}", True
+            item.error, item.redownload = f"undecodable image: {exc}", True
             return item
         if decoded.marked:
             item.marked = True
@@ -172,14 +174,25 @@ class BgStage:
 
     @property
     def handled(self) -> int:
-        return self.processed + self.flagged_only + self.parked
+        return self.processed + self.flagged_only + self.parked + self.sent_back
 
     def _next_group(self, batch: ClaimedBatch, pending: deque[Future[Item]]) -> list[Item]:
         """Up to `max_batch` decoded images needing inference; settle marked and failed ones on the way."""
         group: list[Item] = []
         while pending and len(group) < self.model.max_batch:
             item = pending.popleft().result()
-            if item.error is not None:
+            if item.redownload:
+                assert item.error is not None
+                parked = batch.send_back(item.rid, item.error, item.path, self.settings.tmp_dir)
+                self.parked += int(parked)
+                self.sent_back += int(not parked)
+                self.log.warning(
+                    "%s: %s: %s",
+                    item.relpath,
+                    item.error,
+                    "parked in download (the CDN keeps serving it broken)" if parked else "sent back to download",
+                )
+            elif item.error is not None:
                 parked = batch.fail(item.rid, item.error, permanent=item.permanent)
                 self.parked += int(parked)
                 self.log.warning("%s: %s%s", item.relpath, item.error, " (parked)" if parked else " (will retry)")
@@ -207,11 +220,16 @@ class BgStage:
     def _collect(self, batch: ClaimedBatch, writes: deque[tuple[Item, Future[None]]], *, wait: bool) -> None:
         """Flag the rows whose files are durably replaced (in claim order), in one transaction."""
         done: list[int] = []
+        no_space: BaseException | None = None
         while writes and (wait or writes[0][1].done()):
             item, fut = writes.popleft()
             try:
                 fut.result()
             except Exception as exc:  # noqa: BLE001 - disk full, permission, ...: retry later
+                if is_disk_full(exc):  # the machine's problem, not the row's: hand it back, count nothing
+                    batch.release([item.rid])
+                    no_space = no_space or exc
+                    continue
                 batch.fail(item.rid, f"write failed: {exc.__class__.__name__}: {exc}")
                 self._error(f"{item.relpath}: write failed: {exc}")
                 continue
@@ -221,6 +239,8 @@ class BgStage:
             batch.complete(done)
             self.processed += len(done)
             self.progress.add(len(done))
+        if no_space is not None:
+            raise no_space
 
     def _error(self, message: str) -> None:
         self.log.error(message)

@@ -11,7 +11,7 @@ from imageselector.cleanup import stage as cleanup
 from imageselector.config import load_settings
 from imageselector.fsutil import file_lock
 from imageselector.logs import Progress, setup_logging
-from imageselector.stopping import KILL, Stopper, refuse_if_killed
+from imageselector.stopping import KILL, Stopper, guarded_main, refuse_if_killed
 from imageselector.worker import Heartbeat, run_loop
 
 SCRIPT = "cleanup_images"
@@ -58,6 +58,10 @@ def dry_run(settings, conn, dest: Path, margin: int) -> int:  # type: ignore[no-
 
 
 def main(argv: list[str] | None = None) -> int:
+    return guarded_main("cleanup_images.py", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch < 1 or (args.limit is not None and args.limit < 0):
         print("--batch must be >= 1 and --limit >= 0", file=sys.stderr)

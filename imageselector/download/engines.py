@@ -267,6 +267,7 @@ class Engine:
         self.aborting = threading.Event()  # cut transfers in flight
         self.gate = HostGate()
         self.fatal: str | None = None  # set when the worker must stop (the disk refuses writes)
+        self.fatal_exc: OSError | None = None
 
     def drain(self) -> None:
         self.draining.set()
@@ -275,6 +276,7 @@ class Engine:
         """A disk problem (full, read-only, gone) is the machine's, not the image's: stop, fail nothing."""
         if self.fatal is None:
             self.fatal = f"cannot write {job.dest}: {exc}"
+            self.fatal_exc = exc
         self.drain()
         return Outcome(job, RELEASE)
 

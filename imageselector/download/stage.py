@@ -14,7 +14,9 @@ connections never wait for the slowest image of a batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import queue
 import random
 import signal
@@ -42,10 +44,10 @@ from imageselector.download.engines import (
     make_engine,
 )
 from imageselector.etsy.cdn import SIZES, build_image_url, parse_image_url
-from imageselector.fsutil import clean_tmp
-from imageselector.imagecheck import DEFAULT_MAX_PIXELS
+from imageselector.fsutil import clean_tmp, is_disk_full
+from imageselector.imagecheck import DEFAULT_MAX_PIXELS, decode_error
 from imageselector.logs import Progress, setup_logging
-from imageselector.stopping import KILL, KILL_DL, Stopper, refuse_if_killed
+from imageselector.stopping import EXIT_NO_SPACE, KILL, KILL_DL, Stopper, guarded_main, refuse_if_killed
 from imageselector.worker import ClaimedBatch, Heartbeat, run_loop
 
 STAGE = "download"
@@ -64,10 +66,22 @@ class ReconcileResult:
     checked: int = 0
     missing: int = 0
     full: bool = False
+    undecodable: int = 0
+    decoded: bool = False
 
 
 def _missing(images_dir: Path, rows: list[sqlite3.Row]) -> list[int]:
     return [r["rid"] for r in rows if not layout.image_path(images_dir, r["listing_id"], r["image_id"]).is_file()]
+
+
+def _undecodable(images_dir: Path, rows: list[sqlite3.Row], max_pixels: int) -> list[tuple[int, Path, str]]:
+    out = []
+    for r in rows:
+        path = layout.image_path(images_dir, r["listing_id"], r["image_id"])
+        why = decode_error(path, max_pixels)
+        if why is not None and why != "missing":
+            out.append((r["rid"], path, why))
+    return out
 
 
 def _reset_missing(conn: sqlite3.Connection, rids: list[int]) -> None:
@@ -79,7 +93,60 @@ def _reset_missing(conn: sqlite3.Connection, rids: list[int]) -> None:
         db.reset_rows(conn, "bg", f"rowid IN ({marks}) AND bg_removed=1", chunk)
 
 
-def reconcile(conn: sqlite3.Connection, images_dir: Path, *, full: bool = False, sample: int = 2000) -> ReconcileResult:
+def _refetch_undecodable(conn: sqlite3.Connection, bad: list[tuple[int, Path, str]], tmp_dir: Path) -> int:
+    """Fetch again the files that do not decode: the file is moved away first, then the flags go back to 0
+    (rows leased by a live bg worker right now are left to it: it sends an undecodable file back itself)."""
+    n = 0
+    now = time.time()
+    for rid, path, why in bad:
+        leased = conn.execute(
+            "SELECT 1 FROM image_status WHERE rowid=? AND bg_claim IS NOT NULL AND bg_not_before > ?", (rid, now)
+        ).fetchone()
+        if leased:
+            continue
+        aside = tmp_dir / f".{path.name}.{os.getpid()}.verify.tmp"
+        try:
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(path, aside)
+        except OSError as exc:
+            log.warning("could not move %s aside (%s); leaving it", path, exc)
+            continue
+        log.warning("%s does not decode (%s): fetching it again", path.name, why)
+        _reset_missing(conn, [rid])
+        with contextlib.suppress(OSError):
+            aside.unlink()
+        n += 1
+    return n
+
+
+def images_gone(conn: sqlite3.Connection, images_dir: Path) -> str | None:
+    """Why starting now would download everything again (images/ missing or empty while rows say downloaded)."""
+    if images_dir.is_dir():
+        with os.scandir(images_dir) as it:
+            if next(it, None) is not None:
+                return None
+        state = "is empty"
+    else:
+        state = "is missing"
+    n = conn.execute("SELECT COUNT(*) FROM image_status WHERE download_done=1 AND archived_at IS NULL").fetchone()[0]
+    if not n:
+        return None
+    return (
+        f"{images_dir} {state} but {n:,} rows say downloaded: is the disk mounted? Not starting "
+        f"(to download them all again: image_downloader.py --refetch-missing)"
+    )
+
+
+def reconcile(
+    conn: sqlite3.Connection,
+    images_dir: Path,
+    *,
+    full: bool = False,
+    sample: int = 2000,
+    decode: bool = False,
+    tmp_dir: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ReconcileResult:
     """Reset `download_done` for rows whose file is gone (archived rows live on the backup disk: skipped).
 
     Default: a random sample of `sample` rowids (O(sample) index look-ups, milliseconds even for a million
@@ -106,11 +173,21 @@ def reconcile(conn: sqlite3.Connection, images_dir: Path, *, full: bool = False,
     res.checked = 0
     cur = conn.execute(base)
     lost: list[int] = []
+    bad: list[tuple[int, Path, str]] = []
+    t_log = time.monotonic()
     while rows := cur.fetchmany(5000):
         res.checked += len(rows)
         lost += _missing(images_dir, rows)
+        if decode:
+            bad += _undecodable(images_dir, rows, max_pixels)
+            if time.monotonic() - t_log > 30:
+                log.info("verify: %d files decoded so far, %d do not decode", res.checked, len(bad))
+                t_log = time.monotonic()
     _reset_missing(conn, lost)
     res.missing = len(lost)
+    if decode:
+        res.decoded = True
+        res.undecodable = _refetch_undecodable(conn, bad, tmp_dir or images_dir.parent / ".tmp")
     return res
 
 
@@ -347,7 +424,13 @@ def build_parser(settings_get=lambda name, default: default) -> argparse.Argumen
     p.add_argument(
         "--verify",
         action="store_true",
-        help="at start check every flagged image's file (default: a random sample of 2,000)",
+        help="at start check every flagged image's file exists and decodes (full decode, slow: about a millisecond "
+        "per image), and fetch again what fails (default: a random sample of 2,000 checked for existence)",
+    )
+    p.add_argument(
+        "--refetch-missing",
+        action="store_true",
+        help="start even when images/ is missing or empty while rows say downloaded (downloads them all again)",
     )
     p.add_argument("--no-reconcile", action="store_true", help="skip the start-up check of flags against files")
     p.add_argument(
@@ -385,7 +468,12 @@ def _wait_helpers(procs: list[subprocess.Popen], stopper: Stopper) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return guarded_main("image_downloader.py", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     settings = load_settings()
+    db.check_usable(settings, write=True)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser(lambda n, d: settings.get(n) or d).parse_args(argv)
@@ -412,10 +500,24 @@ def main(argv: list[str] | None = None) -> int:
         freed = db.reclaim_dead(conn, STAGE)
         if freed:
             log.info("freed %d rows claimed by downloaders that are no longer running", freed)
+    gone = None if args.refetch_missing or args.helper else images_gone(conn, settings.images_dir)
+    if gone:
+        log.error("%s", gone)
+        conn.close()
+        return 2
     if not args.no_reconcile:
-        res = reconcile(conn, settings.images_dir, full=args.verify)
+        res = reconcile(
+            conn,
+            settings.images_dir,
+            full=args.verify,
+            decode=args.verify,
+            tmp_dir=settings.tmp_dir,
+            max_pixels=args.max_pixels,
+        )
         how = "every row" if res.full else "a random sample"
         log.info("flags vs files (%s): %d flagged images checked, %d missing and reset", how, res.checked, res.missing)
+        if res.decoded:
+            log.info("verify: %d files did not decode and will be fetched again", res.undecodable)
 
     opts = FetchOptions(
         concurrency=args.concurrency,
@@ -467,11 +569,11 @@ def main(argv: list[str] | None = None) -> int:
         rc = _wait_helpers(helpers, stopper)
         if engine.fatal:
             log.error("stopped: %s (the rows were handed back, nothing failed)", engine.fatal)
-            rc = 1
+            rc = EXIT_NO_SPACE if is_disk_full(engine.fatal_exc) else 1
         if not args.helper:
             _log_waiting(conn)
         conn.close()
-    return 1 if rc else 0
+    return rc if rc in (0, EXIT_NO_SPACE) else 1
 
 
 def _log_waiting(conn: sqlite3.Connection) -> None:

@@ -19,7 +19,7 @@ from imageselector.config import load_settings
 from imageselector.fsutil import clean_tmp
 from imageselector.logs import setup_logging
 from imageselector.scaleout import add_ray_arguments, ray_address
-from imageselector.stopping import KILL, KILL_EMBED, Stopper, refuse_if_killed
+from imageselector.stopping import KILL, KILL_EMBED, Stopper, guarded_main, refuse_if_killed
 from imageselector.worker import Heartbeat
 
 
@@ -58,12 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return guarded_main("embed.py", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1 or args.workers < 1:
         print("embed.py: --batch-size and --workers must be at least 1", file=sys.stderr)
         return 2
     os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     settings = load_settings()
+    db.check_usable(settings, write=True)
     hf_token = settings.get("HF_TOKEN") or ""
     if hf_token:  # from .env too: huggingface_hub reads only the process environment (or `hf auth login`)
         os.environ.setdefault("HF_TOKEN", hf_token)

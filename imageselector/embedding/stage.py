@@ -72,12 +72,15 @@ class Round:
     rows: dict[str, list[sqlite3.Row]] = field(default_factory=dict)
     ok: dict[str, list[sqlite3.Row]] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    errors: dict[str, list[tuple[sqlite3.Row, str, bool]]] = field(default_factory=dict)
+    errors: dict[str, list[tuple[sqlite3.Row, str, bool | str]]] = field(default_factory=dict)
     images: int = 0
 
     @property
     def empty(self) -> bool:
         return not self.rows
+
+
+REDOWNLOAD = "redownload"  # in Round.errors: the input file is gone or undecodable, back to the download stage
 
 
 def _chunks(seq: Sequence[Any], n: int = _CHUNK) -> list[Sequence[Any]]:
@@ -184,12 +187,13 @@ class Prefetcher(threading.Thread):
         """Decode once, preprocess for each model (models with the same fast-path geometry share one result).
         Returns (error, permanent) or {model: tensor | error}."""
         path = find_image(self.settings, row)
+        archived = row["archived_at"] is not None  # its file lives on the backup disk: never fetched again
         if path is None:
-            return ("image file missing", False)
+            return ("image file missing", False if archived else REDOWNLOAD)
         try:
             img = decode(path, self.draft)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            return (f"undecodable image: {type(exc).__name__}: {exc}", True)
+            return (f"undecodable image: {type(exc).__name__}: {exc}", True if archived else REDOWNLOAD)
         out: dict[str, Any] = {}
         shared: dict[Any, Any] = {}
         for m in models:
@@ -426,15 +430,14 @@ class EmbedStage:
             # If the model raises, the batch is deliberately not released: its attempts stay counted, so rows
             # that crash the model again and again get parked (reclaim_dead frees the leases at the next start).
             for row, reason, permanent in rnd.errors.get(m, []):
-                parked = batch.fail(row["rid"], reason, permanent=permanent)
-                log.warning(
-                    "%s: image %s/%s %s: %s",
-                    m,
-                    row["listing_id"],
-                    row["image_id"],
-                    "parked" if parked else "will retry",
-                    reason,
-                )
+                if permanent == REDOWNLOAD:
+                    local = image_path(self.settings.images_dir, row["listing_id"], row["image_id"])
+                    parked = batch.send_back(row["rid"], reason, local, self.settings.tmp_dir)
+                    outcome = "parked in download (broken after every download)" if parked else "sent back to download"
+                else:
+                    parked = batch.fail(row["rid"], reason, permanent=bool(permanent))
+                    outcome = "parked" if parked else "will retry"
+                log.warning("%s: image %s/%s %s: %s", m, row["listing_id"], row["image_id"], outcome, reason)
             ok = rnd.ok.get(m, [])
             if ok:
                 t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from imageselector.etsy.client import AuthError, EtsyClient, RetriesExhausted, S
 from imageselector.etsy.crawl import CrawlConfig, Crawler
 from imageselector.etsy.pacing import Pacer, StopRequested
 from imageselector.logs import Progress, setup_logging
-from imageselector.stopping import KILL, Stopper, refuse_if_killed
+from imageselector.stopping import KILL, Stopper, guarded_main, refuse_if_killed
 from imageselector.worker import Heartbeat
 
 SCRIPT = "sync_data"
@@ -204,6 +204,10 @@ def single_instance(settings: Settings) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return guarded_main("sync_data.py", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="sync_data.py",
         description="Crawl the Etsy Open API v3 into etsy_data.db (listings, shops, reviews, images to download). "
@@ -212,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--once", action="store_true", help="one pass: stop when nothing is left to discover or fetch")
     args = ap.parse_args(argv)
     settings = load_settings()
+    db.check_usable(settings, write=True)
+    settings.check_credentials()
     log = setup_logging(SCRIPT, settings.home, stage="sync", secrets=settings.secrets())
     stopper = Stopper(settings.home, [KILL])
     if refuse_if_killed(stopper):

@@ -14,6 +14,7 @@ from imageselector.evaluation import report as eval_report
 from imageselector.evaluation import stage as eval_run
 from imageselector.logs import setup_logging
 from imageselector.search.ensemble import DEFAULT_RRF_K
+from imageselector.stopping import guarded_main
 
 SCRIPT = "evaluate"
 
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return guarded_main("evaluate.py", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     bad = [m for m in models if m not in EMBED_MODELS]

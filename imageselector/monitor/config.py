@@ -83,6 +83,10 @@ class MonitorConfig:
     crash_loop_window_s: float = 900.0
     crash_loop_cooldown_s: float | None = 3600.0  # then one more try (a network outage heals); None = never
     status_interval_s: float = 300.0
+    min_free_mb: float = 2048.0  # free-space floor: below it every stage is paused (setting MIN_FREE_MB)
+    resume_free_mb: float | None = None  # resume at or above this (default: the floor + 25%, at least + 16 MB)
+    disk_check_s: float = 5.0  # how often free space is measured
+    min_pause_s: float = 30.0  # shortest pause: a worker that hit ENOSPC is not restarted in a tight loop
     qps: QpsTuning = field(default_factory=QpsTuning)
 
     def enabled_stages(self) -> list[StageSpec]:
@@ -130,18 +134,30 @@ def from_dict(raw: dict[str, Any], base: MonitorConfig | None = None) -> Monitor
     return replace(base, stages=stages, qps=qps, **raw)
 
 
-def load(home: Path, path: Path | None = None) -> MonitorConfig:
-    """Built-in defaults overlaid with the config file (`path`, else `<home>/pipeline_monitor.json` if present)."""
+def load(home: Path, path: Path | None = None, base: MonitorConfig | None = None) -> MonitorConfig:
+    """`base` (default: built-in defaults) overlaid with the config file (`path`, else `<home>/pipeline_monitor.json`
+    if present)."""
     p = path or (Path(home) / CONFIG_NAME)
     if not p.is_file():
         if path is not None:
             raise ValueError(f"config file {p} not found")
-        return MonitorConfig()
+        return base or MonitorConfig()
     try:
         raw = json.loads(p.read_text())
     except ValueError as exc:
         raise ValueError(f"{p}: not valid JSON: {exc}") from exc
-    return from_dict(raw)
+    return from_dict(raw, base)
+
+
+def base_from_settings(get) -> MonitorConfig:  # type: ignore[no-untyped-def]
+    """Defaults with the MIN_FREE_MB setting (.env / environment) applied; the config file still wins."""
+    raw = get("MIN_FREE_MB")
+    if raw in (None, ""):
+        return MonitorConfig()
+    try:
+        return replace(MonitorConfig(), min_free_mb=float(raw))
+    except ValueError:
+        raise ValueError(f"setting MIN_FREE_MB={raw!r} is not a number of megabytes") from None
 
 
 def only_stages(cfg: MonitorConfig, names: list[str]) -> MonitorConfig:

@@ -32,14 +32,23 @@ from pathlib import Path
 from typing import Any
 
 from imageselector import db
-from imageselector.config import PROJECT_ROOT, Settings, load_settings
-from imageselector.fsutil import atomic_write_text, pid_alive
+from imageselector.config import PROJECT_ROOT, HomeError, Settings, load_settings
+from imageselector.fsutil import atomic_write_text, clean_home_tmp, pid_alive
 from imageselector.logs import fmt_duration, setup_logging
 from imageselector.monitor import config as monitor_config
 from imageselector.monitor import qps_tuner
 from imageselector.monitor.config import MonitorConfig, StageSpec
+from imageselector.monitor.diskspace import DiskGuard
 from imageselector.status import figures as status
-from imageselector.stopping import KILL, STAGE_KILL_FILES, Stopper, remove_kill_files
+from imageselector.status import health
+from imageselector.stopping import (
+    EXIT_NO_SPACE,
+    KILL,
+    STAGE_KILL_FILES,
+    Stopper,
+    remove_kill_files,
+    split_kill_files,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -103,6 +112,10 @@ class StageRunner:
     held_logged: bool = False
     retry_at: float | None = None  # a crash-looped stage gets another chance after the cool-down
     just_exited: bool = False  # set on every exit; the monitor frees the dead worker's leases and clears it
+    paused: bool = False  # the disk is (nearly) full: stopped gracefully and not started until space returns
+    paused_at: float = 0.0
+    pause_killed: bool = False
+    reported_full: bool = False  # it exited with EXIT_NO_SPACE: the monitor pauses everything
 
     @property
     def name(self) -> str:
@@ -164,7 +177,10 @@ class StageRunner:
             assert self.proc is not None
             rc = self.proc.poll()
             if rc is None:
-                self._check_hang(now, beats)
+                if self.paused:
+                    self._check_pause_stop(now)
+                else:
+                    self._check_hang(now, beats)
             else:
                 self._on_exit(rc, now)
         if self.state == "failed" and self.retry_at is not None and now >= self.retry_at:
@@ -174,6 +190,8 @@ class StageRunner:
         if self.state == "held" and self.kill_file_present() is None:
             log.info("%s: %s removed; starting it again", self.name, self.spec.kill_file)
             self.state, self.next_start, self.held_logged = "waiting", now, False
+        if self.paused and self.state == "waiting":
+            self.state = "paused"
         if self.state == "waiting" and now >= self.next_start:
             found = self.kill_file_present()
             if found:
@@ -224,6 +242,32 @@ class StageRunner:
             self._signal(signal.SIGTERM)
             self.term_sent_at = now
 
+    # ------------------------------------------------------------------ disk-space pause
+
+    def pause(self, now: float) -> None:
+        """Stop gracefully (SIGTERM: finish or hand back the batch) and do not start until `resume`."""
+        if self.paused:
+            return
+        self.paused, self.paused_at, self.pause_killed = True, now, False
+        if self.state == "running" and self.proc is not None:
+            log.warning("%s (pid %d): pausing for disk space: SIGTERM (graceful stop)", self.name, self.proc.pid)
+            self._signal(signal.SIGTERM)
+        elif self.state == "waiting":
+            self.state = "paused"
+
+    def resume(self, now: float) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        if self.state == "paused":
+            self.state, self.next_start, self.consecutive = "waiting", now, 0
+
+    def _check_pause_stop(self, now: float) -> None:
+        if not self.pause_killed and now - self.paused_at > self.cfg.kill_timeout_s + self.cfg.term_grace_s:
+            log.error("%s (pid %d) did not stop for the disk-space pause: SIGKILL", self.name, self.proc.pid)  # type: ignore[union-attr]
+            self._signal(signal.SIGKILL)
+            self.pause_killed = True
+
     def _signal(self, sig: signal.Signals) -> None:
         if self.proc is not None and self.proc.poll() is None:
             try:
@@ -237,6 +281,16 @@ class StageRunner:
         self.last_exit = f"{how} after {fmt_duration(ran)}"
         self.proc = None
         self.just_exited = True
+        if self.paused or (self.hang_reason is None and rc == EXIT_NO_SPACE):
+            self.reported_full = not self.paused
+            self.state = "paused" if self.paused else "waiting"
+            log.warning(
+                "%s stopped (%s)%s; it starts again when there is disk space",
+                self.name,
+                self.last_exit,
+                " for the disk-space pause" if self.paused else ": the disk is full",
+            )
+            return
         if self.hang_reason is None and rc == 0:
             found = self.kill_file_present()
             if found:
@@ -331,6 +385,10 @@ class Monitor:
         self.sync_prev_requests: tuple[float, int] | None = None
         self.shutdown_report: dict[str, Any] = {}
         self._last_state = ""
+        self.disk = DiskGuard.from_config(settings, cfg.min_free_mb, cfg.resume_free_mb, cfg.min_pause_s)
+        self.next_disk_check = 0.0
+        self.last_exit_at: float | None = None  # the previous monitor's exit (kill files older than it are stale)
+        self.exited_at: float | None = None
 
     # ------------------------------------------------------------------ start-up
 
@@ -372,7 +430,11 @@ class Monitor:
         if isinstance(cur.get("qps"), int | float) and cur["qps"] > 0:
             log.info("qps_config.json: qps %.2f (min %s, max %s)", cur["qps"], cur.get("min_qps"), cur.get("max_qps"))
             return
-        qps_tuner.write_config(path, q.initial_qps, q.min_qps, q.max_qps, "initial value", self.settings.tmp_dir)
+        try:
+            qps_tuner.write_config(path, q.initial_qps, q.min_qps, q.max_qps, "initial value", self.settings.tmp_dir)
+        except OSError as exc:
+            log.warning("could not write %s: %s", path.name, exc)
+            return
         log.info("qps_config.json written: qps %.2f (min %.2f, max %.2f)", q.initial_qps, q.min_qps, q.max_qps)
 
     # ------------------------------------------------------------------ the loop
@@ -380,9 +442,12 @@ class Monitor:
     def run(self) -> int:
         if not self._claim_pid_file():
             return 1
+        self.last_exit_at = self._previous_exit()
         try:
             return self._run()
         finally:
+            self.exited_at = time.time()
+            self._write_state(self.exited_at, final=True)  # its exit time tells the next start which KILL is new
             try:
                 (self.run_dir / PID_FILE).unlink()
             except FileNotFoundError:
@@ -390,18 +455,50 @@ class Monitor:
             if self.conn is not None:
                 self.conn.close()
 
-    def _run(self) -> int:
-        removed = remove_kill_files(self.home)
+    def _previous_exit(self) -> float | None:
+        try:
+            state = json.loads((self.run_dir / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        ts = state.get("exited_at") or state.get("last_exit_at") if isinstance(state, dict) else None
+        return float(ts) if isinstance(ts, int | float) else None
+
+    def _kill_files_at_start(self) -> bool:
+        """Clear kill files left by the last stop; honour those touched since it. False: stop at once (KILL)."""
+        stale, fresh = split_kill_files(self.home, self.last_exit_at)
+        removed = remove_kill_files(self.home, stale)
         if removed:
             log.info("removed stale kill files from the last stop: %s", " ".join(removed))
+        if KILL in fresh:
+            when = time.strftime("%H:%M:%S", time.localtime((self.home / KILL).stat().st_mtime))
+            last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.last_exit_at or 0))
+            log.warning(
+                "KILL was touched at %s, after the last monitor exit (%s): stopping at once, as asked; nothing "
+                "was started. To run: rm KILL, then start again",
+                when,
+                last,
+            )
+            return False
+        for name in fresh:
+            log.warning("%s was touched after the last monitor exit: its stage is held until it is removed", name)
+        return True
+
+    def _run(self) -> int:
+        if not self._kill_files_at_start():
+            self.stopper.request("KILL present at start")
+            return 0
+        cleaned = clean_home_tmp(self.home)
+        if cleaned:
+            log.info("removed %d temp file(s) left in .tmp/ and .run/ by writers that are gone", cleaned)
         names = ", ".join(r.name for r in self.runners) or "none"
         log.info("pipeline monitor started (pid %d) in %s; stages: %s", os.getpid(), self.home, names)
         self.conn = db.connect(self.settings.db_path)
         warning = db.kv_get(self.conn, "status_warning")
-        if warning:
-            log.warning("!" * 78)
-            log.warning("WARNING: %s", warning)
-            log.warning("!" * 78)
+        for w in [warning, health.images_missing(self.settings, self.conn)]:
+            if w:
+                log.warning("!" * 78)
+                log.warning("WARNING: %s", w)
+                log.warning("!" * 78)
         self._stop_orphans()
         self._write_state(time.time())  # replace the last run's state at once: readers must not see it as ours
         if self.cfg.qps.enabled and any(r.name == "sync" for r in self.runners):
@@ -432,14 +529,67 @@ class Monitor:
                 if r.just_exited:
                     r.just_exited = False
                     self.reclaim(r)
+            try:
+                self._check_disk(now)
+            except Exception as exc:  # noqa: BLE001 - a failed statvfs must never stop the monitor
+                log.warning("free-space check failed: %s", exc)
             if tune and now >= next_qps:
-                self._tune_qps(now)
+                try:
+                    self._tune_qps(now)
+                except OSError as exc:  # e.g. ENOSPC writing qps_config.json: keep the old value, keep running
+                    log.warning("qps tuning: could not write %s: %s", self.settings.qps_config_path.name, exc)
                 next_qps = now + self.cfg.qps.interval_s
             if now >= next_status:
                 self.log_status(now)
                 next_status = now + self.cfg.status_interval_s
             self._write_state(now)
             self.stopper.wait(self.cfg.tick_s)
+
+    # ------------------------------------------------------------------ free space
+
+    def _check_disk(self, now: float) -> None:
+        full = [r.name for r in self.runners if r.reported_full]
+        for r in self.runners:
+            r.reported_full = False
+        if not self.disk.paused:
+            reason = f"{', '.join(full)} stopped: no space left on the disk" if full else None
+            if reason is None and now >= self.next_disk_check:
+                self.next_disk_check = now + self.cfg.disk_check_s
+                reason = self.disk.should_pause()
+            if reason:
+                self._pause_all(reason, now)
+        elif now >= self.next_disk_check:
+            self.next_disk_check = now + self.cfg.disk_check_s
+            if self.disk.may_resume(now):
+                self._resume_all(now)
+
+    def _pause_all(self, reason: str, now: float) -> None:
+        self.disk.pause(reason, now)
+        bar = "!" * 78
+        log.critical(bar)
+        log.critical("DISK SPACE: %s", reason)
+        log.critical(
+            "pausing every stage (graceful stop, nothing lost) until %s MB are free; free space under %s "
+            "(e.g. cleanup_images.py, old logs); they resume by themselves",
+            f"{self.disk.resume_free_mb:,.0f}",
+            self.home,
+        )
+        log.critical(bar)
+        for r in self.runners:
+            r.pause(now)
+
+    def _resume_all(self, now: float) -> None:
+        log.warning(
+            "disk space is back (%s MB free, resume level %s MB): resuming the stages after a pause of %s",
+            f"{self.disk.last_free_mb:,.0f}",
+            f"{self.disk.resume_free_mb:,.0f}",
+            fmt_duration(now - (self.disk.paused_since or now)),
+        )
+        self.disk.resume()
+        for r in self.runners:
+            if r.proc is None:
+                self.reclaim(r)  # leases a worker could not hand back while the disk was full
+            r.resume(now)
 
     def reclaim(self, r: StageRunner) -> None:
         """A worker is gone: free its leases now instead of after the lease expires (up to 15 min)."""
@@ -534,21 +684,27 @@ class Monitor:
         body = {r.name: r.snapshot(now) for r in self.runners}
         sig = json.dumps(
             {k: {kk: vv for kk, vv in v.items() if kk not in ("up_s", "next_start_in_s")} for k, v in body.items()}
-        )
+        ) + str(self.disk.paused)
         if sig == self._last_state and not final:
             return
-        self._last_state = sig
         state = {
             "pid": os.getpid(),
             "updated_at": now,
             "stages": body,
             "stopping": final,
             "shutdown": self.shutdown_report,
+            "disk": self.disk.state(),
+            "last_exit_at": self.last_exit_at,
         }
+        if self.exited_at is not None:
+            state["exited_at"] = self.exited_at
         try:
             atomic_write_text(self.run_dir / STATE_FILE, json.dumps(state, indent=1))
+            self._last_state = sig  # only once written: after a full disk it is written again
         except OSError as exc:
-            log.warning("could not write %s: %s", STATE_FILE, exc)
+            if self._last_state != "unwritable":
+                log.warning("could not write %s: %s", STATE_FILE, exc)
+            self._last_state = "unwritable"
 
     # ------------------------------------------------------------------ stopping
 
@@ -642,8 +798,8 @@ def _terminate_pid(pid: int, wait_s: float) -> None:
             pass
 
 
-def build_config(args: argparse.Namespace, home: Path) -> MonitorConfig:
-    cfg = monitor_config.load(home, Path(args.config) if args.config else None)
+def build_config(args: argparse.Namespace, home: Path, base: MonitorConfig | None = None) -> MonitorConfig:
+    cfg = monitor_config.load(home, Path(args.config) if args.config else None, base)
     if args.stages:
         cfg = monitor_config.only_stages(cfg, [s.strip() for s in args.stages.split(",") if s.strip()])
     overrides: dict[str, Any] = {}
@@ -655,6 +811,8 @@ def build_config(args: argparse.Namespace, home: Path) -> MonitorConfig:
         overrides["hang_timeout_s"] = args.hang_timeout
     if args.no_qps_tuning:
         overrides["qps"] = {"enabled": False}
+    if args.min_free_mb is not None:
+        overrides["min_free_mb"] = args.min_free_mb
     return monitor_config.from_dict(overrides, cfg) if overrides else cfg
 
 
@@ -672,11 +830,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hang-timeout", type=float, help="seconds without a heartbeat before a worker counts as hung")
     ap.add_argument("--status-interval", type=float, help="seconds between status lines in pipeline.log")
     ap.add_argument("--no-qps-tuning", action="store_true", help="leave qps_config.json alone")
+    ap.add_argument(
+        "--min-free-mb", type=float, help="pause every stage below this much free disk space (default 2048; MIN_FREE_MB)"
+    )
     ap.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
     args = ap.parse_args(argv)
-    settings = load_settings(args.home)
     try:
-        cfg = build_config(args, settings.home)
+        settings = load_settings(args.home, create=False)
+        db.check_file(settings.db_path)
+        if not args.print_config:
+            settings.require_writable()
+    except HomeError as exc:
+        print(f"pipeline_monitor: {exc}", file=sys.stderr)
+        return 2
+    try:
+        cfg = build_config(args, settings.home, monitor_config.base_from_settings(settings.get))
     except ValueError as exc:
         print(f"pipeline_monitor: bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -684,4 +852,8 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.to_json())
         return 0
     setup_logging("pipeline", settings.home, secrets=settings.secrets())
-    return Monitor(settings, cfg).run()
+    try:
+        return Monitor(settings, cfg).run()
+    except HomeError as exc:  # the database turned out unusable after all (e.g. corrupt beyond its header)
+        log.error("%s", exc)
+        return 2

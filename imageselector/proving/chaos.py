@@ -52,6 +52,7 @@ class ChaosResult:
     parked: dict[str, int] = field(default_factory=dict)
     unfinished: int = 0
     stuck_leases: int = 0
+    orphan_vectors: int = 0  # proving.verify's definition (vectors of parked or unknown rows)
     inconsistencies: list[str] = field(default_factory=list)
     stop_s: float = 0.0
     exits: dict[str, Any] = field(default_factory=dict)
@@ -84,6 +85,7 @@ class ChaosResult:
             "rows parked:         " + ", ".join(f"{k} {v}" for k, v in self.parked.items() if v),
             f"unfinished:          {self.unfinished}",
             f"stuck leases:        {self.stuck_leases}",
+            f"orphan vectors:      {self.orphan_vectors}",
             f"stop after KILL:     {self.stop_s:.1f} s  ("
             + ", ".join(
                 f"{k} {v.get('how')}{' ' + str(v['after_s']) + ' s' if 'after_s' in v else ''}"
@@ -247,6 +249,7 @@ def run(opts: ChaosOptions, log=print) -> ChaosResult:  # type: ignore[no-untype
     res.done, res.parked = rep.done, rep.parked
     res.unfinished = sum(rep.unfinished.values())
     res.stuck_leases = rep.stuck_leases
+    res.orphan_vectors = rep.orphan_vectors  # also listed among rep.inconsistencies, so a problem
     res.inconsistencies += rep.inconsistencies
     res.wall_s = time.time() - t_start
     return res

@@ -21,6 +21,7 @@ from imageselector.config import load_settings
 from imageselector.logs import setup_logging
 from imageselector.search.indexes import cache_meta_path, cache_path
 from imageselector.search.service import SearchError, SearchService, read_path_image
+from imageselector.stopping import guarded_main
 
 log = logging.getLogger("search")
 
@@ -116,6 +117,10 @@ def _serve(service: SearchService, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return guarded_main("search.py", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = load_settings()
     setup_logging("search", settings.home, secrets=settings.secrets())

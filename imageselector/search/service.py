@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from imageselector import db
-from imageselector.config import Settings
+from imageselector.config import HomeError, Settings
 from imageselector.db import EMBED_MODELS
 from imageselector.imagecheck import check_image
 from imageselector.search import listings as catalog
@@ -126,8 +126,8 @@ class SearchService:
         if c is None:
             try:
                 c = self._local.conn = catalog.connect_readonly(self.settings.db_path)
-            except (FileNotFoundError, sqlite3.Error) as exc:
-                raise SearchError(str(exc), 503) from None
+            except (FileNotFoundError, sqlite3.Error, HomeError) as exc:
+                raise SearchError(f"database unreadable: {exc}", 503) from None
         return c
 
     def registry(self) -> dict:
@@ -337,8 +337,9 @@ class SearchService:
             out.append(f"{STANDIN_WARNING} ({', '.join(standins)})")
         try:
             sw = db.kv_get(self.conn(), "status_warning")
-        except (SearchError, sqlite3.Error):
+        except (SearchError, sqlite3.Error) as exc:
             sw = None
+            out.append(str(exc) if isinstance(exc, SearchError) else f"database unreadable: {exc}")
         if sw and not (standins and "stand-in" in sw):  # embed.py's own stand-in note says the same thing
             out.append(sw)
         out += [e for e in self.indexes.errors.values()]

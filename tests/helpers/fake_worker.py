@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--mode", choices=["good", "crash", "hang", "ignore", "crash-first"], default="good")
     ap.add_argument("--kill-file", default=None)
     ap.add_argument("--crash-after", type=float, default=0.2)
+    ap.add_argument("--crash-code", type=int, default=3, help="crash: the exit code (75: no space left)")
     ap.add_argument("--crash-times", type=int, default=2, help="crash-first: crash this many starts, then behave")
     ap.add_argument("--beat-every", type=float, default=0.1)
     ap.add_argument("--claim", metavar="STAGE", help="lease 5 rows of this stage at start (and never release them)")
@@ -57,7 +58,7 @@ def main() -> int:
     if mode == "crash":
         time.sleep(args.crash_after)
         print("simulated crash", file=sys.stderr, flush=True)
-        return 3
+        return args.crash_code
     if mode == "hang":
         while True:  # no more heartbeats, no kill-file checks: a deadlock
             time.sleep(3600)
