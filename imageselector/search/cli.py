@@ -163,7 +163,11 @@ def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = load_settings()
     setup_logging("search", settings.home, secrets=settings.secrets())
-    service = SearchService(settings, models_file=args.models_file, device=args.device, dtype=args.dtype)
+    try:
+        service = SearchService(settings, models_file=args.models_file, device=args.device, dtype=args.dtype)
+    except SearchError as exc:  # a bad setting (SEARCH_CURRENCY, SEARCH_FX_RATES)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.serve:
             return _serve(service, args)

@@ -313,7 +313,7 @@ async function route() {
   showMessage("");
   const detail = $("detail");
   if (p.has("listing")) {
-    $("layout").hidden = true; detail.hidden = false;
+    $("layout").hidden = true; detail.hidden = false; $("meta").textContent = "";
     await showListing(p.get("listing"), my);
     return;
   }
