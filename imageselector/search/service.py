@@ -170,6 +170,7 @@ class SearchService:
             raise SearchError(str(exc)) from None
         self.uploads = UploadCache.from_settings(settings)
         self.copy_threshold = settings.get_float("SEARCH_COPY_THRESHOLD", copies.THRESHOLD)
+        self._thumbs: dict[tuple[int, int], copies.Thumb | None] = {}  # catalogued photos' copy-test thumbnails
 
     # ---------------------------------------------------------------- resources
     def conn(self) -> sqlite3.Connection:
@@ -585,7 +586,7 @@ class SearchService:
             }
 
     def _thumb(self, listing_id: int, image_id: int) -> copies.Thumb | None:
-        cache = self.__dict__.setdefault("_thumbs", {})
+        cache = self._thumbs
         key = (listing_id, image_id)
         if key in cache:
             return cache[key]
