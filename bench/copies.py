@@ -100,6 +100,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--threshold", type=float, default=copies.THRESHOLD)
     ap.add_argument("--copies-dir", type=Path, help="use these copies (named <j>_*.jpg|png) instead of making them")
+    ap.add_argument("--penalties", default="", help="also sweep these colour penalties, e.g. 0,1,2,3 (exploration)")
+    ap.add_argument("--downloaded-only", action="store_true", help="skip the bg-removed catalogue")
     args = ap.parse_args()
 
     t0 = time.monotonic()
@@ -124,16 +126,15 @@ def main() -> int:
     q_thumbs = [copies.thumb_of(img) for _, img, _ in queries]
     src = np.array([j for j, _, _ in queries])
 
-    for label, cat_imgs in (
-        ("catalogue as downloaded", originals),
-        (
-            "catalogue with backgrounds removed",
-            [remove_background(o, m) for o, m in zip(originals, masks, strict=True)],
-        ),
-    ):
+    variants = [("catalogue as downloaded", originals)]
+    if not args.downloaded_only:
+        bg_removed = [remove_background(o, m) for o, m in zip(originals, masks, strict=True)]
+        variants.append(("catalogue with backgrounds removed", bg_removed))
+    for label, cat_imgs in variants:
         c_thumbs = [copies.thumb_of(im) for im in cat_imgs]
         t1 = time.monotonic()
-        scores = np.array([[copies.copy_score(q, c) for c in c_thumbs] for q in q_thumbs])
+        parts = np.array([[copies.copy_parts(q, c) for c in c_thumbs] for q in q_thumbs])  # both directions
+        scores = parts[..., 0]
         per_pair_ms = (time.monotonic() - t1) * 1000 / scores.size
         pos = src[:, None] == np.arange(n_img)[None, :]
         same_listing = (listing_of[src][:, None] == listing_of[None, :]) & ~pos
@@ -152,6 +153,11 @@ def main() -> int:
                 f"threshold {thr:.2f}: precision {p:.3f} recall {rc:.3f} (false pos {fp}, missed {fn}; "
                 f"same-listing views flagged {flagged_views:.3f}){mark}"
             )
+        for pen in [float(x) for x in args.penalties.split(",") if x.strip()]:
+            alt = parts[..., 1] - pen * parts[..., 2]
+            best = max((min(evaluate(alt, pos, neg, t)[:2]), t) for t in np.round(np.arange(0.5, 1.0, 0.01), 2))
+            p, rc, fp, fn = evaluate(alt, pos, neg, best[1])
+            print(f"  penalty {pen:g}: best threshold {best[1]:.2f} precision {p:.3f} recall {rc:.3f}")
         missed = [queries[i][2] for i in np.flatnonzero(~(scores[pos] >= args.threshold))]
         if missed:
             print("missed copies' edits:", "; ".join(missed[:12]))

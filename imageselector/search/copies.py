@@ -161,30 +161,32 @@ def _coarse(tpl: Thumb, img: Thumb) -> tuple[float, float, float, float]:
     return best
 
 
-def _colour_ncc(t: np.ndarray, tm: np.ndarray, img: Thumb, x0: int, y0: int) -> float:
+def _colour_ncc(t: np.ndarray, tm: np.ndarray, img: Thumb, x0: int, y0: int) -> tuple[float, float]:
     """Masked colour correlation of template pixels `t` (mask `tm`) placed at (x0, y0) in `img`."""
     ih, iw = img.mask.shape
     th, tw = tm.shape
     ax, ay, bx, by = max(0, x0), max(0, y0), min(iw, x0 + tw), min(ih, y0 + th)
     if bx - ax < 4 or by - ay < 4:
-        return -1.0
+        return -1.0, 1.0
     tt, mm = t[ay - y0 : by - y0, ax - x0 : bx - x0], tm[ay - y0 : by - y0, ax - x0 : bx - x0]
     ii = img.rgb[ay:by, ax:bx]
     m = (mm * img.mask[ay:by, ax:bx]) > 0.5
     if m.sum() < MIN_OVERLAP * max(float(tm.sum()), 1.0):
-        return -1.0
+        return -1.0, 1.0
     a, b = tt[m], ii[m]
     drift = float(np.abs(a - b).mean())  # absolute colour: a copy keeps it, a recoloured look-alike does not
     a, b = a - a.mean(axis=0), b - b.mean(axis=0)
     den = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / den) - COLOUR_PENALTY * drift if den > 1e-9 else -1.0
+    return (float((a * b).sum() / den) if den > 1e-9 else -1.0), drift
 
 
-def _fine(tpl: Thumb, img: Thumb, frac: float, fx: float, fy: float) -> float:
-    """The colour check at FINE_SIDE around the coarse alignment (a few px and percent either way)."""
+def _fine(tpl: Thumb, img: Thumb, frac: float, fx: float, fy: float) -> tuple[float, float, float]:
+    """The colour check at FINE_SIDE around the coarse alignment (a few px and percent either way).
+
+    Returns (score, correlation, colour drift) at the position with the best score."""
     t, i = tpl.fine or tpl, img.fine or img
     iw, ih = i.size
-    best = -1.0
+    best = (-9.0, -1.0, 1.0)
     for ds in (0.98, 1.0, 1.02):
         w = max(4, round(iw * frac * ds))
         h = max(4, round(w * t.size[1] / t.size[0]))
@@ -192,23 +194,30 @@ def _fine(tpl: Thumb, img: Thumb, frac: float, fx: float, fy: float) -> float:
         cx, cy = round(fx * iw - (ds - 1) * w / 2), round(fy * ih - (ds - 1) * h / 2)
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
-                best = max(best, _colour_ncc(rt.rgb, rt.mask, i, cx + dx, cy + dy))
+                ncc, drift = _colour_ncc(rt.rgb, rt.mask, i, cx + dx, cy + dy)
+                best = max(best, (ncc - COLOUR_PENALTY * drift, ncc, drift))
     return best
 
 
-def _one_way(tpl: Thumb, img: Thumb) -> float:
+def _one_way(tpl: Thumb, img: Thumb) -> tuple[float, float, float]:
     score, frac, fx, fy = _coarse(tpl, img)
     if score < COARSE_MIN:
-        return score
+        return score, score, 0.0
     return _fine(tpl, img, frac, fx, fy)
 
 
-def copy_score(a: Thumb, b: Thumb) -> float:
-    """How surely one photo is a (cropped, resized, re-encoded, bg-removed) copy of the other: -1..1."""
+def copy_parts(a: Thumb, b: Thumb, settle: float | None = None) -> tuple[float, float, float]:
+    """(score, correlation, colour drift) of the better direction; stops after the first when its score
+    reaches `settle` (None: always both). The bench sweeps the penalty from the last two."""
     first = _one_way(a, b)
-    if first >= THRESHOLD:  # the first direction settles it
+    if settle is not None and first[0] >= settle:
         return first
     return max(first, _one_way(b, a))
+
+
+def copy_score(a: Thumb, b: Thumb) -> float:
+    """How surely one photo is a (cropped, resized, re-encoded, bg-removed) copy of the other."""
+    return copy_parts(a, b, settle=THRESHOLD)[0]
 
 
 def is_copy(a: Thumb, b: Thumb, threshold: float = THRESHOLD) -> bool:
