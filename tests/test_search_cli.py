@@ -59,10 +59,14 @@ def test_image_query_json_from_the_entry_script(env: SearchHome) -> None:
     assert set(top["scores"]) == set(EMBED_MODELS)
     assert all(s == pytest.approx(1.0, abs=1e-3) for s in top["scores"].values())
     assert top["title"] == env.titles[listing] and top["price"] > 0 and top["currency"] and top["shop_name"]
-    assert top["url"] == f"https://www.etsy.com/listing/{listing}"
+    assert top["url"] == env.urls[listing]  # as the API (here the simulator) gave it, stored by sync
     assert top["primary_image_id"] == env.images[listing][0][0]
-    assert top["image_url"] == f"/image/{listing}/{env.images[listing][0][0]}"
+    assert top["image_url"] == top["primary_image_url"] == f"/image/{listing}/{env.images[listing][0][0]}"
     assert top["matched_image_ids"]["dinov2_base"] == env.images[listing][-1][0]
+    # the photo that matched, named and addressable, not the primary
+    assert top["matched_image_id"] == env.images[listing][-1][0]
+    assert top["matched_image_url"] == f"/image/{listing}/{env.images[listing][-1][0]}"
+    assert res["market"]["listings"] == len(res["results"]) and res["market"]["price"]["median"] > 0
     assert 1 <= len(res["results"]) <= 5
     assert len({r["listing_id"] for r in res["results"]}) == len(res["results"])  # one row per listing
     fused = [r["fused_score"] for r in res["results"]]
@@ -76,6 +80,7 @@ def test_text_query_uses_both_clip_towers_on_image_and_text_indexes(env: SearchH
     assert rc == 0
     assert res["models"] == ["clip_vitb32", "clip_vitb32_text", "clip_vitl14", "clip_vitl14_text"]
     assert 1 <= len(res["results"]) <= 3 and res["results"][0]["url"].startswith("https://www.etsy.com/listing/")
+    assert all(r["matched_image_url"].startswith(f"/image/{r['listing_id']}/") for r in res["results"])
     assert "clip_vitb32_text" in res["fusion"]["weights"]
 
 
@@ -145,3 +150,50 @@ def test_a_model_that_cannot_embed_is_a_warning_not_a_failure(search_service, se
     assert any(
         "dinov3_base: cannot embed the query (RuntimeError: weights file is corrupt)" in w for w in res["warnings"]
     )
+
+
+def test_similar_to_uses_stored_vectors_and_puts_the_photo_first(env: SearchHome, capsys, monkeypatch) -> None:
+    from imageselector.search.service import SearchService
+
+    def no_encoder(self, name):  # type: ignore[no-untyped-def]
+        raise AssertionError("--similar-to must not embed anything")
+
+    monkeypatch.setattr(SearchService, "encoder", no_encoder)
+    listing = sorted(env.images)[5]
+    image_id = env.images[listing][-1][0]
+    rc, res = run_json(capsys, "--similar-to", f"{listing}:{image_id}", "--k", "4")
+    assert rc == 0 and res["query"]["type"] == "similar" and res["models"] == list(EMBED_MODELS)
+    top = res["results"][0]
+    assert top["listing_id"] == listing and top["matched_image_id"] == image_id
+    assert all(rank == 1 for rank in top["ranks"].values()) and len(top["ranks"]) == 5
+    assert all(s == pytest.approx(1.0, abs=1e-3) for s in top["scores"].values())
+    assert "market" in res and res["market"]["listings"] == len(res["results"])
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"), [("1:2", "no image 1:2"), ("99999999999999999999:1", "no image"), ("12", "LISTING_ID:IMAGE_ID")]
+)
+def test_similar_to_unknown_photo(env: SearchHome, capsys, ref: str, message: str) -> None:
+    rc, res = run_json(capsys, "--similar-to", ref)
+    assert rc == 2 and message in res["error"]
+
+
+def test_table_output_strips_terminal_escapes_from_etsy_text(env: SearchHome, capsys) -> None:
+    import sqlite3
+
+    listing = sorted(env.images)[6]
+    db_path = env.home / "etsy_data.db"
+    with sqlite3.connect(db_path) as c:
+        old = c.execute("SELECT title FROM listings WHERE listing_id=?", (listing,)).fetchone()[0]
+        c.execute(
+            "UPDATE listings SET title=? WHERE listing_id=?",
+            ("Mug \x1b]0;pwned\x07\x1b[2J\x1b[31mred\x1b[0m\rover\u202eevil\x9b1A", listing),
+        )
+    try:
+        rc = main(["--similar-to", f"{listing}:{env.images[listing][0][0]}", "--k", "2", "--device", "cpu"])
+        out = capsys.readouterr().out
+    finally:
+        with sqlite3.connect(db_path) as c:
+            c.execute("UPDATE listings SET title=? WHERE listing_id=?", (old, listing))
+    assert rc == 0 and "Mug" in out and "red" in out and "market over" in out
+    assert not any(ch in out for ch in ("\x1b", "\r", "\x07", "\u202e", "\x9b"))

@@ -64,12 +64,14 @@ def listing_cards(conn: sqlite3.Connection, listing_ids: Iterable[int]) -> dict[
     for part in _chunks(ids):
         marks = ",".join("?" * len(part))
         for r in conn.execute(
-            "SELECT l.listing_id, l.title, l.currency_code, l.shop_id, s.shop_name FROM listings l"
+            "SELECT l.listing_id, l.title, l.currency_code, l.shop_id, s.shop_name, l.url FROM listings l"
             f" LEFT JOIN shops s ON s.shop_id = l.shop_id WHERE l.listing_id IN ({marks})",
             part,
         ):
             c = cards[int(r[0])]
             c.title, c.currency, c.shop_id, c.shop_name = r[1], r[2], r[3], r[4]
+            if r[5]:  # the listing's URL as the API gave it (in the demo: the simulator's)
+                c.url = r[5]
         # primary image first, else the lowest image id; image_status carries price and shop too
         for r in conn.execute(
             "SELECT listing_id, image_id, price, shop_id FROM image_status"

@@ -28,15 +28,25 @@ from imageselector import db
 from imageselector.config import HomeError, Settings
 from imageselector.db import EMBED_MODELS
 from imageselector.imagecheck import check_image
+from imageselector.search import copies
 from imageselector.search import listings as catalog
-from imageselector.search.ensemble import DEFAULT_RRF_K, aggregate_max, load_weights, rrf_fuse, weight_for
+from imageselector.search.detail import listing_detail
+from imageselector.search.ensemble import DEFAULT_RRF_K, Fused, aggregate_max, load_weights, rrf_fuse, weight_for
+from imageselector.search.files import read_image_file
 from imageselector.search.indexes import TEXT_INDEXES, IndexPolicy, IndexSet
+from imageselector.search.market import Converter, market_view, parse_rates
+from imageselector.search.stored import stored_vectors
+from imageselector.search.uploads import UploadCache
 
 log = logging.getLogger(__name__)
 
 TEXT_MODELS: tuple[str, ...] = tuple(t.removesuffix("_text") for t in TEXT_INDEXES)
 STANDIN_WARNING = "stand-in models with random weights: results are only structural, not semantic"
 MAX_K = 200
+DECODE_SIDE = 1024  # a decoded query is reduced to this many px on its longer side
+MAX_ID = 2**63 - 1
+MAX_WEIGHT = 100.0
+COPY_CANDIDATES = 60  # per model: images the copy test looks at (nearest by the stored vectors)
 
 
 class SearchError(Exception):
@@ -78,12 +88,45 @@ def open_query_image(data: bytes, limits: Limits) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            if img.format == "JPEG":  # DCT scaling: decode at 1/2..1/8 size, the models see 224-518 px anyway
+                img.draft("RGB", (DECODE_SIDE, DECODE_SIDE))
             img.load()
+            if max(img.size) > DECODE_SIDE:  # drop the big buffer now, before any mode conversion copies it
+                img.thumbnail((DECODE_SIDE, DECODE_SIDE), Image.BILINEAR, reducing_gap=2.0)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise SearchError(f"not a readable image: {exc}") from None
     from imageselector.embedding.encoders import to_rgb
 
     return to_rgb(img)
+
+
+def parse_weights(raw: str | dict | None) -> dict[str, float]:
+    """`clip_vitb32:1.5,dinov2_base:0` (or a dict) -> per-index weights overriding the fusion weights."""
+    if not raw:
+        return {}
+    items = raw.items() if isinstance(raw, dict) else (p.partition(":")[::2] for p in raw.split(",") if p.strip())
+    out: dict[str, float] = {}
+    for name, value in items:
+        name = str(name).strip()
+        try:
+            w = float(value)
+        except (TypeError, ValueError):
+            raise SearchError(f"weight for {name!r} must be a number") from None
+        if name not in (*EMBED_MODELS, *TEXT_INDEXES) or not 0 <= w <= MAX_WEIGHT:
+            raise SearchError(f"weights: {name}:{value} (a model name and a number from 0 to {MAX_WEIGHT:g})")
+        out[name] = w
+    return out
+
+
+def parse_image_ref(raw: str) -> tuple[int, int]:
+    """`LISTING_ID:IMAGE_ID` -> the pair; ids outside SQLite's integer range are refused as unknown (404)."""
+    a, sep, b = (raw or "").strip().partition(":")
+    if not sep or not a.isdigit() or not b.isdigit():
+        raise SearchError("name the image as LISTING_ID:IMAGE_ID (two whole numbers)")
+    lid, iid = int(a), int(b)
+    if lid > MAX_ID or iid > MAX_ID:
+        raise SearchError(f"no image {raw} in the catalogue", 404)
+    return lid, iid
 
 
 def _clamp_k(k: int) -> int:
@@ -119,6 +162,15 @@ class SearchService:
         self._encoder_errors: dict[str, str] = {}
         self._lock = threading.Lock()  # one query at a time: 2 cores, and torch models are not re-entrant
         self._local = threading.local()
+        try:
+            self.converter = Converter(
+                settings.get("SEARCH_CURRENCY", "USD") or "USD", parse_rates(settings.get("SEARCH_FX_RATES"))
+            )
+        except ValueError as exc:
+            raise SearchError(str(exc)) from None
+        self.uploads = UploadCache.from_settings(settings)
+        self.copy_threshold = settings.get_float("SEARCH_COPY_THRESHOLD", copies.THRESHOLD)
+        self._thumbs: dict[tuple[int, int], copies.Thumb | None] = {}  # catalogued photos' copy-test thumbnails
 
     # ---------------------------------------------------------------- resources
     def conn(self) -> sqlite3.Connection:
@@ -192,8 +244,16 @@ class SearchService:
         return self.indexes.refresh()
 
     # ---------------------------------------------------------------- queries
-    def search_image(self, image: Image.Image, k: int = 20, models: Sequence[str] | None = None) -> dict:
+    def search_image(
+        self,
+        image: Image.Image,
+        k: int = 20,
+        models: Sequence[str] | None = None,
+        weights: str | dict | None = None,
+        query: dict | None = None,
+    ) -> dict:
         k = _clamp_k(k)
+        overrides = parse_weights(weights)
         with self._lock:
             self.refresh()
             names = self._choose(models, EMBED_MODELS, "image")
@@ -205,10 +265,56 @@ class SearchService:
             if not vectors:
                 raise SearchError("no model could embed the query image: " + "; ".join(warns), 500)
             t_enc = time.monotonic() - t0
-            return self._rank(vectors, k, {"type": "image"}, t_enc, warns)
+            return self._rank(vectors, k, {"type": "image", **(query or {})}, t_enc, warns, overrides)
 
-    def search_text(self, text: str, k: int = 20, models: Sequence[str] | None = None) -> dict:
+    def search_similar(
+        self,
+        listing_id: int,
+        image_id: int,
+        k: int = 20,
+        models: Sequence[str] | None = None,
+        weights: str | dict | None = None,
+    ) -> dict:
+        """More like this catalogued photo: search with its STORED vectors (no re-embedding).
+
+        The photo itself comes first in every model (its own vector scores highest; it is pinned there
+        even when an approximate index would miss it).
+        """
         k = _clamp_k(k)
+        overrides = parse_weights(weights)
+        with self._lock:
+            self.refresh()
+            gid = self._gid_of(listing_id, image_id)
+            names = self._choose(models, EMBED_MODELS, "image")
+            vectors, warns = {}, []
+            for name in names:
+                found, vecs = stored_vectors(self.settings.embeddings_dir, name, np.array([gid]))
+                if len(found):
+                    vectors[name] = vecs[:1]
+                else:
+                    warns.append(f"{name}: this photo has no stored vector yet (not embedded); model skipped")
+            if not vectors:
+                raise SearchError(f"photo {listing_id}:{image_id} has no stored vectors yet: run embed.py first", 404)
+            query = {"type": "similar", "listing_id": int(listing_id), "image_id": int(image_id), "gid": gid}
+            return self._rank(vectors, k, query, 0.0, warns, overrides, pin_gid=gid)
+
+    def _gid_of(self, listing_id: int, image_id: int) -> int:
+        if not (0 <= int(listing_id) <= MAX_ID and 0 <= int(image_id) <= MAX_ID):
+            raise SearchError(f"no image {listing_id}:{image_id} in the catalogue", 404)
+        row = (
+            self.conn()
+            .execute("SELECT gid FROM image_status WHERE listing_id=? AND image_id=?", (int(listing_id), int(image_id)))
+            .fetchone()
+        )
+        if row is None:
+            raise SearchError(f"no image {listing_id}:{image_id} in the catalogue", 404)
+        return int(row[0])
+
+    def search_text(
+        self, text: str, k: int = 20, models: Sequence[str] | None = None, weights: str | dict | None = None
+    ) -> dict:
+        k = _clamp_k(k)
+        overrides = parse_weights(weights)
         text = (text or "").strip()
         if not text:
             raise SearchError("type something to search for")
@@ -228,7 +334,7 @@ class SearchService:
             if not queries:
                 raise SearchError("no CLIP model could embed the text: " + "; ".join(warns), 500)
             t_enc = time.monotonic() - t0
-            return self._rank(queries, k, {"type": "text", "text": text}, t_enc, warns)
+            return self._rank(queries, k, {"type": "text", "text": text}, t_enc, warns, overrides)
 
     def _choose(self, models: Sequence[str] | None, allowed: Iterable[str], what: str) -> list[str]:
         allowed = list(allowed)
@@ -261,7 +367,16 @@ class SearchService:
             )
         return list(dict.fromkeys(pairs))
 
-    def _rank(self, queries: dict[str, np.ndarray], k: int, query: dict, t_enc: float, warns: list[str]) -> dict:
+    def _rank(
+        self,
+        queries: dict[str, np.ndarray],
+        k: int,
+        query: dict,
+        t_enc: float,
+        warns: list[str],
+        overrides: dict[str, float] | None = None,
+        pin_gid: int | None = None,
+    ) -> dict:
         t0 = time.monotonic()
         per_model_k = min(max(100, 10 * k), 2000)
         raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -275,7 +390,10 @@ class SearchService:
                 )
                 continue
             scores, ids = idx.search(vec, per_model_k)
-            raw[index_name] = (scores[0], ids[0])
+            sc, ii = scores[0], ids[0]
+            if pin_gid is not None and not index_name.endswith("_text"):
+                sc, ii = _pin_first(sc, ii, pin_gid, float(np.dot(vec.reshape(-1), vec.reshape(-1))))
+            raw[index_name] = (sc, ii)
         t_search = time.monotonic() - t0
         conn = self.conn()
         gids = [int(i) for n, (_, ids) in raw.items() if not n.endswith("_text") for i in ids if i >= 0]
@@ -287,7 +405,12 @@ class SearchService:
             else:
                 per_model[name] = aggregate_max(ids, scores, lambda gid: where.get(gid, (None,))[0])
         weights_raw, method = load_weights(self.settings.embeddings_dir)
+        if overrides:
+            weights_raw = {**weights_raw, **overrides}
+            method = f"{method}, overridden by the request"
         weights = {name: weight_for(weights_raw, name) for name in per_model}
+        if all(w == 0 for w in weights.values()):
+            raise SearchError("every chosen model has weight 0: give at least one a positive weight")
         fused = rrf_fuse(per_model, weights, self.rrf_k)[:k]
         cards = catalog.listing_cards(conn, [f.listing_id for f in fused])
         results = []
@@ -296,6 +419,9 @@ class SearchService:
             matched = {
                 n: (key if n.endswith("_text") else where.get(key, (None, None))[1]) for n, key in f.keys.items()
             }
+            best = _best_match(f, matched, weights, self.rrf_k)
+            if best is None:  # found by listing text only: the primary photo stands in
+                best = card.primary_image_id
             results.append(
                 {
                     "rank": rank,
@@ -308,6 +434,12 @@ class SearchService:
                     "scores": {n: round(s, 4) for n, s in f.scores.items()},
                     "ranks": f.ranks,
                     "matched_image_ids": {n: v for n, v in matched.items() if not n.endswith("_text")},
+                    "matched_image_id": best,
+                    "matched_image_url": f"/image/{f.listing_id}/{best}" if best is not None else None,
+                    "primary_image_url": (
+                        f"/image/{f.listing_id}/{card.primary_image_id}" if card.primary_image_id is not None else None
+                    ),
+                    "detail_url": f"/api/listing/{f.listing_id}",
                 }
             )
         return {
@@ -321,12 +453,152 @@ class SearchService:
             "warnings": list(dict.fromkeys(self.warnings() + warns)),
             "indexes": {n: self.indexes.get(n).describe() for n in raw},  # type: ignore[union-attr]
             "results": results,
+            "market": market_view(conn, [r["listing_id"] for r in results], self.converter),
             "timing_ms": {
                 "encode": round(t_enc * 1000, 1),
                 "search": round(t_search * 1000, 1),
                 "total": round((t_enc + time.monotonic() - t0) * 1000, 1),
             },
         }
+
+    # ---------------------------------------------------------------- uploads, detail, copies
+    def upload(self, data: bytes) -> tuple[str, Image.Image]:
+        """Check and decode an upload, keep it under its content hash; returns (hash, image)."""
+        image = open_query_image(data, self.limits)
+        return self.uploads.put(data), image
+
+    def uploaded(self, digest: str) -> Image.Image:
+        data = self.uploads.get(digest)
+        if data is None:
+            raise SearchError("this uploaded photo is no longer kept on the server: upload it again", 404)
+        return open_query_image(data, self.limits)
+
+    def listing(self, listing_id: int) -> dict:
+        if not 0 <= int(listing_id) <= MAX_ID:
+            raise SearchError("no such listing", 404)
+        try:
+            got = listing_detail(self.conn(), int(listing_id), self.converter)
+        except sqlite3.Error as exc:
+            raise SearchError(f"database error: {exc}", 503) from None
+        if got is None:
+            raise SearchError("no such listing", 404)
+        return got
+
+    def find_copies(
+        self,
+        *,
+        image: Image.Image | None = None,
+        ref: tuple[int, int] | None = None,
+        k: int = 20,
+        models: Sequence[str] | None = None,
+        query: dict | None = None,
+    ) -> dict:
+        """Catalogued photos that are copies of the query photo (cropped, resized, re-encoded, bg removed).
+
+        The nearest `COPY_CANDIDATES` images per model (by the query's vectors: stored ones for a catalogued
+        photo) are checked with the handcrafted copy test (copies.py); those at or above the threshold are
+        returned, best first, one row per listing with the copied photo.
+        """
+        k = _clamp_k(k)
+        with self._lock:
+            self.refresh()
+            t0 = time.monotonic()
+            names = self._choose(models, EMBED_MODELS, "image")
+            warns: list[str] = []
+            conn = self.conn()
+            own_gid = None
+            if ref is not None:
+                own_gid = self._gid_of(*ref)
+                data = read_image_file(self.settings, conn, *ref)
+                if data is None:
+                    raise SearchError(f"photo {ref[0]}:{ref[1]} is not on this disk", 404)
+                q_thumb = copies.thumb_of_bytes(data)
+                vectors = {}
+                for name in names:
+                    found, vecs = stored_vectors(self.settings.embeddings_dir, name, np.array([own_gid]))
+                    if len(found):
+                        vectors[name] = vecs[:1]
+                query = {"type": "copies", "listing_id": ref[0], "image_id": ref[1], **(query or {})}
+            else:
+                assert image is not None
+                q_thumb = copies.thumb_of(image)
+                vectors = {n: v for n in names if (v := self._embed(n, image, warns)) is not None}
+                query = {"type": "copies", **(query or {})}
+            if not vectors:
+                raise SearchError("no model could give the query's vectors: " + "; ".join(warns), 500)
+            candidates: list[int] = []
+            for name, vec in vectors.items():
+                idx = self.indexes.get(name)
+                if idx is None or vec.shape[-1] != idx.dim:
+                    continue
+                _, ids = idx.search(vec, COPY_CANDIDATES)
+                candidates += [int(g) for g in ids[0] if g >= 0 and g != own_gid]
+            candidates = list(dict.fromkeys(candidates))
+            where = catalog.locate_gids(conn, candidates)
+            hits: dict[int, tuple[float, int]] = {}
+            checked = 0
+            for gid in candidates:
+                if gid not in where:
+                    continue
+                lid, iid = where[gid]
+                thumb = self._thumb(lid, iid)
+                if thumb is None:
+                    continue
+                checked += 1
+                score = copies.copy_score(q_thumb, thumb)
+                if score >= self.copy_threshold and score > hits.get(lid, (-2.0, 0))[0]:
+                    hits[lid] = (score, iid)
+            ranked = sorted(hits.items(), key=lambda kv: (-kv[1][0], kv[0]))[:k]
+            cards = catalog.listing_cards(conn, [lid for lid, _ in ranked])
+            results = []
+            for rank, (lid, (score, iid)) in enumerate(ranked, start=1):
+                card = cards[lid]
+                results.append(
+                    {
+                        "rank": rank,
+                        **card.to_dict(),
+                        "image_url": f"/image/{lid}/{card.primary_image_id}" if card.primary_image_id else None,
+                        "primary_image_url": f"/image/{lid}/{card.primary_image_id}" if card.primary_image_id else None,
+                        "copy_score": round(score, 4),
+                        "matched_image_id": iid,
+                        "matched_image_url": f"/image/{lid}/{iid}",
+                        "detail_url": f"/api/listing/{lid}",
+                        "fused_score": round(score, 4),
+                        "n_models": 0,
+                        "scores": {},
+                        "ranks": {},
+                        "matched_image_ids": {},
+                    }
+                )
+            return {
+                "query": {**query, "k": k, "candidates_per_model": COPY_CANDIDATES},
+                "mode": "copies",
+                "models": list(vectors),
+                "copy_test": {
+                    "method": "masked normalised cross-correlation over scale and shift (search/copies.py)",
+                    "threshold": self.copy_threshold,
+                    "checked": checked,
+                },
+                "warnings": list(dict.fromkeys(self.warnings() + warns)),
+                "results": results,
+                "market": market_view(conn, [r["listing_id"] for r in results], self.converter),
+                "timing_ms": {"total": round((time.monotonic() - t0) * 1000, 1)},
+            }
+
+    def _thumb(self, listing_id: int, image_id: int) -> copies.Thumb | None:
+        cache = self._thumbs
+        key = (listing_id, image_id)
+        if key in cache:
+            return cache[key]
+        data = read_image_file(self.settings, self.conn(), listing_id, image_id)
+        try:
+            thumb = copies.thumb_of_bytes(data) if data is not None else None
+        except (OSError, ValueError, Image.DecompressionBombError):
+            thumb = None
+        if len(cache) >= 2000:  # ~30 KB each at 48 px
+            cache.pop(next(iter(cache)))
+        cache[key] = thumb
+        return thumb
 
     # ---------------------------------------------------------------- status
     def warnings(self) -> list[str]:
@@ -366,6 +638,27 @@ class SearchService:
                 "max_pixels": self.limits.max_pixels,
             },
         }
+
+
+def _pin_first(scores: np.ndarray, ids: np.ndarray, gid: int, self_score: float) -> tuple[np.ndarray, np.ndarray]:
+    """Put the query photo's own gid first (an approximate index may rank it lower or miss it)."""
+    keep = ids != gid
+    return (
+        np.concatenate([[max(self_score, float(scores[0]) if len(scores) else self_score)], scores[keep]]),
+        np.concatenate([[gid], ids[keep]]).astype(np.int64),
+    )
+
+
+def _best_match(f: Fused, matched: dict[str, int | None], weights: dict[str, float], rrf_k: float) -> int | None:
+    """The listing's photo that matched: the one the image models' votes (their RRF terms) favour most."""
+    votes: dict[int, float] = {}
+    for name, image_id in matched.items():
+        if name.endswith("_text") or image_id is None:
+            continue
+        votes[image_id] = votes.get(image_id, 0.0) + weights.get(name, 1.0) / (rrf_k + f.ranks[name]) + 1e-9
+    if not votes:
+        return None
+    return max(votes.items(), key=lambda kv: (kv[1], -kv[0]))[0]
 
 
 def dump(result: dict) -> str:

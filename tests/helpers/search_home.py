@@ -7,7 +7,6 @@ is the simulator's ground truth, its renderer draws the CDN photos); background 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +15,12 @@ import pytest
 
 from imageselector import db
 from imageselector.config import load_settings
+from imageselector.etsy import store
 from imageselector.layout import image_path
 
 PHOTO_SIZE = "170x135"
+SNAPSHOTS = 3
+T0 = 1_700_000_000
 
 
 @dataclass
@@ -28,6 +30,7 @@ class SearchHome:
     # listing_id -> [(image_id, path)], primary first
     images: dict[int, list[tuple[int, Path]]] = field(default_factory=dict)
     titles: dict[int, str] = field(default_factory=dict)
+    urls: dict[int, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "IMAGESELECTOR_HOME": str(self.home), "IMAGESELECTOR_MODELS_FILE": str(self.registry)}
@@ -44,22 +47,19 @@ def build_search_home(home: Path, registry: Path, *, listings: int = 8, seed: in
     cat = Catalogue(listings, seed=seed)
     out = SearchHome(home, registry)
     rows = []
+    # what sync writes: listings, shops and SNAPSHOTS weeks apart (the simulator's figures move with tick())
+    for week in range(SNAPSHOTS):
+        now = T0 + week * 7 * 86400
+        with conn:
+            store.write_listings(conn, [cat.listing_json(i) for i in range(cat.n)], snapshot_every_s=0, now=now)
+            for s in sorted({int(x) for x in cat.shop_of[: cat.n]}):
+                store.write_shop(conn, cat.shop_json(s), now=now)
+        cat.tick(7)
     for i in range(cat.n):
         s = int(cat.shop_of[i])
         lid, shop_id = int(cat.listing_ids[i]), int(cat.shop_ids[s])
-        conn.execute(
-            "INSERT OR IGNORE INTO shops(shop_id, shop_name, currency_code) VALUES (?,?,?)",
-            (shop_id, cat.shop_name(s), cat.currency(s)),
-        )
-        conn.execute(
-            "INSERT INTO listings(listing_id, shop_id, title, tags, currency_code) VALUES (?,?,?,?,?)",
-            (lid, shop_id, cat.title(i), json.dumps(cat.tags(i)), cat.currency(s)),
-        )
-        conn.execute(
-            "INSERT INTO listings_dynamic(listing_id, snapshot_timestamp, state, price) VALUES (?,?,?,?)",
-            (lid, 1_700_000_000, "active", int(cat.price[i]) / 100),
-        )
         out.titles[lid] = cat.title(i)
+        out.urls[lid] = cat.listing_json(i)["url"]
         for j in range(int(cat.img_start[i]), int(cat.img_start[i + 1])):
             iid = int(cat.image_ids[j])
             path = image_path(settings.images_dir, lid, iid)
