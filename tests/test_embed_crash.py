@@ -14,7 +14,7 @@ from imageselector import db
 from imageselector.embedding.cli import main
 from tests.conftest import ROOT, venv_python
 from tests.helpers import embed_fixtures
-from tests.helpers.embed_checks import check_image_index, check_no_lies, check_texts
+from tests.helpers.embed_checks import check_no_lies, check_store_files, check_texts
 from tests.helpers.embed_data import seed_embeddable
 
 ALL = ["clip_vitb32", "clip_vitl14", "dinov2_base", "dinov2_large", "dinov3_base"]
@@ -60,7 +60,7 @@ def _kill_at_some_instant(settings, conn, registry: Path, rng: random.Random, mi
         if (
             mid_flush
             and done > before
-            and (done >= before + MID_FLUSH_CAP or (tmp.is_dir() and any(tmp.glob("*.faiss.*.tmp"))))
+            and (done >= before + MID_FLUSH_CAP or (tmp.is_dir() and any(tmp.glob("*.seg.*.tmp"))))
         ):
             break
         if not mid_flush and done > before:
@@ -87,7 +87,7 @@ def _finish_and_check(settings, conn, registry: Path) -> None:
     counts = check_no_lies(conn, emb, ALL, exact=True)
     assert counts == dict.fromkeys(ALL, N)
     check_texts(conn, emb, ["clip_vitb32", "clip_vitl14"])
-    check_image_index(conn, emb, ALL)
+    check_store_files(emb, ALL)
     for m in ALL:
         st = db.stage(f"embed_{m}")
         assert conn.execute(f"SELECT COUNT(*) FROM image_status WHERE {st.claim_col} IS NOT NULL").fetchone()[0] == 0

@@ -112,6 +112,10 @@ class LegacySnapshot:
         pos = self._order[at[found]]
         return q[found], np.array(self._vecs[pos], dtype=np.float32).reshape(-1, self.dim)
 
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        return self.index.search(q, max(1, int(k)))
+
     def keys(self) -> np.ndarray:
         return np.unique(self.ids)
 

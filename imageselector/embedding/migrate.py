@@ -60,9 +60,7 @@ def _order(ids: np.ndarray) -> np.ndarray:
     return order[keep]
 
 
-def migrate_index(
-    embeddings_dir: Path, tmp_dir: Path, name: str, writer: StoreWriter | None = None
-) -> dict[str, Any]:
+def migrate_index(embeddings_dir: Path, tmp_dir: Path, name: str, writer: StoreWriter | None = None) -> dict[str, Any]:
     """Migrate one old index. With `writer`, it must already hold the model's lock (embed.py's case)."""
     embeddings_dir = Path(embeddings_dir)
     path = legacy_path(embeddings_dir, name)
@@ -114,9 +112,9 @@ def _migrate(embeddings_dir: Path, name: str, path: Path, w: StoreWriter, mig: d
     while done < len(order):
         part = order[done : done + SEGMENT_ROWS]
 
-        def chunks(p: np.ndarray = part) -> Iterator[np.ndarray]:
+        def chunks(p: np.ndarray = part, v: np.ndarray = vecs) -> Iterator[np.ndarray]:
             for s in range(0, len(p), COPY_ROWS):
-                yield np.array(vecs[p[s : s + COPY_ROWS]], dtype=np.float32)
+                yield np.array(v[p[s : s + COPY_ROWS]], dtype=np.float32)
 
         end = done + len(part)
         extra = {"migration": {**base, "done_rows": end, "done": end == len(order)}}

@@ -242,6 +242,35 @@ class Snapshot:
             out[sel] = self.readers[int(j)].vecs[row_of[hit[sel]]]
         return q[hit], out
 
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner-product top-k over the mapped segments: (scores, keys), -1 keys where fewer exist.
+
+        Each segment is searched in place (faiss.knn on the mapping, no copy); rows a newer segment
+        hides are dropped from that segment's results (it is asked for that many more).
+        """
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        k = max(1, int(k))
+        all_s = [np.full((len(q), k), -np.inf, np.float32)]
+        all_i = [np.full((len(q), k), -1, np.int64)]
+        for i, rd in enumerate(self.readers):
+            n = rd.layout.rows
+            if not n:
+                continue
+            hidden = self._hidden(i, np.asarray(rd.keys)) if self._shadowers(i) else None
+            extra = int(hidden.sum()) if hidden is not None else 0
+            kk = min(n, k + extra)
+            sc, pos = faiss.knn(q, rd.vecs, kk, metric=faiss.METRIC_INNER_PRODUCT)
+            keys = np.where(pos >= 0, np.asarray(rd.keys)[np.maximum(pos, 0)], -1)
+            if extra:
+                drop = (pos >= 0) & hidden[np.maximum(pos, 0)]
+                sc, keys = np.where(drop, -np.inf, sc), np.where(drop, -1, keys)
+            all_s.append(sc.astype(np.float32))
+            all_i.append(keys)
+        s, ids = np.concatenate(all_s, axis=1), np.concatenate(all_i, axis=1)
+        s = np.where(ids < 0, -np.inf, s)
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(s, order, 1), np.take_along_axis(ids, order, 1)
+
     def keys(self) -> np.ndarray:
         """Every live key, ascending (8 bytes per vector, transient)."""
         if not any(s.get("shadows") for s in self.segments):
