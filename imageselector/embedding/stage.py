@@ -45,7 +45,7 @@ from imageselector.config import Settings
 from imageselector.embedding.encoders import Encoder
 from imageselector.embedding.preprocess import decode, draft_side
 from imageselector.embedding.migrate import drop_image_index, migrate_index
-from imageselector.embedding.store import TEXT_SUFFIX, StoreWriter, read_store_manifest
+from imageselector.embedding.store import TEXT_SUFFIX, CompactionPolicy, StoreWriter, read_store_manifest
 from imageselector.layout import image_path
 from imageselector.logs import Progress
 from imageselector.worker import ClaimedBatch, Heartbeat
@@ -290,7 +290,9 @@ class EmbedStage:
         self.opts = opts
         self.stopper = stopper
         self.owner = owner or db.make_owner("embed")
-        self.store = StoreWriter(settings.embeddings_dir, settings.tmp_dir)
+        # EMBED_STORE_FANOUT: segments merged at once (default 16; tests lower it to exercise compaction).
+        policy = CompactionPolicy(fanout=settings.get_int("EMBED_STORE_FANOUT", CompactionPolicy.fanout))
+        self.store = StoreWriter(settings.embeddings_dir, settings.tmp_dir, policy=policy)
         self.pending: dict[str, list[tuple[ClaimedBatch, list[int]]]] = {m: [] for m in encoders}
         self.since_flush = 0
         self.last_flush = time.monotonic()

@@ -431,6 +431,7 @@ class StoreWriter:
         self._locks: list[contextlib.ExitStack] = []
         self._owner: dict[str, str] = {}  # store name -> model whose lock covers it
         self.bytes_written = 0  # segment + manifest bytes, for the bench
+        self.segment_bytes_written = 0
         self.last_write_s = 0.0
         self.compactions = 0
         self.compaction_error: str | None = None
@@ -623,6 +624,7 @@ class StoreWriter:
                 np.full(len(del_keys), gen, np.int32),
             )
             self.bytes_written += size
+            self.segment_bytes_written += size
             shadows = bool(was_data.any() or len(del_keys))
             info = _seg_info(fname, size, data_keys, del_keys, gen, gen, 0, shadows)
             doc = dict(st.doc)
@@ -651,6 +653,7 @@ class StoreWriter:
                 np.zeros(0, np.int64), np.zeros(0, np.int32),
             )  # fmt: skip
             self.bytes_written += size
+            self.segment_bytes_written += size
             info = _seg_info(fname, size, k, np.zeros(0, np.int64), gen, gen, level, bool(was.any()))
             doc = {**st.doc, **extra}
             doc["segments"] = [*st.segments, info]
@@ -757,6 +760,7 @@ class StoreWriter:
             except InterruptedError:
                 return False
             self.bytes_written += size
+            self.segment_bytes_written += size
             shadows = start > 0 and any(s.get("shadows") for s in inputs)
             info = _seg_info(fname, size, keys, del_keys, lo, hi, level, shadows)
             with st.lock:
