@@ -245,3 +245,27 @@ def test_archived_image_is_read_from_the_backup_location(home, tmp_path, monkeyp
     stored = vector_of(settings.embeddings_dir, "dinov2_base", int(r["gid"]))
     np.testing.assert_allclose(stored, enc.encode_batch(enc.preprocess(decode(dst))[None])[0], atol=1e-6)
     conn.close()
+
+
+def test_an_old_format_home_is_migrated_at_start(settings, conn, standin_encoders) -> None:
+    """embeddings/dinov2_base.faiss + image_index.json of before the segment store: moved, flags kept."""
+    import faiss
+
+    rows = seed_embeddable(conn, settings.images_dir, 4)
+    enc = standin_encoders["dinov2_base"]
+    emb = settings.embeddings_dir
+    emb.mkdir(parents=True, exist_ok=True)
+    old = np.random.default_rng(0).random((2, enc.dim), dtype=np.float32)
+    ix = faiss.IndexIDMap2(faiss.IndexFlatIP(enc.dim))
+    ix.add_with_ids(old, np.array([rows[0]["gid"], rows[1]["gid"]], dtype=np.int64))
+    faiss.write_index(ix, str(emb / "dinov2_base.faiss"))
+    rec = {"dim": enc.dim, "count": 2, "source": enc.spec.describe(), "standin": True}
+    (emb / "manifest.json").write_text(json.dumps({"models": {"dinov2_base": rec}, "text": {}, "version": 4}))
+    (emb / "image_index.json").write_text(json.dumps([[r["listing_id"], r["image_id"]] for r in rows]))
+    conn.execute("UPDATE image_status SET embed_dinov2_base=1 WHERE gid IN (?, ?)", (rows[0]["gid"], rows[1]["gid"]))
+    st = run_stage(settings, conn, standin_encoders, ["dinov2_base"])
+    assert st.repairs["dinov2_base"] == {"adopted": 0, "removed": 0, "reset": 0, "vectors": 2}
+    assert flagged(conn, "dinov2_base") == {int(r["gid"]) for r in rows}
+    check_no_lies(conn, emb, ["dinov2_base"], exact=True)
+    check_store_files(emb, ["dinov2_base"])  # the old file and image_index.json are gone
+    np.testing.assert_array_equal(vector_of(emb, "dinov2_base", int(rows[1]["gid"])), old[1])  # not recomputed

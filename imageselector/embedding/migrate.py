@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SEGMENT_ROWS = 262_144
 COPY_ROWS = 8192
 IMAGE_INDEX = "image_index.json"
+UNKNOWN_SOURCE = "unknown (migrated)"  # an old index without a manifest record: embed.py stamps its own
 
 
 def legacy_names(embeddings_dir: Path) -> list[str]:
@@ -96,7 +97,7 @@ def _migrate(embeddings_dir: Path, name: str, path: Path, w: StoreWriter, mig: d
     w.open_store(
         name,
         int(index.d),
-        source=str(rec.get("source") or "unknown (migrated)"),
+        source=str(rec.get("source") or UNKNOWN_SOURCE),
         standin=bool(rec.get("standin", False)),
         key="listing_id" if text else "gid",
     )

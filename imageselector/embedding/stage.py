@@ -43,8 +43,8 @@ from PIL import Image, UnidentifiedImageError
 from imageselector import db
 from imageselector.config import Settings
 from imageselector.embedding.encoders import Encoder
+from imageselector.embedding.migrate import UNKNOWN_SOURCE, drop_image_index, migrate_index
 from imageselector.embedding.preprocess import decode, draft_side
-from imageselector.embedding.migrate import drop_image_index, migrate_index
 from imageselector.embedding.store import TEXT_SUFFIX, CompactionPolicy, StoreWriter, read_store_manifest
 from imageselector.layout import image_path
 from imageselector.logs import Progress
@@ -320,7 +320,8 @@ class EmbedStage:
                 migrate_index(emb, self.settings.tmp_dir, name, writer=self.store)
             rec = read_store_manifest(emb, m)
             source = enc.spec.describe()
-            if rec and rec.get("count") and (rec.get("source") != source or int(rec.get("dim", enc.dim)) != enc.dim):
+            known = rec.get("source") not in (None, UNKNOWN_SOURCE) if rec else False  # migrated without a record
+            if rec and rec.get("count") and ((known and rec["source"] != source) or int(rec["dim"]) != enc.dim):
                 raise RuntimeError(
                     f"{m}: embeddings/{m}/ was built with {rec.get('source')} (dim {rec.get('dim')}), "
                     f"now loading {source} (dim {enc.dim}); the vectors would not be comparable. "
