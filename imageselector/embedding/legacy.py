@@ -20,6 +20,7 @@ import numpy as np
 BLAS_THRESHOLD = 20
 MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
 SUMMARY = "manifest.json"
+IMAGE_INDEX = "image_index.json"  # the old gid -> [listing_id, image_id] list (the database holds it now)
 
 
 def configure_faiss() -> None:
@@ -49,6 +50,15 @@ def flat_vectors(index: faiss.Index) -> np.ndarray:
     if n == 0:
         return np.zeros((0, d), np.float32)
     return faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
+
+
+def read_image_index(path: str | os.PathLike[str]) -> list[list[int] | None]:
+    """The old image_index.json ([] when absent or unreadable)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return []
+    return data if isinstance(data, list) else []
 
 
 def read_summary(embeddings_dir: Path) -> dict[str, Any]:

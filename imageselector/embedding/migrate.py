@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from imageselector.embedding.legacy import flat_vectors, index_ids, legacy_path, legacy_record, read_index
+from imageselector.embedding.legacy import IMAGE_INDEX, flat_vectors, index_ids, legacy_path, legacy_record, read_index
 from imageselector.embedding.store import TEXT_SUFFIX, StoreWriter, read_store_manifest
 from imageselector.fsutil import fsync_dir
 
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 SEGMENT_ROWS = 262_144
 COPY_ROWS = 8192
-IMAGE_INDEX = "image_index.json"
 UNKNOWN_SOURCE = "unknown (migrated)"  # an old index without a manifest record: embed.py stamps its own
 
 

@@ -51,11 +51,13 @@ import faiss
 import numpy as np
 
 from imageselector.embedding.legacy import (
+    IMAGE_INDEX,
     MMAP_FLAGS,
     LegacySnapshot,
     configure_faiss,
     index_ids,
     legacy_path,
+    read_image_index,
     read_index,
     read_summary,
 )
@@ -72,6 +74,7 @@ READ_RETRIES = 50
 
 __all__ = [
     "FORMAT",
+    "IMAGE_INDEX",
     "MANIFEST",
     "MMAP_FLAGS",
     "TEXT_SUFFIX",
@@ -82,6 +85,7 @@ __all__ = [
     "index_ids",
     "new_index",
     "open_snapshot",
+    "read_image_index",
     "read_index",
     "read_manifest",
     "read_store_manifest",

@@ -62,7 +62,6 @@ def run(emb: Path, tmp: Path, log: Path) -> None:
         os.fsync(fd)
 
 
-
 if __name__ == "__main__":
     emb, tmp, log = (Path(a) for a in sys.argv[1:4])
     if "--migrate" in sys.argv:
