@@ -465,6 +465,12 @@ class StoreWriter:
         """Open (or create) store `name` under the lock of `model` (default: name itself)."""
         model = model or name.removesuffix(TEXT_SUFFIX)
         self.lock_model(model)
+        if name in self.stores:  # already open (e.g. just migrated): same object, so a running merge stays valid
+            st = self.stores[name]
+            if st.dim != int(dim):
+                raise ValueError(f"{st.dir} holds {st.dim}-dim vectors, the model gives {int(dim)}")
+            st.source, st.standin = source, standin
+            return
         st = _Store(self.dir, name, dim, key, source, standin)
         doc = read_store_manifest(self.dir, name)
         if doc is not None and int(doc["dim"]) != st.dim:
