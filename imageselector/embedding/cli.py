@@ -165,6 +165,7 @@ def _main(argv: list[str] | None = None) -> int:
         if code is not None:
             conn.close()
             return code
+        stage.store.close()  # its model locks: the local stage below takes them again
         stage = EmbedStage(settings, conn, encoders, opts, stopper)  # fall back to local compute
         stage.open()
     stage.run(Heartbeat(settings.run_dir, "embed"))
