@@ -76,7 +76,7 @@ def main() -> int:
                 f"  {m['name']:<16} L mAP@10 {lm['mean']:.3f} [{lm['lo']:.3f}, {lm['hi']:.3f}]  {m['query_ms']:.2f} ms/query"
             )
         print("  fitted rrf weights:", res["weights"]["fitted"]["rrf"])
-        li = eval_run.LoadedIndex.open("dinov2_large", settings.embeddings_dir / "dinov2_large.faiss")
+        li = eval_run.LoadedIndex.open("dinov2_large", settings.embeddings_dir)
         q = li.sample_vectors(args.sample, 1)
         t0 = time.perf_counter()
         for i in range(len(q)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -12,14 +13,21 @@ import pytest
 
 from imageselector import db
 from imageselector.embedding.cli import main
+from imageselector.embedding.store import read_store_manifest
 from tests.conftest import ROOT, venv_python
 from tests.helpers import embed_fixtures
-from tests.helpers.embed_checks import check_image_index, check_no_lies, check_texts
+from tests.helpers.embed_checks import check_no_lies, check_store_files, check_texts
 from tests.helpers.embed_data import seed_embeddable
 
 ALL = ["clip_vitb32", "clip_vitl14", "dinov2_base", "dinov2_large", "dinov3_base"]
 N = 90
 MID_FLUSH_CAP = 6  # rows of progress after which a mid-flush attempt kills even without a sighting
+
+
+def _env() -> dict[str, str]:
+    """The fixtures' home (set in os.environ per test), and merges all the time so kills land in them too."""
+    return {**os.environ, "EMBED_STORE_FANOUT": "2"}
+
 
 standin_registry = embed_fixtures.standin_registry
 
@@ -52,7 +60,7 @@ def _kill_at_some_instant(settings, conn, registry: Path, rng: random.Random, mi
     work and leave nothing to kill for the attempts after it (what made this test flaky on a fast machine).
     """
     before = _done(conn)
-    proc = subprocess.Popen(_cmd(registry), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(registry), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     deadline = time.monotonic() + 90
     tmp = settings.tmp_dir
     while proc.poll() is None and time.monotonic() < deadline:
@@ -60,7 +68,7 @@ def _kill_at_some_instant(settings, conn, registry: Path, rng: random.Random, mi
         if (
             mid_flush
             and done > before
-            and (done >= before + MID_FLUSH_CAP or (tmp.is_dir() and any(tmp.glob("*.faiss.*.tmp"))))
+            and (done >= before + MID_FLUSH_CAP or (tmp.is_dir() and any(tmp.glob("*.seg.*.tmp"))))
         ):
             break
         if not mid_flush and done > before:
@@ -78,7 +86,7 @@ def _kill_at_some_instant(settings, conn, registry: Path, rng: random.Random, mi
 def _finish_and_check(settings, conn, registry: Path) -> None:
     """Restart with --watch: it repairs, finishes, keeps polling, and exits 0 on KILL_EMBED."""
     emb = settings.embeddings_dir
-    proc = subprocess.Popen(_cmd(registry, "--watch"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_cmd(registry, "--watch"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
     deadline = time.monotonic() + 120
     while _least_done(conn) < N and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -87,7 +95,9 @@ def _finish_and_check(settings, conn, registry: Path) -> None:
     counts = check_no_lies(conn, emb, ALL, exact=True)
     assert counts == dict.fromkeys(ALL, N)
     check_texts(conn, emb, ["clip_vitb32", "clip_vitl14"])
-    check_image_index(conn, emb, ALL)
+    check_store_files(emb, ALL)
+    merged = [s for m in ALL for s in read_store_manifest(emb, m)["segments"] if s["level"] > 0]
+    assert merged, "no merge ran: the kills could not land in one"
     for m in ALL:
         st = db.stage(f"embed_{m}")
         assert conn.execute(f"SELECT COUNT(*) FROM image_status WHERE {st.claim_col} IS NOT NULL").fetchone()[0] == 0

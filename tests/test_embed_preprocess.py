@@ -152,7 +152,7 @@ def test_unknown_or_disagreeing_recipe_stays_on_reference(standin_registry: Path
 def test_stage_drafts_jpegs_and_shares_pixels(settings, conn, standin_encoders) -> None:
     """The stage decodes at the draft scale all its models allow; models of equal geometry share one resize;
     the stored vector is the model's own encode of that decode."""
-    from imageselector.embedding.store import read_index
+    from tests.helpers.embed_checks import vector_of
 
     rows = seed_embeddable(conn, settings.images_dir, 2, size=(600, 500))
     names = ["clip_vitb32", "clip_vitl14"]
@@ -169,8 +169,7 @@ def test_stage_drafts_jpegs_and_shares_pixels(settings, conn, standin_encoders) 
     assert img.size == (300, 250)
     for m in names:
         enc = standin_encoders[m]
-        ix = read_index(settings.embeddings_dir / f"{m}.faiss")
-        stored = ix.reconstruct(int(rows[0]["gid"]))
+        stored = vector_of(settings.embeddings_dir, m, int(rows[0]["gid"]))
         np.testing.assert_allclose(stored, enc.encode_batch(enc.preprocess(img)[None])[0], atol=1e-5)
 
 

@@ -10,11 +10,11 @@ import pytest
 
 from imageselector import db
 from imageselector.embedding.stage import EmbedStage, Options, decode
-from imageselector.embedding.store import index_ids, new_index, read_index, read_manifest, write_index
+from imageselector.embedding.store import StoreWriter, read_manifest
 from imageselector.layout import image_path
 from imageselector.stopping import KILL, KILL_EMBED, Stopper
 from tests.helpers import embed_fixtures
-from tests.helpers.embed_checks import check_image_index, check_no_lies, check_texts, flagged
+from tests.helpers.embed_checks import check_no_lies, check_store_files, check_texts, flagged, ids_in, vector_of
 from tests.helpers.embed_data import seed_embeddable
 
 ALL = ["clip_vitb32", "clip_vitl14", "dinov2_base", "dinov2_large", "dinov3_base"]
@@ -41,7 +41,7 @@ def test_stored_vector_equals_the_models_own_encode(settings, conn, standin_enco
     run_stage(settings, conn, standin_encoders)
     path = image_path(settings.images_dir, rows[0]["listing_id"], rows[0]["image_id"])
     for m, enc in standin_encoders.items():
-        stored = read_index(settings.embeddings_dir / f"{m}.faiss").reconstruct(int(rows[0]["gid"]))
+        stored = vector_of(settings.embeddings_dir, m, int(rows[0]["gid"]))
         own = enc.encode_batch(enc.preprocess(decode(path))[None])[0]
         np.testing.assert_allclose(stored, own, rtol=0, atol=1e-6)
 
@@ -53,8 +53,8 @@ def test_all_models_flags_texts_manifest(settings, conn, standin_encoders) -> No
     counts = check_no_lies(conn, emb, ALL, exact=True)
     assert counts == dict.fromkeys(ALL, 14)
     check_texts(conn, emb, ["clip_vitb32", "clip_vitl14"])
-    assert len(index_ids(read_index(emb / "clip_vitb32_text.faiss"))) == 5
-    check_image_index(conn, emb, ALL)
+    assert len(ids_in(emb, "clip_vitb32_text")) == 5
+    check_store_files(emb, ALL)
     man = read_manifest(emb / "manifest.json")
     assert {m: man["models"][m]["count"] for m in ALL} == dict.fromkeys(ALL, 14)
     assert all(man["models"][m]["standin"] for m in ALL)
@@ -62,9 +62,9 @@ def test_all_models_flags_texts_manifest(settings, conn, standin_encoders) -> No
     assert "stand-in" in (db.kv_get(conn, "status_warning") or "")
     assert all(p.done == 14 for p in st.progress.values())
     # A second run finds nothing to do and changes nothing.
-    before = {m: (emb / f"{m}.faiss").read_bytes() for m in ALL}
+    before = {m: (emb / m / "manifest.json").read_bytes() for m in ALL}
     run_stage(settings, conn, standin_encoders)
-    assert before == {m: (emb / f"{m}.faiss").read_bytes() for m in ALL}
+    assert before == {m: (emb / m / "manifest.json").read_bytes() for m in ALL}
 
 
 def test_undecodable_or_missing_image_goes_back_to_download(settings, conn, standin_encoders) -> None:
@@ -96,10 +96,13 @@ def test_reconcile_repairs_both_kinds(settings, conn, standin_encoders) -> None:
     conn.execute(
         "UPDATE image_status SET embed_clip_vitb32=0, embed_clip_vitb32_claim='h:999999:x' WHERE gid=?", (g[0],)
     )
-    # (b) flag 1, vector missing: an index file restored from an older copy.
-    ix = read_index(emb / "dinov2_base.faiss")
-    ix.remove_ids(np.array([g[1]], dtype=np.int64))
-    write_index(ix, emb / "dinov2_base.faiss", settings.tmp_dir)
+    # (b) flag 1, vector missing: a store restored from an older copy.
+    w = StoreWriter(emb, settings.tmp_dir, background=False)
+    enc = standin_encoders["dinov2_base"]
+    w.open_model("dinov2_base", enc.dim, text=False, source=enc.spec.describe(), standin=True)
+    w.remove("dinov2_base", np.array([g[1]], dtype=np.int64))
+    w.commit()
+    w.close()
     # (c) a vector for a row that is parked (not ready): removed.
     conn.execute("UPDATE image_status SET embed_clip_vitb32=0, embed_clip_vitb32_parked=1 WHERE gid=?", (g[2],))
     st = make_stage(settings, conn, standin_encoders, names)
@@ -117,12 +120,18 @@ def test_reconcile_repairs_both_kinds(settings, conn, standin_encoders) -> None:
 def test_missing_text_vectors_are_backfilled(settings, conn, standin_encoders) -> None:
     seed_embeddable(conn, settings.images_dir, 6, per_listing=2)
     run_stage(settings, conn, standin_encoders, ["clip_vitl14"])
-    tpath = settings.embeddings_dir / "clip_vitl14_text.faiss"
-    write_index(new_index(standin_encoders["clip_vitl14"].dim), tpath, settings.tmp_dir)
+    emb = settings.embeddings_dir
+    w = StoreWriter(emb, settings.tmp_dir, background=False)
+    enc = standin_encoders["clip_vitl14"]
+    w.open_model("clip_vitl14", enc.dim, text=True, source=enc.spec.describe(), standin=True)
+    w.remove("clip_vitl14_text", w.live_keys("clip_vitl14_text"))
+    w.commit()
+    w.close()
+    assert len(ids_in(emb, "clip_vitl14_text")) == 0
     st = make_stage(settings, conn, standin_encoders, ["clip_vitl14"])
     st.open()
     st.store.close()
-    assert len(index_ids(read_index(tpath))) == 3
+    assert len(ids_in(emb, "clip_vitl14_text")) == 3
     check_texts(conn, settings.embeddings_dir, ["clip_vitl14"])
 
 
@@ -135,9 +144,9 @@ def test_one_writer_per_model_and_no_source_change(settings, conn, standin_encod
     with pytest.raises(RuntimeError, match="another process"):
         b.open()
     a.store.close()
-    man_path = settings.embeddings_dir / "manifest.json"
+    man_path = settings.embeddings_dir / "dinov2_base" / "manifest.json"
     man = json.loads(man_path.read_text())
-    man["models"]["dinov2_base"]["source"] = "transformers:facebook/dinov2-base"
+    man["source"] = "transformers:facebook/dinov2-base"
     man_path.write_text(json.dumps(man))
     c = make_stage(settings, conn, standin_encoders, ["dinov2_base"])
     with pytest.raises(RuntimeError, match="not be comparable"):
@@ -164,24 +173,23 @@ def test_kill_file_stops_between_batches(settings, conn, standin_encoders) -> No
     assert claimed == 0  # prefetched rounds were handed back
 
 
-def test_flush_waits_for_growth_and_pending_rows_keep_their_leases(settings, conn, standin_encoders) -> None:
+def test_flush_waits_until_due_and_pending_rows_keep_their_leases(settings, conn, standin_encoders) -> None:
     import time
 
     from imageselector.worker import ClaimedBatch
 
     seed_embeddable(conn, settings.images_dir, 3)
-    st = make_stage(settings, conn, standin_encoders, ["dinov2_base"], flush_every=1, flush_s=0.0, flush_growth=0.5)
+    st = make_stage(settings, conn, standin_encoders, ["dinov2_base"], flush_every=500, flush_s=1000.0)
     st.open()
     flushes: list[int] = []
     st.flush = lambda: flushes.append(st.since_flush)  # type: ignore[method-assign]
-    st.store.total_vectors = lambda: 1000  # type: ignore[method-assign]
     rows = db.claim_batch(conn, "embed_dinov2_base", st.owner, 3, lease_s=5)
     st.pending["dinov2_base"] = [(ClaimedBatch(conn, "embed_dinov2_base", st.owner, rows), [r["rid"] for r in rows])]
     st.oldest_pending = time.monotonic() - 1000
     st.last_flush = time.monotonic() - 100
     st.since_flush = 10
     st.maybe_flush()
-    assert flushes == []  # 10 new vectors on 1000 is below the 50 % growth asked for
+    assert flushes == []  # 10 new vectors, 100 s: not due (500 vectors or 1000 s)
     lease_end = conn.execute("SELECT MIN(embed_dinov2_base_not_before) FROM image_status").fetchone()[0]
     assert lease_end > time.time() + 0.9 * db.stage("embed_dinov2_base").lease_s  # renewed
     st.since_flush = 600
@@ -234,6 +242,30 @@ def test_archived_image_is_read_from_the_backup_location(home, tmp_path, monkeyp
     run_stage(settings, conn, standin_encoders, ["dinov2_base"])
     assert flagged(conn, "dinov2_base") == {rows[0]["gid"], r["gid"]}
     enc = standin_encoders["dinov2_base"]
-    stored = read_index(settings.embeddings_dir / "dinov2_base.faiss").reconstruct(int(r["gid"]))
+    stored = vector_of(settings.embeddings_dir, "dinov2_base", int(r["gid"]))
     np.testing.assert_allclose(stored, enc.encode_batch(enc.preprocess(decode(dst))[None])[0], atol=1e-6)
     conn.close()
+
+
+def test_an_old_format_home_is_migrated_at_start(settings, conn, standin_encoders) -> None:
+    """embeddings/dinov2_base.faiss + image_index.json of before the segment store: moved, flags kept."""
+    import faiss
+
+    rows = seed_embeddable(conn, settings.images_dir, 4)
+    enc = standin_encoders["dinov2_base"]
+    emb = settings.embeddings_dir
+    emb.mkdir(parents=True, exist_ok=True)
+    old = np.random.default_rng(0).random((2, enc.dim), dtype=np.float32)
+    ix = faiss.IndexIDMap2(faiss.IndexFlatIP(enc.dim))
+    ix.add_with_ids(old, np.array([rows[0]["gid"], rows[1]["gid"]], dtype=np.int64))
+    faiss.write_index(ix, str(emb / "dinov2_base.faiss"))
+    rec = {"dim": enc.dim, "count": 2, "source": enc.spec.describe(), "standin": True}
+    (emb / "manifest.json").write_text(json.dumps({"models": {"dinov2_base": rec}, "text": {}, "version": 4}))
+    (emb / "image_index.json").write_text(json.dumps([[r["listing_id"], r["image_id"]] for r in rows]))
+    conn.execute("UPDATE image_status SET embed_dinov2_base=1 WHERE gid IN (?, ?)", (rows[0]["gid"], rows[1]["gid"]))
+    st = run_stage(settings, conn, standin_encoders, ["dinov2_base"])
+    assert st.repairs["dinov2_base"] == {"adopted": 0, "removed": 0, "reset": 0, "vectors": 2}
+    assert flagged(conn, "dinov2_base") == {int(r["gid"]) for r in rows}
+    check_no_lies(conn, emb, ["dinov2_base"], exact=True)
+    check_store_files(emb, ["dinov2_base"])  # the old file and image_index.json are gone
+    np.testing.assert_array_equal(vector_of(emb, "dinov2_base", int(rows[1]["gid"])), old[1])  # not recomputed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -93,12 +92,12 @@ def test_report_end_to_end(evaluated_home, monkeypatch, capsys, tmp_path):
 def test_reproducible_and_one_read_per_index(evaluated_home, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("IMAGESELECTOR_HOME", str(evaluated_home.home))
     reads: list[str] = []
-    real = eval_run.read_index
-    monkeypatch.setattr(eval_run, "read_index", lambda p, *a, **k: reads.append(Path(p).name) or real(p, *a, **k))
+    real = eval_run.open_snapshot
+    monkeypatch.setattr(eval_run, "open_snapshot", lambda d, name: reads.append(name) or real(d, name))
     args = ["--json", "--sample", "6", "--seed", "3", "--bootstrap", "100", "--out", str(tmp_path / "a")]
     rc1, r1 = _run(capsys, args)
     assert rc1 == 0
-    assert sorted(reads) == sorted(f"{n}.faiss" for n in [*MODELS, "clip_vitb32_text", "clip_vitl14_text"])
+    assert sorted(reads) == sorted([*MODELS, "clip_vitb32_text", "clip_vitl14_text"])
     rc2, r2 = _run(capsys, [*args[:-1], str(tmp_path / "b")])
     assert rc2 == 0
     assert r1["queries"]["sampled"] == 6

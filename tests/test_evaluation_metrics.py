@@ -69,7 +69,7 @@ def test_hand_made_vectors_through_the_index(tmp_path):
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(2))
     index.add_with_ids(_angle_vectors(angles), np.arange(6, dtype=np.int64))
     faiss.write_index(index, str(tmp_path / "m.faiss"))
-    li = eval_run.LoadedIndex.open("m", tmp_path / "m.faiss")
+    li = eval_run.LoadedIndex.open("m", tmp_path)
     assert np.allclose(li.vectors([3, 0]), _angle_vectors([20.0, 0.0]), atol=1e-6)
 
     groups = eval_run.eligible_groups({"m": li}, listing_of)

@@ -15,8 +15,8 @@ pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from imageselector import db  # noqa: E402
-from imageselector.embedding.store import index_ids, read_index  # noqa: E402
-from tests.helpers.embed_checks import check_image_index, check_no_lies, check_texts  # noqa: E402
+from imageselector.embedding.store import open_snapshot  # noqa: E402
+from tests.helpers.embed_checks import check_no_lies, check_store_files, check_texts  # noqa: E402
 from tests.helpers.embed_data import seed_embeddable  # noqa: E402
 from tests.helpers.embed_fixtures import standin_registry  # noqa: E402, F401
 from tests.helpers.ray_cluster import local_cluster  # noqa: E402
@@ -48,9 +48,8 @@ def _cmd(home: Path, registry: Path, *extra: str) -> tuple[list[str], dict[str, 
 
 
 def _vectors(home: Path, m: str) -> dict[int, np.ndarray]:
-    ix = read_index(home / "embeddings" / f"{m}.faiss")
-    ids = index_ids(ix)
-    return {int(g): ix.reconstruct(int(g)) for g in ids}
+    snap = open_snapshot(home / "embeddings", m)
+    return {int(g): v for keys, vecs in snap.iter_chunks() for g, v in zip(keys, vecs, strict=True)}
 
 
 def test_ray_vectors_equal_local_vectors(tmp_path, cluster, standin_registry) -> None:  # noqa: F811
@@ -70,7 +69,7 @@ def test_ray_vectors_equal_local_vectors(tmp_path, cluster, standin_registry) ->
     conn = db.connect(ray_home / "etsy_data.db")
     check_no_lies(conn, ray_home / "embeddings", MODELS, exact=True)
     check_texts(conn, ray_home / "embeddings", ["clip_vitb32", "clip_vitl14"])
-    check_image_index(conn, ray_home / "embeddings", MODELS)
+    check_store_files(ray_home / "embeddings", MODELS)
     conn.close()
 
 

@@ -92,8 +92,8 @@ def test_flag_without_vector_and_duplicate_ids_in_an_index(settings, conn):
     write_index(index, settings.embeddings_dir / "clip_vitb32.faiss", settings.tmp_dir)
     rep = verify(settings, stages=STAGES)
     text = "\n".join(rep.inconsistencies)
-    assert "clip_vitb32.faiss holds 1 duplicated ids" in text
-    assert sum("embed_clip_vitb32=1 but gid not in clip_vitb32.faiss" in m for m in rep.inconsistencies) == 2
+    assert "the clip_vitb32 store holds 1 duplicated ids" in text
+    assert sum("embed_clip_vitb32=1 but gid not in the clip_vitb32 store" in m for m in rep.inconsistencies) == 2
 
 
 def test_a_backlog_is_consistent_exit_0_and_only_settled_asks_for_none(settings, conn, home):
@@ -120,3 +120,26 @@ def test_the_vector_of_a_row_parked_for_its_model_is_an_orphan(settings, conn):
     rep = verify(settings, stages=STAGES)
     assert rep.orphan_vectors == 1 and not rep.ok
     assert any("1 orphan vector(s)" in m for m in rep.inconsistencies)
+
+
+def test_segment_store_home_verifies_and_a_missing_vector_is_found(settings, conn):
+    """The same checks over the segment store: honest, then one gid deleted from the store."""
+    from imageselector.embedding.store import StoreWriter
+
+    rows = _honest_home(settings, conn, n=5)
+    (settings.embeddings_dir / "clip_vitb32.faiss").unlink()
+    (settings.embeddings_dir / "image_index.json").unlink()
+    w = StoreWriter(settings.embeddings_dir, settings.tmp_dir, background=False)
+    w.open_model("clip_vitb32", 4, text=False, source="s", standin=True)
+    gids = np.array([r["gid"] for r in rows], dtype=np.int64)
+    w.append("clip_vitb32", gids, np.random.default_rng(1).random((5, 4), dtype=np.float32))
+    w.commit()
+    rep = verify(settings, stages=STAGES)
+    assert rep.ok, rep.inconsistencies
+    w.remove("clip_vitb32", gids[:1])
+    w.commit()
+    w.close()
+    rep = verify(settings, stages=STAGES)
+    assert [m for m in rep.inconsistencies if "not in the clip_vitb32 store" in m] == [
+        f"{rows[0]['listing_id']}_{rows[0]['image_id']} (gid {rows[0]['gid']}): embed_clip_vitb32=1 but gid not in the clip_vitb32 store"
+    ]

@@ -1,6 +1,15 @@
 """`image_search_v2/embed.py`: embed bg-removed images with one or all five models into embeddings/.
 
     venv/bin/python image_search_v2/embed.py --model all --batch-size 8 [--watch]
+    venv/bin/python image_search_v2/embed.py --export-faiss dinov2_base out/dinov2_base.faiss
+    venv/bin/python image_search_v2/embed.py --export-image-index out/image_index.json
+    venv/bin/python image_search_v2/embed.py --migrate
+
+`--export-faiss NAME OUT` writes a plain FAISS index (IndexIDMap2(IndexFlatIP), ids = gids; for a
+`*_text` store, listing_ids) of every stored vector, streamed, for your own scripts; it can run while
+embed.py runs (it reads one consistent snapshot). `--export-image-index OUT` writes gid ->
+[listing_id, image_id] from the database. `--migrate` moves old-format `embeddings/*.faiss` into the
+segment store (embed.py also does it by itself at start).
 
 Stops between batches on KILL_EMBED (or KILL, SIGTERM, Ctrl-C), flushing what it has and flagging it.
 Exit codes: 0 done or stopped gracefully, 2 bad usage/config (unknown model, bad models file, an index
@@ -51,8 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--flush-growth",
         type=float,
         default=0.02,
-        help="rewrite an index only once it grew by this fraction (default 0.02: bounds SSD writes)",
+        help="ignored (kept for old command lines): a flush now writes only its new vectors",
     )
+    ap.add_argument("--export-faiss", nargs=2, metavar=("NAME", "OUT"), help="write NAME's vectors as OUT.faiss, exit")
+    ap.add_argument("--export-image-index", metavar="OUT", help="write gid -> [listing_id, image_id] JSON, exit")
+    ap.add_argument("--migrate", action="store_true", help="migrate old-format embeddings/*.faiss files, exit")
     ap.add_argument("--flush-max-seconds", type=float, default=1800.0, help="flush at least this often (default 1800)")
     return ap
 
@@ -76,6 +88,8 @@ def _main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("faiss").setLevel(logging.WARNING)
+    if args.export_faiss or args.export_image_index or args.migrate:
+        return _tools(args, settings, log)
     from imageselector.embedding.registry import RegistryError, load_registry
 
     try:
@@ -151,10 +165,42 @@ def _main(argv: list[str] | None = None) -> int:
         if code is not None:
             conn.close()
             return code
+        stage.store.close()  # its model locks: the local stage below takes them again
         stage = EmbedStage(settings, conn, encoders, opts, stopper)  # fall back to local compute
         stage.open()
     stage.run(Heartbeat(settings.run_dir, "embed"))
     conn.close()
+    return 0
+
+
+def _tools(args, settings, log) -> int:  # type: ignore[no-untyped-def]
+    """--export-faiss / --export-image-index / --migrate: one job each, no model loaded."""
+    from imageselector.embedding.export import export_faiss, export_image_index
+    from imageselector.embedding.migrate import migrate_legacy_store
+
+    if args.migrate:
+        result = migrate_legacy_store(settings.embeddings_dir, settings.tmp_dir)
+        for name, r in result.items():
+            log.info("%s: %s", name, r)
+        if any(r.get("status") == "error" for r in result.values()):
+            return 2
+    if args.export_faiss:
+        name, out = args.export_faiss
+        try:
+            n = export_faiss(settings.embeddings_dir, name, Path(out), settings.tmp_dir)
+        except KeyError as exc:
+            log.error("%s", exc.args[0])
+            return 2
+        log.info(
+            "wrote %s: %d vectors of %s (ids are %s)", out, n, name, "listing_ids" if name.endswith("_text") else "gids"
+        )
+    if args.export_image_index:
+        conn = db.connect(settings.db_path)
+        try:
+            n = export_image_index(conn, Path(args.export_image_index), settings.tmp_dir)
+        finally:
+            conn.close()
+        log.info("wrote %s: %d gids", args.export_image_index, n)
     return 0
 
 

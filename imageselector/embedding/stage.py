@@ -4,18 +4,22 @@ One process may run several models (`--model all`). Each model is its own stage 
 its own claims, flags and failures. A prefetch thread claims a round (up to a batch per model), decodes
 every distinct image once in worker threads and preprocesses it for each model that claimed it, so the
 models run while the next round is being read. The main thread runs the models, appends vectors to the
-in-memory indexes, and periodically flushes (store.py) and only then sets the flags.
+store writer's buffer, and periodically commits (store.py: one new segment + manifest per model) and
+only then sets the flags.
 
-Crash consistency, per model m (its index file has one writer, held by a lock):
-- flags are set only after the index file that holds those vectors is durable, so a flag of 1 never
-  lies unless the file is later lost;
-- at start, `reconcile` repairs both gaps a crash (or a restored backup) can leave: an id in the file
-  whose flag is 0 (killed between the file rename and the flag commit) is adopted, i.e. flagged, since
-  the vector is this model's output for that very image; if the row is gone, parked or no longer
-  ready, the vector is removed instead. A flag of 1 whose vector is not in the file is reset to 0 (the
-  image is embedded again). Index ids == rows flagged 1, exactly, before any new work starts;
-- a vector is never added twice: claimed rows have flag 0, flag-0 rows are not in the file after
-  reconcile, and `VectorIndex.add` replaces rather than duplicates an id that is somehow present.
+Crash consistency, per model m (its store has one writer, held by a lock):
+- flags are set only after the segment and the manifest that name those vectors are durable, so a
+  flag of 1 never lies unless the files are later lost;
+- at start, an old-format `{m}.faiss` is migrated first (migrate.py, resumable), then `reconcile`
+  repairs both gaps a crash (or a restored backup) can leave: a gid in the store whose flag is 0
+  (killed between the manifest rename and the flag commit) is adopted, i.e. flagged, since the vector
+  is this model's output for that very image; if the row is gone, parked or no longer ready, the
+  vector is deleted instead (a tombstone). A flag of 1 whose vector is not in the store is reset to 0
+  (the image is embedded again). Store gids == rows flagged 1, exactly, before any new work starts;
+- a vector is never stored twice: claimed rows have flag 0, flag-0 rows are not in the store after
+  reconcile, and a key committed again replaces the old copy in every snapshot (newest segment wins).
+- memory: reconcile holds two sorted int64 arrays per model for a moment (8 bytes per vector each);
+  nothing per vector is kept while embedding.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from PIL import Image, UnidentifiedImageError
 from imageselector import db
 from imageselector.config import Settings
 from imageselector.embedding.encoders import Encoder
+from imageselector.embedding.migrate import UNKNOWN_SOURCE, drop_image_index, migrate_index
 from imageselector.embedding.preprocess import decode, draft_side
-from imageselector.embedding.store import Store
+from imageselector.embedding.store import TEXT_SUFFIX, CompactionPolicy, StoreWriter, read_store_manifest
 from imageselector.layout import image_path
 from imageselector.logs import Progress
 from imageselector.worker import ClaimedBatch, Heartbeat
@@ -59,7 +64,7 @@ class Options:
     prefetch: int = 2
     flush_every: int = 1024
     flush_s: float = 60.0
-    flush_growth: float = 0.02
+    flush_growth: float = 0.0  # unused since the segment store (a flush writes only new vectors)
     flush_max_s: float = 1800.0
     poll_s: float = 10.0
     progress_s: float = 10.0
@@ -285,7 +290,9 @@ class EmbedStage:
         self.opts = opts
         self.stopper = stopper
         self.owner = owner or db.make_owner("embed")
-        self.store = Store(settings.embeddings_dir, settings.tmp_dir)
+        # EMBED_STORE_FANOUT: segments merged at once (default 16; tests lower it to exercise compaction).
+        policy = CompactionPolicy(fanout=settings.get_int("EMBED_STORE_FANOUT", CompactionPolicy.fanout))
+        self.store = StoreWriter(settings.embeddings_dir, settings.tmp_dir, policy=policy)
         self.pending: dict[str, list[tuple[ClaimedBatch, list[int]]]] = {m: [] for m in encoders}
         self.since_flush = 0
         self.last_flush = time.monotonic()
@@ -305,23 +312,30 @@ class EmbedStage:
 
     # ---- start-up ------------------------------------------------------------------------------
     def open(self) -> None:
-        """Lock and load every model's index, refuse a source change, reconcile flags and files."""
+        """Lock every model's store, migrate old files, refuse a source change, reconcile flags and store."""
+        emb = self.settings.embeddings_dir
         for m, enc in self.encoders.items():
-            rec = self.store.recorded(m)
+            self.store.lock_model(m)
+            for name in (m, f"{m}{TEXT_SUFFIX}") if enc.has_text else (m,):
+                migrate_index(emb, self.settings.tmp_dir, name, writer=self.store)
+            rec = read_store_manifest(emb, m)
             source = enc.spec.describe()
-            if rec and rec.get("count") and (rec.get("source") != source or int(rec.get("dim", enc.dim)) != enc.dim):
+            known = rec.get("source") not in (None, UNKNOWN_SOURCE) if rec else False  # migrated without a record
+            if rec and rec.get("count") and ((known and rec["source"] != source) or int(rec["dim"]) != enc.dim):
                 raise RuntimeError(
-                    f"{m}: embeddings/{m}.faiss was built with {rec.get('source')} (dim {rec.get('dim')}), "
+                    f"{m}: embeddings/{m}/ was built with {rec.get('source')} (dim {rec.get('dim')}), "
                     f"now loading {source} (dim {enc.dim}); the vectors would not be comparable. "
-                    f"Use the same model, or move embeddings/{m}.faiss away to start that index afresh."
+                    f"Use the same model, or move embeddings/{m}/ away to start that store afresh."
                 )
             self.store.open_model(m, enc.dim, text=enc.has_text, source=source, standin=enc.spec.standin)
             db.reclaim_dead(self.conn, f"embed_{m}")
+        drop_image_index(emb)
         for m in self.encoders:
             self.repairs[m] = self.reconcile(m)
             if self.encoders[m].has_text:
                 self.backfill_texts(m)
-        self.store.flush(force_meta=True)
+        self.store.commit()
+        self.store.write_summary()
         self._status_warning()
 
     def _status_warning(self) -> None:
@@ -334,13 +348,19 @@ class EmbedStage:
         elif current.startswith(STANDIN_WARNING):
             db.kv_set(self.conn, "status_warning", "")
 
+    def _sorted_ids(self, sql: str) -> np.ndarray:
+        """A one-column query as an ascending unique int64 array (8 bytes a row, not a Python set)."""
+        cur = self.conn.execute(sql)
+        return np.unique(np.fromiter((r[0] for r in cur), dtype=np.int64))
+
     def reconcile(self, m: str) -> dict[str, int]:
-        """Make index ids == rows flagged 1 for model m (see the module docstring). Returns repair counts."""
+        """Make store gids == rows flagged 1 for model m (see the module docstring). Returns repair counts."""
         st = db.stage(f"embed_{m}")
-        ix = self.store.images[m]
-        flagged = {int(r[0]) for r in self.conn.execute(f"SELECT gid FROM image_status WHERE {st.done_col}=1")}
-        extra = sorted(ix.ids - flagged)
-        missing = sorted(flagged - ix.ids)
+        stored = self.store.live_keys(m)
+        flagged = self._sorted_ids(f"SELECT gid FROM image_status WHERE {st.done_col}=1")
+        extra = np.setdiff1d(stored, flagged, assume_unique=True).tolist()
+        missing = np.setdiff1d(flagged, stored, assume_unique=True).tolist()
+        del stored, flagged
         adopted = removed = reset = 0
         if extra:
             adopt: list[int] = []
@@ -354,19 +374,19 @@ class EmbedStage:
                     )
                 }
                 adopt += [g for g in chunk if g in ready]
-                removed += ix.remove([g for g in chunk if g not in ready])
+                gone = [g for g in chunk if g not in ready]
+                self.store.remove(m, np.asarray(gone, np.int64))
+                removed += len(gone)
+            if removed:
+                self.store.commit()  # the tombstones are durable before any flag moves
             adopted = self._adopt(st, adopt)
         for chunk in _chunks(missing):
             q = ",".join("?" * len(chunk))
             reset += db.reset_rows(self.conn, st.name, f"{st.done_col}=1 AND gid IN ({q})", tuple(chunk))
-        # Every id we hold gets (re)checked into image_index.json at the next flush.
-        for r in self.conn.execute(f"SELECT gid, listing_id, image_id FROM image_status WHERE {st.done_col}=1"):
-            if int(r[0]) in ix.ids:
-                self.store.new_entries[int(r[0])] = (int(r[1]), int(r[2]))
-        counts = {"adopted": adopted, "removed": removed, "reset": reset, "vectors": len(ix)}
+        counts = {"adopted": adopted, "removed": removed, "reset": reset, "vectors": self.store.count(m)}
         if adopted or removed or reset:
             log.warning(
-                "%s: reconciled index and flags: %d vector(s) flagged (written before a crash), "
+                "%s: reconciled store and flags: %d vector(s) flagged (written before a crash), "
                 "%d stray vector(s) removed, %d flag(s) without a vector reset to 0",
                 m,
                 adopted,
@@ -374,7 +394,7 @@ class EmbedStage:
                 reset,
             )
         else:
-            log.info("%s: index and flags agree (%d vectors)", m, len(ix))
+            log.info("%s: store and flags agree (%d vectors)", m, self.store.count(m))
         return counts
 
     @db.retry_on_lock
@@ -393,20 +413,22 @@ class EmbedStage:
     def backfill_texts(self, m: str) -> int:
         """Text vectors for every listing with an embedded image that lacks one (e.g. after a crash)."""
         st = db.stage(f"embed_{m}")
-        tix = self.store.texts[m]
-        listings = [
-            int(r[0])
-            for r in self.conn.execute(f"SELECT DISTINCT listing_id FROM image_status WHERE {st.done_col}=1")
-            if int(r[0]) not in tix
-        ]
-        added = self._add_texts(m, listings)
+        have = self.store.live_keys(f"{m}{TEXT_SUFFIX}")
+        listings = self._sorted_ids(f"SELECT DISTINCT listing_id FROM image_status WHERE {st.done_col}=1")
+        todo = np.setdiff1d(listings, have, assume_unique=True)
+        del have, listings
+        added = 0
+        for s in range(0, len(todo), 4096):  # bounded: a big backfill commits as it goes
+            added += self._add_texts(m, todo[s : s + 4096].tolist())
+            self.store.commit()
         if added:
             log.info("%s: added %d missing listing text vector(s)", m, added)
         return added
 
     def _add_texts(self, m: str, listing_ids: Sequence[int]) -> int:
-        tix = self.store.texts[m]
-        todo = sorted({int(x) for x in listing_ids if int(x) not in tix})
+        name = f"{m}{TEXT_SUFFIX}"
+        cand = np.unique(np.asarray(listing_ids, dtype=np.int64))
+        todo = cand[~self.store.contains(name, cand)].tolist() if len(cand) else []
         if not todo:
             return 0
         texts = listing_texts(self.conn, todo)
@@ -414,7 +436,10 @@ class EmbedStage:
         added = 0
         for i in range(0, len(keys), 64):
             chunk = keys[i : i + 64]
-            added += tix.add(chunk, self.encoders[m].encode_texts([texts[k] for k in chunk]))
+            self.store.append(
+                name, np.asarray(chunk, np.int64), self.encoders[m].encode_texts([texts[k] for k in chunk])
+            )
+            added += len(chunk)
         return added
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -454,18 +479,15 @@ class EmbedStage:
         return handled
 
     def add_vectors(self, m: str, rows: Sequence[sqlite3.Row], vecs: np.ndarray) -> None:
-        gids = [int(r["gid"]) for r in rows]
-        self.store.images[m].add(gids, vecs)
-        for r in rows:
-            self.store.new_entries[int(r["gid"])] = (int(r["listing_id"]), int(r["image_id"]))
-        if m in self.store.texts:
+        gids = np.asarray([int(r["gid"]) for r in rows], dtype=np.int64)
+        self.store.append(m, gids, vecs)
+        if f"{m}{TEXT_SUFFIX}" in self.store.stores:
             self.pending_texts[m].update(int(r["listing_id"]) for r in rows)  # encoded in big batches at flush
 
     def maybe_flush(self, force: bool = False) -> None:
-        """Flush when due: every `flush_every` vectors or `flush_s` seconds, but with big indexes no more
-        often than they have grown by `flush_growth` (each flush rewrites whole files: this bounds the
-        bytes written, i.e. SSD wear, to about 1/flush_growth times the final size) and never spending
-        more than ~10% of the time writing. `flush_max_s` caps how much work a crash can cost."""
+        """Flush when due: every `flush_every` vectors or `flush_s` seconds, never spending more than ~10% of
+        the time writing. A flush writes only the new vectors (a small segment per model), whatever the
+        store's size; compaction bounds the bytes rewritten later (store.py)."""
         now = time.monotonic()
         if not force:
             if not self.since_flush:
@@ -473,9 +495,8 @@ class EmbedStage:
             self._renew_leases(now)
             age = now - self.last_flush
             due = self.since_flush >= self.opts.flush_every or age >= self.opts.flush_s
-            grown = self.since_flush >= self.opts.flush_growth * self.store.total_vectors()
             too_soon = age < 10 * self.store.last_write_s
-            if too_soon or not ((due and grown) or age >= self.opts.flush_max_s):
+            if too_soon or not (due or age >= self.opts.flush_max_s):
                 return
         self.flush()
 
@@ -493,10 +514,12 @@ class EmbedStage:
         return min(db.stage(f"embed_{m}").lease_s for m in self.encoders)
 
     def flush(self) -> None:
-        """Write the files, then flag exactly the rows whose vectors they hold."""
+        """Write the segments, then flag exactly the rows whose vectors they hold."""
         done: dict[str, int] = {}
 
         def on_durable(m: str) -> None:
+            if m not in self.pending:
+                return  # a text store
             n = 0
             for batch, rids in self.pending[m]:
                 n += len(batch.complete(rids)) if rids else 0
@@ -504,11 +527,11 @@ class EmbedStage:
             self.pending[m] = []
             done[m] = n
 
-        for m, listings in self.pending_texts.items():  # text files are written first: encode them now
+        for m, listings in self.pending_texts.items():  # text segments are committed first: encode them now
             if listings:
                 self._add_texts(m, sorted(listings))
                 listings.clear()
-        took = self.store.flush(on_durable, force_meta=True)
+        took = self.store.commit(on_durable)
         self.since_flush = 0
         self.last_flush = time.monotonic()
         self.oldest_pending = None

@@ -1,8 +1,8 @@
 """Running the evaluation on the catalogue: open each index once, sample queries, search, score, fit weights.
 
-Every `.faiss` file is read exactly once (memory-mapped). Query vectors are reconstructed from that same
-loaded IndexIDMap2 (never re-embedded, never a second copy of the index), then all queries of a model are
-searched in one batch. gid -> listing comes from the status database (the truth for every gid).
+Every store is opened exactly once (one snapshot, its segments memory-mapped: store.py). Query vectors are
+read from that same snapshot (never re-embedded, never a second copy of the vectors), then all queries of a
+model are searched in one batch (exact search over the mapped segments). gid -> listing comes from the status database (the truth for every gid).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import numpy as np
 
 from imageselector.config import Settings
 from imageselector.db import EMBED_MODELS
+from imageselector.embedding.store import open_snapshot
 from imageselector.evaluation import metrics as ev
 from imageselector.search.ensemble import DEFAULT_RRF_K, WEIGHTS_FILE, load_weights
-from imageselector.search.indexes import TEXT_INDEXES, index_ids, read_index, read_manifest, reconstruct_positions
+from imageselector.search.indexes import TEXT_INDEXES, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -32,64 +33,49 @@ TEXT_OF = {t.removesuffix("_text"): t for t in TEXT_INDEXES}
 
 @dataclass
 class LoadedIndex:
-    """One index file, opened once, with its ids and a sorted key -> storage position lookup."""
+    """One store, opened once (a snapshot: `index.search` is exact search), with its sorted keys."""
 
     name: str
     index: Any
-    ids: np.ndarray
-    _order: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, dtype=np.int64))
+    ids: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, dtype=np.int64))
 
     @classmethod
-    def open(cls, name: str, path: Path) -> LoadedIndex:
-        index = read_index(path)
-        ids = index_ids(index)
-        return cls(name, index, ids, np.argsort(ids, kind="stable"))
-
-    def positions(self, keys: Sequence[int]) -> np.ndarray:
-        """Storage positions of `keys` (KeyError if one is not in the index)."""
-        k = np.asarray(keys, dtype=np.int64)
-        sorted_ids = self.ids[self._order]
-        at = np.searchsorted(sorted_ids, k)
-        at_c = np.minimum(at, len(sorted_ids) - 1)
-        if len(k) and (len(sorted_ids) == 0 or not np.array_equal(sorted_ids[at_c], k)):
-            raise KeyError(f"{self.name}: some keys are not in the index")
-        return self._order[at_c]
+    def open(cls, name: str, embeddings_dir: Path) -> LoadedIndex | None:
+        """None when the store has no vectors."""
+        snap = open_snapshot(Path(embeddings_dir), name)
+        return None if snap is None else cls(name, snap, snap.keys())
 
     @property
     def count(self) -> int:
-        return int(self.index.ntotal)
+        return int(self.index.count)
 
     @property
     def dim(self) -> int:
-        return int(self.index.d)
+        return int(self.index.dim)
 
     def vectors(self, keys: Sequence[int]) -> np.ndarray:
-        """Stored vectors of `keys`, reconstructed from the loaded index."""
-        positions = self.positions(keys)
-        order = np.argsort(positions, kind="stable")
-        out = np.empty((len(keys), self.dim), dtype=np.float32)
-        out[order] = reconstruct_positions(self.index, positions[order])
-        return out
+        """Stored vectors of `keys`, in that order (KeyError if one is not in the store)."""
+        k = np.asarray(keys, dtype=np.int64)
+        found, vecs = self.index.get(k)
+        if len(found) != len(k):
+            raise KeyError(f"{self.name}: some keys are not in the index")
+        return vecs
 
     def sample_vectors(self, n: int, seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
         positions = np.sort(rng.choice(self.count, min(n, self.count), replace=False))
-        return reconstruct_positions(self.index, positions)
+        return self.vectors(self.ids[positions])
 
 
 def load_indexes(embeddings_dir: Path, models: Sequence[str], with_text: bool) -> dict[str, LoadedIndex]:
-    """Open `{model}.faiss` (and the CLIP models' `_text` indexes) once each; missing files are skipped."""
+    """Open each model's store (and the CLIP models' `_text` stores) once; empty or missing ones are skipped."""
     out: dict[str, LoadedIndex] = {}
     names = list(models) + ([TEXT_OF[m] for m in models if m in TEXT_OF] if with_text else [])
     for name in names:
-        path = Path(embeddings_dir) / f"{name}.faiss"
-        if not path.exists():
+        li = LoadedIndex.open(name, Path(embeddings_dir))
+        if li is None:
             if name in models:
-                log.warning("%s: no index at %s; skipped", name, path)
-            continue
-        li = LoadedIndex.open(name, path)
-        if li.count == 0:
-            log.warning("%s: the index is empty; skipped", name)
+                log.warning("%s: no vectors in %s; skipped", name, embeddings_dir)
             continue
         out[name] = li
         log.info("%s: %d vectors of dim %d", name, li.count, li.dim)

@@ -5,7 +5,9 @@ Checks, for rows not moved to the backup disk:
 - `download_done=1` -> the file exists and decodes fully;
 - `bg_removed=1` -> also carries the background-removal marker (and download_done=1), except rows adopted from
   the original pipeline by scripts/upgrade_home.py (gid below kv `legacy_rows`: their files predate the marker);
-- `embed_<m>=1` -> gid is in `embeddings/<m>.faiss` and `image_index.json[gid]` is [listing_id, image_id];
+- `embed_<m>=1` -> gid is in model m's store (a snapshot of `embeddings/<m>/`, or an old-format
+  `<m>.faiss` not yet migrated); where an old `image_index.json` is still present, its entry is
+  [listing_id, image_id];
 - no gid or (listing_id, image_id) twice, no id twice in any index;
 - no lease held by a process that is gone (a stuck lease);
 - no orphan vector: one whose gid has no row, or whose row is parked on its way to that model (download,
@@ -93,12 +95,14 @@ def _is_marked(path: Path) -> bool:
         return False
 
 
-def _index_ids(path: Path) -> list[int] | None:
-    if not path.exists():
-        return None
-    from imageselector.embedding.store import index_ids, read_index
+def _index_ids(embeddings_dir: Path, name: str) -> list[int] | None:
+    """Every key one snapshot of the store yields (a duplicate would show twice); None if no vectors."""
+    from imageselector.embedding.store import open_snapshot
 
-    return [int(i) for i in index_ids(read_index(path))]
+    snap = open_snapshot(embeddings_dir, name)
+    if snap is None:
+        return None
+    return [int(k) for keys, _ in snap.iter_chunks() for k in keys.tolist()]
 
 
 def verify(settings: Settings, *, check_files: bool = True, stages: tuple[str, ...] | None = None) -> VerifyReport:
@@ -136,13 +140,13 @@ def _check(conn: Any, settings: Settings, rep: VerifyReport, check_files: bool, 
     for m in db.EMBED_MODELS:
         if f"embed_{m}" not in stages:
             continue
-        ids = _index_ids(settings.embeddings_dir / f"{m}.faiss")
+        ids = _index_ids(settings.embeddings_dir, m)
         if ids is None:
             ids_by_model[m] = set()
             continue
         uniq = set(ids)
         if len(uniq) != len(ids):
-            rep.add(f"{m}.faiss holds {len(ids) - len(uniq)} duplicated ids")
+            rep.add(f"the {m} store holds {len(ids) - len(uniq)} duplicated ids")
         ids_by_model[m] = uniq
     for name in stages:
         rep.done[name] = rep.parked[name] = rep.unfinished[name] = 0
@@ -207,7 +211,9 @@ def _check_row(r, settings, rep, check_files, stages, image_index, ids_by_model,
             continue
         flagged_gids[m].add(r["gid"])
         if r["gid"] not in ids:
-            rep.add(f"{key}: embed_{m}=1 but gid not in {m}.faiss")
+            rep.add(f"{key}: embed_{m}=1 but gid not in the {m} store")
+        if not image_index:  # none since the segment store: the database is the mapping
+            continue
         entry = image_index[r["gid"]] if 0 <= r["gid"] < len(image_index) else None
         if entry is None or list(entry) != [r["listing_id"], r["image_id"]]:
             rep.add(f"{key}: image_index.json[{r['gid']}] is {entry}, not [{r['listing_id']}, {r['image_id']}]")

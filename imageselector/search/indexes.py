@@ -1,9 +1,9 @@
 """The search side of the FAISS store: open each index once, pick exact or HNSW by size, reload on change.
 
-- The canonical files (`embeddings/{name}.faiss`, IndexIDMap2 over inner-product vectors, written by
-  embed.py) are opened memory-mapped (`IO_FLAG_MMAP_IFC | IO_FLAG_READ_ONLY`), so a million vectors cost
-  page cache, not private memory, and several readers share them. The HNSW caches are mapped the
-  same way (their fp16 vectors; the graph links are read into memory).
+- The canonical vectors are the embedding store (embeddings/{name}/, segments + manifest, written by
+  embed.py), read through `store.open_snapshot`: the segments are memory-mapped, so a million vectors
+  cost page cache, not private memory, and exact search runs on the mappings. The HNSW caches are mapped
+  (their fp16 vectors; the graph links are read into memory).
 - Under `SEARCH_HNSW_MIN` vectors an index is searched exactly (flat). Above it, an HNSW graph with fp16
   vector storage (IndexHNSWSQ, QT_fp16) is DERIVED from the canonical file into
   `embeddings/search_cache/{name}.hnsw.faiss` (`search.py --build-index`, or the web server in the
@@ -14,8 +14,8 @@
   So is one built from another model's vectors: beside each cache, `{name}.hnsw.json` records the manifest's
   `source` of the vectors it was built from; when a model is re-embedded with other weights (same ids, new
   vectors), the manifest's source changes and the cache is rebuilt, which the ids alone could not tell.
-- embed.py replaces files atomically (rename), so an open mmap keeps reading the old inode safely;
-  `IndexSet.refresh()` notices a new manifest / file and reopens what changed.
+- A snapshot stays readable while embed.py commits and compacts (store.py); `IndexSet.refresh()` notices a
+  new store manifest and reopens what changed.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import faiss
 import numpy as np
 
 from imageselector.db import EMBED_MODELS
-from imageselector.embedding.store import MMAP_FLAGS, TEXT_SUFFIX, index_ids, write_index
+from imageselector.embedding.store import MANIFEST, MMAP_FLAGS, TEXT_SUFFIX, index_ids, open_snapshot, write_index
 from imageselector.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,37 @@ def file_sig(path: Path) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def store_sig(embeddings_dir: Path, name: str) -> tuple[int, int, int] | None:
+    """Identity of a store's current version: its manifest (or, not yet migrated, its old .faiss file)."""
+    return file_sig(Path(embeddings_dir) / name / MANIFEST) or file_sig(Path(embeddings_dir) / f"{name}.faiss")
+
+
+class SnapshotIndex:
+    """A store snapshot with the faiss surface the search side uses (d, ntotal, search; ids via keys/get)."""
+
+    def __init__(self, snap) -> None:  # type: ignore[no-untyped-def]
+        self.snap = snap
+        self.d = int(snap.dim)
+        self.ntotal = int(snap.count)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.snap.search(queries, k)
+
+    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.snap.get(ids)
+
+
+class NoVectors(RuntimeError):
+    """The store exists but holds no vectors (yet, or any more)."""
+
+
+def open_canonical(embeddings_dir: Path, name: str) -> SnapshotIndex:
+    snap = open_snapshot(Path(embeddings_dir), name)
+    if snap is None:
+        raise NoVectors(f"{name}: no vectors")
+    return SnapshotIndex(snap)
 
 
 def read_index(path: Path, mmap: bool = True) -> faiss.Index:
@@ -192,17 +223,18 @@ class ModelIndex:
         }
 
 
-def _tail_index(canonical: faiss.Index, positions: np.ndarray, ids: np.ndarray) -> faiss.Index:
+def _tail_index(canonical: SnapshotIndex, ids: np.ndarray) -> faiss.Index:
     tail = faiss.IndexIDMap(faiss.IndexFlatIP(canonical.d))
-    if len(positions):
-        tail.add_with_ids(reconstruct_positions(canonical, positions), ids[positions])
+    if len(ids):
+        found, vecs = canonical.vectors(ids)
+        tail.add_with_ids(vecs, found)
     return tail
 
 
 def open_model(name: str, path: Path, policy: IndexPolicy, embeddings_dir: Path) -> ModelIndex:
-    """Open one index, choosing exact search or the HNSW cache (+ tail) by size."""
-    sig = file_sig(path)
-    canonical = read_index(path)
+    """Open one store, choosing exact search or the HNSW cache (+ tail) by size."""
+    sig = store_sig(embeddings_dir, name)
+    canonical = open_canonical(embeddings_dir, name)
     n = int(canonical.ntotal)
     if n < policy.hnsw_min:
         return ModelIndex(name, path, sig, "flat", canonical, note=f"exact search ({n} < {policy.hnsw_min})")
@@ -215,12 +247,12 @@ def open_model(name: str, path: Path, policy: IndexPolicy, embeddings_dir: Path)
     if cache_source(embeddings_dir, name) != canonical_source(embeddings_dir, name):
         note = "HNSW cache built from another model's vectors; exact search"
         return ModelIndex(name, path, sig, "flat", canonical, needs_build=True, note=note)
-    canon_ids, cache_ids = index_ids(canonical), index_ids(cache)
+    canon_ids, cache_ids = canonical.snap.keys(), index_ids(cache)
     if not np.isin(cache_ids, canon_ids).all():
         return ModelIndex(name, path, sig, "flat", canonical, needs_build=True, note="HNSW cache stale; exact search")
     set_ef_search(cache, policy.ef_search)
-    missing = np.flatnonzero(~np.isin(canon_ids, cache_ids))
-    tail = _tail_index(canonical, missing, canon_ids)
+    missing = canon_ids[~np.isin(canon_ids, cache_ids)]
+    tail = _tail_index(canonical, missing)
     note = f"HNSW M={policy.m} ef={policy.ef_search} {'fp16' if policy.fp16 else 'fp32'}"
     if len(missing):
         note += f" + {len(missing)} exact (not yet in the graph)"
@@ -240,8 +272,8 @@ def update_cache(
     the canonical file dropped, was built from another source's vectors or with another dim/policy.
     """
     source = canonical_source(embeddings_dir, name)  # read before the vectors: a later change only makes it stale
-    canonical = read_index(Path(embeddings_dir) / f"{name}.faiss")
-    canon_ids = index_ids(canonical)
+    canonical = open_canonical(embeddings_dir, name)
+    canon_ids = canonical.snap.keys()
     cpath = cache_path(embeddings_dir, name)
     cache = None
     if cpath.exists():
@@ -253,9 +285,9 @@ def update_cache(
             cache = None
     if cache is None:
         cache = new_hnsw(canonical.d, policy)
-        missing = np.arange(len(canon_ids))
+        missing = canon_ids
     else:
-        missing = np.flatnonzero(~np.isin(canon_ids, index_ids(cache)))
+        missing = canon_ids[~np.isin(canon_ids, index_ids(cache))]
     if len(missing) == 0:
         return 0
     log.info("%s: adding %d vectors to the HNSW graph (%d there)", name, len(missing), cache.ntotal)
@@ -263,8 +295,8 @@ def update_cache(
     for start in range(0, len(missing), ADD_CHUNK):
         if should_stop():
             return -1
-        pos = missing[start : start + ADD_CHUNK]
-        cache.add_with_ids(reconstruct_positions(canonical, pos), canon_ids[pos])
+        found, vecs = canonical.vectors(missing[start : start + ADD_CHUNK])
+        cache.add_with_ids(vecs, found)
     tmp = tmp_dir or Path(embeddings_dir).parent / ".tmp"  # the data home's .tmp
     write_index(cache, cpath, tmp)
     # The stamp goes second: a crash between the two leaves an old or missing stamp, i.e. a rebuild, never a lie.
@@ -316,8 +348,8 @@ class IndexSet:
                 self.manifest = read_manifest(self.dir)
             changed = []
             for name in self.names:
-                path = self.dir / f"{name}.faiss"
-                sig = file_sig(path)
+                path = self.dir / name
+                sig = store_sig(self.dir, name)
                 cur = self.models.get(name)
                 if sig is None:
                     if cur is not None:
@@ -330,8 +362,12 @@ class IndexSet:
                     self.models[name] = open_model(name, path, self.policy, self.dir)
                     self.errors.pop(name, None)
                     changed.append(name)
-                except RuntimeError as exc:  # a corrupt/partial file: keep the old one, say why
-                    self.errors[name] = f"cannot read {path.name}: {str(exc).splitlines()[0][:200]}"
+                except NoVectors:
+                    if self.models.pop(name, None) is not None:
+                        changed.append(name)
+                except (RuntimeError, ValueError) as exc:  # a corrupt/partial store: keep the old one, say why
+                    what = name if (self.dir / name / MANIFEST).exists() else f"{name}.faiss"
+                    self.errors[name] = f"cannot read {what}: {str(exc).splitlines()[0][:200]}"
                     log.warning("%s", self.errors[name])
             if changed:
                 self.version += 1
@@ -345,9 +381,8 @@ class IndexSet:
 
     def reopen(self, name: str) -> None:
         with self._lock:
-            path = self.dir / f"{name}.faiss"
-            if path.exists():
-                self.models[name] = open_model(name, path, self.policy, self.dir)
+            if store_sig(self.dir, name) is not None:
+                self.models[name] = open_model(name, self.dir / name, self.policy, self.dir)
                 self.version += 1
 
     def needing_build(self) -> list[str]:
@@ -362,10 +397,10 @@ class IndexSet:
         """Build/update the HNSW caches of big indexes, then reopen them. Returns vectors added per index."""
         done: dict[str, int] = {}
         for name in names if names is not None else self.needing_build():
-            path = self.dir / f"{name}.faiss"
-            if not path.exists():
+            snap = open_snapshot(self.dir, name)
+            if snap is None:
                 continue
-            n = int(read_index(path).ntotal)
+            n = int(snap.count)
             if n < self.policy.hnsw_min:
                 continue
             done[name] = update_cache(name, self.dir, self.policy, tmp_dir, should_stop)
