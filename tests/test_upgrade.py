@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 import faiss
+import numpy as np
 import pytest
 
 from imageselector import db
 from imageselector.config import load_settings
-from imageselector.embedding.store import index_ids
+from imageselector.embedding.store import TEXT_SUFFIX, open_snapshot
 from imageselector.layout import image_path
 from imageselector.proving.verify import verify
 from imageselector.upgrade.cli import main as upgrade_main
@@ -132,29 +133,33 @@ def check_upgraded(home: Path, backup: Path, ex: Expect, legacy_files: dict[str,
     flat = {p.name for p in (home / "images").iterdir() if p.is_file()}
     assert flat == {Path(p).name for p in ex.unplaceable if Path(p).parent == home / "images"}
     emb = home / "embeddings"
-    for m in MODELS:
-        path = emb / f"{m}.faiss"
-        if not ex.vectors[m]:
-            assert not path.exists() or faiss.read_index(str(path)).ntotal == 0
-            continue
-        ix = faiss.read_index(str(path))
-        ids = index_ids(ix)
-        assert len(ids) == len(set(ids.tolist())) == len(ex.vectors[m])  # nothing duplicated, nothing lost
-        for g in ids.tolist():
-            v = ix.reconstruct(int(g))
+    for m in MODELS:  # the upgrade ends with the vectors in the segment store (embedding/migrate.py)
+        assert not (emb / f"{m}.faiss").exists()
+        got = stored(emb, m)
+        assert len(got) == len(ex.vectors[m])  # nothing duplicated (stored() checks), nothing lost
+        for g, v in got.items():
             assert v.tobytes() == ex.vectors[m][pair_of[g]].tobytes()  # bit-identical
-    tix = faiss.read_index(str(emb / "clip_vitb32_text.faiss"))
-    tids = index_ids(tix)
-    assert sorted(tids.tolist()) == sorted(ex.text["clip_vitb32"])
-    for lid in tids.tolist():
-        assert tix.reconstruct(int(lid)).tobytes() == ex.text["clip_vitb32"][lid].tobytes()
-    assert not (emb / "clip_vitl14_text.faiss").exists()  # not mappable: re-encoded by the embed stage
-    entries = json.loads((emb / "image_index.json").read_text())
-    for m in MODELS:
-        for pair in ex.vectors[m]:
-            assert entries[gid_of[pair]] == list(pair)
+    text = stored(emb, "clip_vitb32" + TEXT_SUFFIX)
+    assert sorted(text) == sorted(ex.text["clip_vitb32"])
+    for lid, v in text.items():
+        assert v.tobytes() == ex.text["clip_vitb32"][lid].tobytes()
+    assert open_snapshot(emb, "clip_vitl14" + TEXT_SUFFIX) is None  # not mappable: re-encoded by the embed stage
+    assert not (emb / "image_index.json").exists()  # the database holds gid -> (listing_id, image_id) now
     for name, data in legacy_files.items():
         assert (emb / "legacy" / name).read_bytes() == data  # the originals are kept, untouched
+
+
+def stored(emb: Path, name: str) -> dict[int, np.ndarray]:
+    """Every vector of one store by key, read through the store's read contract; fails on a duplicate key."""
+    snap = open_snapshot(emb, name)
+    out: dict[int, np.ndarray] = {}
+    if snap is None:
+        return out
+    for keys, vecs in snap.iter_chunks():
+        for k, v in zip(keys.tolist(), vecs, strict=True):
+            assert k not in out, f"{name}: key {k} twice"
+            out[k] = v
+    return out
 
 
 def legacy_files(home: Path) -> dict[str, bytes]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from imageselector import db
 from imageselector.config import SHARED_SECRET_MISSING, Settings, load_settings
+from imageselector.embedding.migrate import legacy_names, migrate_legacy_store
 from imageselector.embedding.registry import RegistryError, load_registry
 from imageselector.embedding.store import IMAGE_INDEX, TEXT_SUFFIX
 from imageselector.fsutil import clean_tmp, file_lock
@@ -309,6 +310,10 @@ def upgrade(settings: Settings, backup: Path | None, specs: dict, out: Out) -> i
     try:
         state = db.schema_state(conn)
         if state is None:
+            if legacy_names(settings.embeddings_dir):  # killed while moving the vectors into the segment store
+                for name, res in sorted(migrate_legacy_store(settings.embeddings_dir, settings.tmp_dir).items()):
+                    out(f"store {name}: {res.get('status')}")
+                return 0
             out("this home is up to date: nothing to do")
             return 0
         if state == db.LEGACY and backup is not None and not backup.is_dir():
@@ -352,7 +357,13 @@ def upgrade(settings: Settings, backup: Path | None, specs: dict, out: Out) -> i
             )
         ops.tick()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        times["finish"] = time.monotonic() - t
+        times["finish"], t = time.monotonic() - t, time.monotonic()
+        # The adopted indexes are in the store's old single-file format; move them into the segment store
+        # now (resumable on its own: embed.py would also finish it at its next start).
+        migrated = migrate_legacy_store(settings.embeddings_dir, settings.tmp_dir)
+        for name, res in sorted(migrated.items()):
+            out(f"store {name}: {res.get('status')}" + (f" ({res['message']})" if res.get("message") else ""))
+        times["store"] = time.monotonic() - t
         log.info("phase times: %s", ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
         print("phase times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()), flush=True)
         counts = db.connect(settings.db_path)
