@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imageselector import db
+from imageselector import db, qps_config
 from imageselector.config import PROJECT_ROOT, HomeError, Settings, load_settings
 from imageselector.fsutil import atomic_write_text, clean_home_tmp, pid_alive
 from imageselector.logs import fmt_duration, setup_logging
@@ -389,6 +389,7 @@ class Monitor:
         self.next_disk_check = 0.0
         self.last_exit_at: float | None = None  # the previous monitor's exit (kill files older than it are stale)
         self.exited_at: float | None = None
+        self._qps_warned: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ start-up
 
@@ -423,19 +424,35 @@ class Monitor:
             log.warning("%s: pid %d from an earlier monitor is still running; stopping it (SIGTERM)", r.name, pid)
             _terminate_pid(pid, self.cfg.kill_timeout_s)
 
+    def _read_qps(self) -> qps_config.QpsConfig | None:
+        """qps_config.json as sync will read it (clamped), warnings said once per change. None: missing or unreadable."""
+        q = self.cfg.qps
+        try:
+            cfg = qps_config.read(self.settings.qps_config_path, min_qps=q.min_qps, max_qps=q.max_qps)
+        except qps_config.QpsConfigError as exc:
+            cfg, warnings = None, (str(exc),)
+        else:
+            warnings = cfg.warnings if cfg is not None else ()
+        if warnings != self._qps_warned:
+            for w in warnings:
+                log.warning("%s: %s", qps_config.FILE_NAME, w)
+            self._qps_warned = warnings
+        return cfg
+
     def _init_qps(self) -> None:
         q = self.cfg.qps
-        path = self.settings.qps_config_path
-        cur = qps_tuner.read_config(path)
-        if isinstance(cur.get("qps"), int | float) and cur["qps"] > 0:
-            log.info("qps_config.json: qps %.2f (min %s, max %s)", cur["qps"], cur.get("min_qps"), cur.get("max_qps"))
+        cur = self._read_qps()
+        if cur is not None:
+            log.info("%s: qps %.2f (min %g, max %g)", qps_config.FILE_NAME, cur.qps, cur.min_qps, cur.max_qps)
             return
         try:
-            qps_tuner.write_config(path, q.initial_qps, q.min_qps, q.max_qps, "initial value", self.settings.tmp_dir)
+            qps_config.write(
+                self.settings.qps_config_path, q.initial_qps, q.min_qps, q.max_qps, "initial value", self.settings.tmp_dir
+            )
         except OSError as exc:
-            log.warning("could not write %s: %s", path.name, exc)
+            log.warning("could not write %s: %s", qps_config.FILE_NAME, exc)
             return
-        log.info("qps_config.json written: qps %.2f (min %.2f, max %.2f)", q.initial_qps, q.min_qps, q.max_qps)
+        log.info("%s written: qps %.2f (min %.2f, max %.2f)", qps_config.FILE_NAME, q.initial_qps, q.min_qps, q.max_qps)
 
     # ------------------------------------------------------------------ the loop
 
@@ -610,18 +627,20 @@ class Monitor:
         except Exception as exc:  # noqa: BLE001 - a status read must never stop the monitor
             log.warning("qps tuning: could not read sync_stats: %s", exc)
             return
-        path = self.settings.qps_config_path
-        current = qps_tuner.read_config(path)
-        qps = current.get("qps")
-        if not isinstance(qps, int | float) or qps <= 0:
-            qps = self.cfg.qps.initial_qps
-        policy = qps_tuner.policy_from_file(current, self.cfg.qps)
+        current = self._read_qps()
+        qps = current.qps if current is not None else self.cfg.qps.initial_qps
+        policy = qps_tuner.policy_from_file(current, self.cfg.qps) if current is not None else self.cfg.qps
         decision = qps_tuner.decide(float(qps), self.qps_prev, stats, policy, now)
         if stats is not None:
             self.qps_prev = stats
         if decision.changed:
-            qps_tuner.write_config(
-                path, decision.qps, policy.min_qps, policy.max_qps, decision.reason, self.settings.tmp_dir
+            qps_config.write(
+                self.settings.qps_config_path,
+                decision.qps,
+                policy.min_qps,
+                policy.max_qps,
+                decision.reason,
+                self.settings.tmp_dir,
             )
             log.info("qps %.2f -> %.2f (%s)", qps, decision.qps, decision.reason)
         else:
@@ -644,7 +663,8 @@ class Monitor:
         stages = data["stages"]
         if name == "sync":
             stats = qps_tuner.parse_stats(db.kv_get(self.conn, "sync_stats"))  # type: ignore[arg-type]
-            qps = qps_tuner.read_config(self.settings.qps_config_path).get("qps", "?")
+            current = self._read_qps()
+            qps = f"{current.qps:g}" if current is not None else "?"
             if stats is None:
                 return f"no sync stats yet, qps {qps}, {data['total']:,} images known"
             rate = "?"
