@@ -55,6 +55,11 @@ class Stage:
     lease_s: float = 600.0
 
     @property
+    def ready_col(self) -> str:
+        """The flag whose counter is the upper side of the backlog (`ready_sql` is `<flag>=1`)."""
+        return self.ready_sql.split("=", 1)[0]
+
+    @property
     def claim_col(self) -> str:
         return f"{self.prefix}_claim"
 
@@ -93,6 +98,32 @@ FLAG_COLUMNS: tuple[str, ...] = (
     "bg_removed",
     *(f"embed_{m}" for m in EMBED_MODELS),
 )
+
+
+def counters(conn: sqlite3.Connection) -> dict[str, int]:
+    """Every flag's exact total (kept by triggers): O(1) however large the table."""
+    return {r[0]: int(r[1]) for r in conn.execute("SELECT name, n FROM counters")}
+
+
+def parked_count(conn: sqlite3.Connection, name: str) -> int:
+    st = stage(name)
+    return conn.execute(
+        f"SELECT COUNT(*) FROM image_status INDEXED BY ix_{st.prefix}_failed"
+        f" WHERE {st.error_col} IS NOT NULL AND {st.done_col}=0 AND {st.parked_col}=1"
+    ).fetchone()[0]
+
+
+def backlog(
+    conn: sqlite3.Connection, name: str, *, counts: dict[str, int] | None = None, parked: int | None = None
+) -> int:
+    """The one definition of a stage's backlog: rows ready for it, not done and not parked (failing ones count).
+
+    Read from the counters (O(1)) and the small parked index; pass `counts` / `parked` when already at hand.
+    """
+    st = stage(name)
+    counts = counters(conn) if counts is None else counts
+    parked = parked_count(conn, name) if parked is None else parked
+    return max(0, counts.get(st.ready_col, 0) - counts.get(st.done_col, 0) - parked)
 
 
 def stage(name: str) -> Stage:
@@ -885,6 +916,12 @@ def prune_progress(conn: sqlite3.Connection, keep_s: float = 2 * 86400) -> None:
 # --------------------------------------------------------------------------------------------------
 # Key-value state (crawl bookkeeping, rate-limit headers, ...)
 # --------------------------------------------------------------------------------------------------
+
+# The kv keys more than one process reads. Keys private to one stage are named in that stage's module
+# (cleanup's `KV_INFLIGHT`); the backup roots are layout's (`layout.KV_DEST`, `layout.KV_DEST_HISTORY`).
+KV_SYNC_STATS = "sync_stats"  # sync's counters and last rate-limit headers (JSON); read by the monitor's tuner
+KV_STATUS_WARNING = "status_warning"  # one line every status view shows (e.g. stand-in models); "" = none
+KV_EMBED_COST = "embed_cost"  # seconds of model time per image, per model (JSON); written by embed at each flush
 
 
 @retry_on_lock

@@ -46,6 +46,17 @@ def test_guide_block_exact_text(conn) -> None:
     assert status.guide_block(data) == EXPECTED_BLOCK
 
 
+def test_backlog_is_one_definition_equal_to_the_pending_rows(conn) -> None:
+    """db.backlog (O(1), from the counters) counts exactly the rows a worker could still claim or retry."""
+    _build(conn)
+    for name in db.STAGES:
+        st = db.stage(name)
+        pending = conn.execute(f"SELECT COUNT(*) FROM image_status WHERE {st.pending_sql}").fetchone()[0]
+        assert db.backlog(conn, name) == pending
+        assert status.collect(conn)["stages"][name]["backlog"] == pending
+    assert db.backlog(conn, "download") == 30 - 20 - 2
+
+
 def test_guide_alignment_at_guide_scale() -> None:
     data = dict(total=1234567, to_download=1234567, download_done=945632, bg_removed=277558, embed_clip_vitb32=79664)
     data |= {k: 0 for k in ("embed_clip_vitl14", "embed_dinov2_base", "embed_dinov2_large", "embed_dinov3_base")}

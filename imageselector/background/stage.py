@@ -30,7 +30,6 @@ from imageselector.background.session import BgModel
 from imageselector.config import Settings
 from imageselector.fsutil import atomic_write_bytes, fsync_dir, is_disk_full
 from imageselector.logs import Progress
-from imageselector.status import figures as status
 from imageselector.stopping import Stopper
 from imageselector.worker import ClaimedBatch
 
@@ -101,7 +100,7 @@ class BgStage:
         self.writer.shutdown(wait=True)
 
     def _remaining(self) -> int:
-        return status.stage_status(self.conn, status.counters(self.conn), STAGE, time.time()).backlog
+        return db.backlog(self.conn, STAGE)
 
     # -- prefetch thread ---------------------------------------------------------------------------
 

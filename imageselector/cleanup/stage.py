@@ -442,9 +442,3 @@ def estimate_bytes(settings: Settings, conn: sqlite3.Connection, sample: int = 5
             sizes.append(image_path(settings.images_dir, row["listing_id"], row["image_id"]).stat().st_size)
     mean = sum(sizes) / len(sizes) if sizes else 0
     return n, int(n * mean)
-
-
-# --------------------------------------------------------------------------------------------------
-# Finding an image wherever it is (search thumbnails, re-embedding)
-# --------------------------------------------------------------------------------------------------
-

@@ -196,13 +196,6 @@ def reconcile(
 # --------------------------------------------------------------------------------------------------
 
 
-def backlog(conn: sqlite3.Connection) -> int:
-    st = db.stage(STAGE)
-    return conn.execute(
-        f"SELECT COUNT(*) FROM image_status INDEXED BY ix_{st.prefix}_todo WHERE {st.pending_sql}"
-    ).fetchone()[0]
-
-
 class Pipeline:
     """Keeps the engine fed from claimed batches and turns its outcomes into complete/fail/release."""
 
@@ -530,7 +523,7 @@ def _main(argv: list[str] | None = None) -> int:
     )
     helpers = _start_helpers(args, argv) if args.processes > 1 else []
     engine = make_engine(args.engine, opts, settings.tmp_dir)
-    progress = Progress(log, "images", interval=args.progress_interval, remaining=lambda: backlog(conn))
+    progress = Progress(log, "images", interval=args.progress_interval, remaining=lambda: db.backlog(conn, STAGE))
     pipeline = Pipeline(
         conn,
         engine,
@@ -549,7 +542,7 @@ def _main(argv: list[str] | None = None) -> int:
         engine.name,
         opts.concurrency,
         opts.per_host,
-        backlog(conn),
+        db.backlog(conn, STAGE),
     )
     heartbeat = Heartbeat(settings.run_dir, name)
     rc = 0

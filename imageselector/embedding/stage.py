@@ -30,7 +30,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,10 +305,8 @@ class EmbedStage:
         self.repairs: dict[str, dict[str, int]] = {}
         self.pending_texts: dict[str, set[int]] = {m: set() for m in encoders}
 
-    def _remaining_fn(self, m: str):  # type: ignore[no-untyped-def]
-        st = db.stage(f"embed_{m}")
-        sql = f"SELECT COUNT(*) FROM image_status INDEXED BY ix_{st.prefix}_todo WHERE {st.pending_sql}"
-        return lambda: self.conn.execute(sql).fetchone()[0]
+    def _remaining_fn(self, m: str) -> Callable[[], int]:
+        return lambda: db.backlog(self.conn, f"embed_{m}")
 
     # ---- start-up ------------------------------------------------------------------------------
     def open(self) -> None:
@@ -340,13 +338,13 @@ class EmbedStage:
 
     def _status_warning(self) -> None:
         standins = [m for m, e in self.encoders.items() if e.spec.standin]
-        current = db.kv_get(self.conn, "status_warning") or ""
+        current = db.kv_get(self.conn, db.KV_STATUS_WARNING) or ""
         if standins:
             msg = f"{STANDIN_WARNING} ({', '.join(standins)}): search results are meaningless"
             if current != msg:
-                db.kv_set(self.conn, "status_warning", msg)
+                db.kv_set(self.conn, db.KV_STATUS_WARNING, msg)
         elif current.startswith(STANDIN_WARNING):
-            db.kv_set(self.conn, "status_warning", "")
+            db.kv_set(self.conn, db.KV_STATUS_WARNING, "")
 
     def _sorted_ids(self, sql: str) -> np.ndarray:
         """A one-column query as an ascending unique int64 array (8 bytes a row, not a Python set)."""

@@ -510,7 +510,7 @@ class Monitor:
         names = ", ".join(r.name for r in self.runners) or "none"
         log.info("pipeline monitor started (pid %d) in %s; stages: %s", os.getpid(), self.home, names)
         self.conn = db.connect(self.settings.db_path)
-        warning = db.kv_get(self.conn, "status_warning")
+        warning = db.kv_get(self.conn, db.KV_STATUS_WARNING)
         for w in [warning, health.images_missing(self.settings, self.conn)]:
             if w:
                 log.warning("!" * 78)
@@ -623,7 +623,7 @@ class Monitor:
 
     def _tune_qps(self, now: float) -> None:
         try:
-            stats = qps_tuner.parse_stats(db.kv_get(self.conn, "sync_stats"))  # type: ignore[arg-type]
+            stats = qps_tuner.parse_stats(db.kv_get(self.conn, db.KV_SYNC_STATS))  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - a status read must never stop the monitor
             log.warning("qps tuning: could not read sync_stats: %s", exc)
             return
@@ -662,7 +662,7 @@ class Monitor:
     def _stage_work(self, name: str, data: dict[str, Any], now: float) -> str:
         stages = data["stages"]
         if name == "sync":
-            stats = qps_tuner.parse_stats(db.kv_get(self.conn, "sync_stats"))  # type: ignore[arg-type]
+            stats = qps_tuner.parse_stats(db.kv_get(self.conn, db.KV_SYNC_STATS))  # type: ignore[arg-type]
             current = self._read_qps()
             qps = f"{current.qps:g}" if current is not None else "?"
             if stats is None:

@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         bar = "#" * 100
         for line in (bar, f"WARNING: {choice.warning}", bar):
             log.warning(line)
-        db.kv_set(conn, "status_warning", choice.warning)
+        db.kv_set(conn, db.KV_STATUS_WARNING, choice.warning)
     else:
-        db.kv_set(conn, "status_warning", "")
+        db.kv_set(conn, db.KV_STATUS_WARNING, "")
     set_home_env(
         home,
         {
