@@ -9,12 +9,13 @@ from pathlib import Path
 from imageselector import db, layout
 from imageselector.cleanup import stage as cleanup
 from imageselector.config import load_settings
-from imageselector.fsutil import file_lock
+from imageselector.fsutil import instance_lock, lock_holder
 from imageselector.logs import Progress, setup_logging
 from imageselector.stopping import KILL, Stopper, guarded_main, refuse_if_killed
 from imageselector.worker import Heartbeat, run_loop
 
 SCRIPT = "cleanup_images"
+LOCK_NAME = "cleanup"  # .run/cleanup.lock
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,11 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"free space to leave on the destination (default: CLEANUP_MIN_FREE_MB or {cleanup.DEFAULT_MIN_FREE_MB:.0f})",
     )
     return ap
-
-
-def single_instance(run_dir: Path):  # type: ignore[no-untyped-def]
-    """Hold `<home>/.run/cleanup.lock`: two movers on one catalogue would race on the same files."""
-    return file_lock(run_dir / "cleanup.lock", blocking=False)
 
 
 def dry_run(settings, conn, dest: Path, margin: int) -> int:  # type: ignore[no-untyped-def]
@@ -82,9 +78,14 @@ def _main(argv: list[str] | None = None) -> int:
         stopper = Stopper(settings.home, (KILL,))
         if refuse_if_killed(stopper):
             return 2  # a refused start is not a success: a script or a person must see it did nothing
-        with single_instance(settings.run_dir) as mine:
+        # two movers on one catalogue would race on the same files
+        with instance_lock(settings.run_dir, LOCK_NAME) as mine:
             if not mine:
-                log.error("another cleanup_images.py is already running (see %s)", settings.run_dir / "cleanup.lock")
+                log.error(
+                    "another cleanup_images.py is already running (pid %s, see .run/%s.lock)",
+                    lock_holder(settings.run_dir, LOCK_NAME),
+                    LOCK_NAME,
+                )
                 return 2
             return _move(settings, conn, dest, margin, args, stopper, log)
     finally:

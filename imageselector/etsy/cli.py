@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sqlite3
 import sys
 import threading
@@ -20,11 +19,13 @@ from imageselector.config import SHARED_SECRET_MISSING, Settings, load_settings
 from imageselector.etsy.client import AuthError, EtsyClient, RetriesExhausted, StatsPublisher
 from imageselector.etsy.crawl import CrawlConfig, Crawler
 from imageselector.etsy.pacing import Pacer, StopRequested
+from imageselector.fsutil import instance_lock, lock_holder
 from imageselector.logs import Progress, setup_logging
 from imageselector.stopping import KILL, Stopper, guarded_main, refuse_if_killed
 from imageselector.worker import Heartbeat
 
 SCRIPT = "sync_data"
+LOCK_NAME = "sync"  # .run/sync.lock
 
 
 def build_client(settings: Settings, stopper: Stopper | None) -> EtsyClient:
@@ -183,26 +184,6 @@ def run_sync(
     return 0
 
 
-def single_instance(settings: Settings) -> Any:
-    """Hold an exclusive lock on `.run/sync.lock` for the life of the process (released by the OS even
-    on kill -9): two syncs on one key would share its rate limit and each cause the other 429s.
-    Returns the open file, or None when another process holds the lock."""
-    import fcntl
-
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(settings.run_dir / "sync.lock", "a+")  # noqa: SIM115 - kept open on purpose
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        return None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-
 def main(argv: list[str] | None = None) -> int:
     return guarded_main("sync_data.py", lambda: _main(argv))
 
@@ -222,10 +203,20 @@ def _main(argv: list[str] | None = None) -> int:
     stopper = Stopper(settings.home, [KILL])
     if refuse_if_killed(stopper):
         return 0
-    lock = single_instance(settings)
-    if lock is None:
-        log.error("another sync_data.py is already running on %s (see .run/sync.lock); not starting", settings.home)
-        return 2
+    # two syncs on one key would share its rate limit and each cause the other 429s
+    with instance_lock(settings.run_dir, LOCK_NAME) as mine:
+        if not mine:
+            log.error(
+                "another sync_data.py is already running on %s (pid %s, see .run/%s.lock); not starting",
+                settings.home,
+                lock_holder(settings.run_dir, LOCK_NAME),
+                LOCK_NAME,
+            )
+            return 2
+        return _start(settings, stopper, args.once, log)
+
+
+def _start(settings: Settings, stopper: Stopper, once: bool, log: logging.Logger) -> int:
     if settings.api_key and not settings.shared_secret:
         log.error("%s", SHARED_SECRET_MISSING)
         return 2
@@ -246,9 +237,9 @@ def _main(argv: list[str] | None = None) -> int:
         len(crawl_cfg.keywords),
         len(crawl_cfg.taxonomy_ids),
         f"{crawl_cfg.max_offset:,}",
-        ", single pass" if args.once else "",
+        ", single pass" if once else "",
     )
-    return run_sync(settings, stopper, once=args.once, log=log)
+    return run_sync(settings, stopper, once=once, log=log)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import Any
 
 from imageselector import db, qps_config
 from imageselector.config import PROJECT_ROOT, HomeError, Settings, load_settings
-from imageselector.fsutil import atomic_write_text, clean_home_tmp, pid_alive
+from imageselector.fsutil import atomic_write_text, clean_home_tmp, instance_lock, lock_holder, pid_alive
 from imageselector.logs import fmt_duration, setup_logging
 from imageselector.monitor import config as monitor_config
 from imageselector.monitor import qps_tuner
@@ -58,8 +58,9 @@ DB_STAGES: dict[str, tuple[str, ...]] = {
     "bg": ("bg",),
     "embed": tuple(f"embed_{m}" for m in db.EMBED_MODELS),
 }
-STATE_FILE = "pipeline_monitor.json"  # under .run/: what the monitor is doing, for the demo, chaos bench, humans
-PID_FILE = "pipeline_monitor.pid"
+STATE_FILE = "pipeline_monitor.state.json"  # under .run/: what the monitor is doing, for the demo, chaos, humans
+OLD_STATE_FILE = "pipeline_monitor.json"  # its name before 2026-11 (clashed with the config file's)
+LOCK_NAME = "pipeline_monitor"  # .run/pipeline_monitor.lock: one monitor per data home
 
 
 def describe_exit(rc: int) -> str:
@@ -393,23 +394,6 @@ class Monitor:
 
     # ------------------------------------------------------------------ start-up
 
-    def _claim_pid_file(self) -> bool:
-        pid_file = self.run_dir / PID_FILE
-        try:
-            other = int(pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            other = None
-        if other and other != os.getpid() and pid_alive(other):
-            log.error(
-                "another pipeline monitor is running (pid %d, from %s); stop it first (touch KILL), "
-                "or remove the file if that pid is not a monitor",
-                other,
-                pid_file,
-            )
-            return False
-        atomic_write_text(pid_file, f"{os.getpid()}\n")
-        return True
-
     def _stop_orphans(self) -> None:
         """Workers left running by a monitor that was killed hard would otherwise run twice."""
         for r in self.runners:
@@ -457,25 +441,45 @@ class Monitor:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> int:
-        if not self._claim_pid_file():
-            return 1
-        self.last_exit_at = self._previous_exit()
-        try:
-            return self._run()
-        finally:
-            self.exited_at = time.time()
-            self._write_state(self.exited_at, final=True)  # its exit time tells the next start which KILL is new
+        """Exit code: 0 after a graceful stop, 2 when another monitor already runs on this data home."""
+        with instance_lock(self.run_dir, LOCK_NAME) as mine:
+            if not mine:
+                log.error(
+                    "another pipeline monitor is running on %s (pid %s, holds .run/%s.lock); "
+                    "stop it first (touch KILL)",
+                    self.home,
+                    lock_holder(self.run_dir, LOCK_NAME),
+                    LOCK_NAME,
+                )
+                return 2
+            self.last_exit_at = self._previous_exit()
             try:
-                (self.run_dir / PID_FILE).unlink()
-            except FileNotFoundError:
-                pass
-            if self.conn is not None:
-                self.conn.close()
+                return self._run()
+            finally:
+                self.exited_at = time.time()
+                self._write_state(self.exited_at, final=True)  # its exit time tells the next start which KILL is new
+                if self.conn is not None:
+                    self.conn.close()
+
+    def _drop_old_state_file(self) -> None:
+        """The state file used to be `.run/pipeline_monitor.json`, the config file's name too: retire it once."""
+        old = self.run_dir / OLD_STATE_FILE
+        try:
+            json.loads(old.read_text())["stages"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # absent, or not a state file we wrote: leave it alone
+        old.unlink(missing_ok=True)
+        log.info("state file renamed: .run/%s -> .run/%s", OLD_STATE_FILE, STATE_FILE)
 
     def _previous_exit(self) -> float | None:
-        try:
-            state = json.loads((self.run_dir / STATE_FILE).read_text())
-        except (OSError, ValueError):
+        """When the last monitor exited, from its state file (the old name once, for a monitor before the rename)."""
+        for name in (STATE_FILE, OLD_STATE_FILE):
+            try:
+                state = json.loads((self.run_dir / name).read_text())
+                break
+            except (OSError, ValueError):
+                continue
+        else:
             return None
         ts = state.get("exited_at") or state.get("last_exit_at") if isinstance(state, dict) else None
         return float(ts) if isinstance(ts, int | float) else None
@@ -517,6 +521,7 @@ class Monitor:
                 log.warning("WARNING: %s", w)
                 log.warning("!" * 78)
         self._stop_orphans()
+        self._drop_old_state_file()
         self._write_state(time.time())  # replace the last run's state at once: readers must not see it as ours
         if self.cfg.qps.enabled and any(r.name == "sync" for r in self.runners):
             self._init_qps()
