@@ -23,6 +23,14 @@ SHARED_SECRET_MISSING = (
     "https://www.etsy.com/developers/your-apps into .env as ETSY_SHARED_SECRET=..., then start again"
 )
 DEFAULT_API_BASE = "https://openapi.etsy.com/v3/application"
+
+
+class HomeError(Exception):
+    """This data home cannot be used (missing, unreadable database, newer schema, ...).
+
+    Entry points turn it into one line and exit code 2 (stage_entry.run_stage does it for the stages);
+    specific cases subclass it.
+    """
 DEFAULT_CDN_BASE = "https://i.etsystatic.com"
 HOME_ENV = "IMAGESELECTOR_HOME"
 
