@@ -31,6 +31,8 @@ class HomeError(Exception):
     Entry points turn it into one line and exit code 2 (stage_entry.run_stage does it for the stages);
     specific cases subclass it.
     """
+
+
 DEFAULT_CDN_BASE = "https://i.etsystatic.com"
 HOME_ENV = "IMAGESELECTOR_HOME"
 

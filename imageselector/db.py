@@ -19,6 +19,7 @@ poison input that crashes workers can never loop forever. Flags stay 0/1; failur
 from __future__ import annotations
 
 import functools
+import json
 import os
 import random
 import socket
@@ -937,6 +938,41 @@ def kv_set(conn: sqlite3.Connection, key: str, value: str) -> None:
 def kv_get(conn: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
     row = conn.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
     return default if row is None else row[0]
+
+
+@retry_on_lock
+def add_embed_cost(conn: sqlite3.Connection, spent: dict[str, tuple[float, int]]) -> None:
+    """Add model seconds and images per model to kv `embed_cost` (pooled over every run), in one transaction."""
+    with Transaction(conn):
+        row = conn.execute("SELECT value FROM kv WHERE key=?", (KV_EMBED_COST,)).fetchone()
+        try:
+            totals = json.loads(row[0]) if row else {}
+        except ValueError:
+            totals = {}
+        for model, (seconds, images) in spent.items():
+            t = totals.get(model) if isinstance(totals.get(model), dict) else {}
+            totals[model] = {
+                "seconds": float(t.get("seconds", 0.0)) + seconds,
+                "images": int(t.get("images", 0)) + images,
+            }
+        conn.execute(
+            "INSERT INTO kv(key, value, updated_at) VALUES (?,?,?)"
+            " ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+            (KV_EMBED_COST, json.dumps(totals, sort_keys=True), time.time()),
+        )
+
+
+def embed_costs(conn: sqlite3.Connection) -> dict[str, float]:
+    """Seconds of model time per image, per model, from kv `embed_cost` (models never timed are absent)."""
+    try:
+        totals = json.loads(kv_get(conn, KV_EMBED_COST) or "{}")
+    except ValueError:
+        return {}
+    out = {}
+    for model, t in totals.items() if isinstance(totals, dict) else ():
+        if isinstance(t, dict) and t.get("images") and t.get("seconds", 0) > 0:
+            out[model] = float(t["seconds"]) / int(t["images"])
+    return out
 
 
 @retry_on_lock

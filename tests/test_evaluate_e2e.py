@@ -8,6 +8,7 @@ import math
 import pytest
 from PIL import Image
 
+from imageselector import db
 from imageselector.evaluation import stage as eval_run
 from imageselector.evaluation.cli import main
 from imageselector.search.ensemble import load_weights
@@ -128,14 +129,13 @@ def test_refuses_without_data(home, capsys):
     assert main(["--models", "clip_vitb32,nope"]) == 2
 
 
-def test_costs_from_log_lines(tmp_path):
-    log = tmp_path / "embed.log"
-    log.write_text(
-        "2026-01-01 INFO [embed] 80 clip_vitb32 images done, 2.00/s now, 4.00/s avg, 10 left, ETA 3s\n"
-        "2026-01-01 INFO [embed] clip_vitb32: model time 10.0s (5.0 images/s in the model)\n"
-        "2026-01-02 INFO [embed] clip_vitb32: model time 30.0s (2.5 images/s in the model)\n"
-        "2026-01-02 INFO [embed] 40 dinov2_base images done, 1.00/s now, 0.50/s avg, 0 left, ETA 0s\n"
-    )
-    got = eval_run.costs_from_log([log], MODELS)
-    # clip: (10 + 30) s over (50 + 75) images; dino: only the wall-clock average
-    assert got == {"clip_vitb32": pytest.approx(40 / 125), "dinov2_base": pytest.approx(2.0)}
+def test_costs_come_from_the_database_pooled_over_runs(settings, conn):
+    db.add_embed_cost(conn, {"clip_vitb32": (10.0, 50)})  # one run's flush
+    db.add_embed_cost(conn, {"clip_vitb32": (30.0, 75), "dinov2_base": (4.0, 2)})  # a later run
+    # clip: (10 + 30) s over (50 + 75) images
+    assert eval_run.costs_from_db(settings, MODELS) == {
+        "clip_vitb32": pytest.approx(40 / 125),
+        "dinov2_base": pytest.approx(2.0),
+    }
+    db.kv_set(conn, db.KV_EMBED_COST, "not json")  # a damaged value costs nothing but the column
+    assert eval_run.costs_from_db(settings, MODELS) == {}

@@ -298,6 +298,8 @@ class EmbedStage:
         self.last_flush = time.monotonic()
         self.oldest_pending: float | None = None
         self.forward_s: dict[str, float] = dict.fromkeys(encoders, 0.0)
+        self.forwarded: dict[str, int] = dict.fromkeys(encoders, 0)  # images through each model, this run
+        self._cost_recorded: dict[str, tuple[float, int]] = dict.fromkeys(encoders, (0.0, 0))
         self.progress = {
             m: Progress(log, f"{m} images", interval=opts.progress_s, remaining=self._remaining_fn(m)) for m in encoders
         }
@@ -466,6 +468,7 @@ class EmbedStage:
                 t0 = time.perf_counter()
                 vecs = self.encoders[m].encode_batch(rnd.tensors[m])
                 self.forward_s[m] += time.perf_counter() - t0
+                self.forwarded[m] += len(ok)
                 self.add_vectors(m, ok, vecs)
             self.pending[m].append((batch, [r["rid"] for r in ok]))
             if self.oldest_pending is None:
@@ -530,6 +533,7 @@ class EmbedStage:
                 self._add_texts(m, sorted(listings))
                 listings.clear()
         took = self.store.commit(on_durable)
+        self._record_cost()
         self.since_flush = 0
         self.last_flush = time.monotonic()
         self.oldest_pending = None
@@ -539,6 +543,19 @@ class EmbedStage:
                 took,
                 ", ".join(f"{m} {n}" for m, n in done.items() if n),
             )
+
+    def _record_cost(self) -> None:
+        """Model seconds per image for evaluation's cost column (kv `embed_cost`), added at each flush."""
+        spent = {}
+        for m, (s0, n0) in self._cost_recorded.items():
+            if self.forwarded[m] > n0:
+                spent[m] = (self.forward_s[m] - s0, self.forwarded[m] - n0)
+                self._cost_recorded[m] = (self.forward_s[m], self.forwarded[m])
+        if spent:
+            try:
+                db.add_embed_cost(self.conn, spent)
+            except sqlite3.Error as exc:  # bookkeeping only: never lose a flush over it
+                log.warning("embedding cost not recorded: %s", exc)
 
     def release_pending(self) -> None:
         for m, items in self.pending.items():

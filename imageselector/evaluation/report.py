@@ -103,7 +103,7 @@ def render_table(results: Mapping[str, Any]) -> str:
     )
     lines += _weights_status(w)
     if not results["costs"]:
-        lines.append("Embedding cost: not in embed.log; run with --measure-cost to measure it here.")
+        lines.append("Embedding cost: not recorded by embed.py yet; run with --measure-cost to measure it here.")
     return "\n".join(lines)
 
 

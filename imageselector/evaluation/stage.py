@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
@@ -19,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from imageselector import db
 from imageselector.config import Settings
 from imageselector.db import EMBED_MODELS
 from imageselector.embedding.store import open_snapshot
 from imageselector.evaluation import metrics as ev
+from imageselector.layout import locate_image
 from imageselector.search.ensemble import DEFAULT_RRF_K, WEIGHTS_FILE, load_weights
 from imageselector.search.indexes import TEXT_INDEXES, read_manifest
 
@@ -176,43 +177,14 @@ def search_all(
 # Costs: embedding seconds per image
 # --------------------------------------------------------------------------------------------------
 
-_MODEL_TIME_RE = re.compile(r"\b(\w+): model time ([0-9.]+)s \(([0-9.]+) images/s in the model\)")
-_AVG_RE = re.compile(r"([0-9][0-9,]*\.?[0-9]*)/s avg")
 
-
-def costs_from_log(log_paths: Sequence[Path], models: Sequence[str]) -> dict[str, float]:
-    """Seconds per image per model from the embed stage's logs (`embed.log` and its rotations).
-
-    Best source: embed.py's exit line "<model>: model time Ts (R images/s in the model)", pooled over all
-    runs (total model time / total images). Else the last Progress line "... <model> images done, ... X/s avg"
-    (wall time, so it includes decoding and the other models of the same batch).
-    """
-    model_time: dict[str, float] = {}
-    model_images: dict[str, float] = {}
-    avg: dict[str, float] = {}
-    for path in sorted(log_paths, key=lambda p: p.stat().st_mtime if p.exists() else 0):
-        try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            hit = _MODEL_TIME_RE.search(line)
-            if hit and hit.group(1) in models:
-                t, rate = float(hit.group(2)), float(hit.group(3))
-                if t > 0 and rate > 0:
-                    model_time[hit.group(1)] = model_time.get(hit.group(1), 0.0) + t
-                    model_images[hit.group(1)] = model_images.get(hit.group(1), 0.0) + t * rate
-                continue
-            a = _AVG_RE.search(line)
-            if a:
-                for m in models:
-                    if f"{m} images done" in line:
-                        rate = float(a.group(1).replace(",", ""))
-                        if rate > 0:
-                            avg[m] = 1.0 / rate
-    out = dict(avg)
-    out.update({m: model_time[m] / model_images[m] for m in model_time if model_images.get(m)})
-    return out
+def costs_from_db(settings: Settings, models: Sequence[str]) -> dict[str, float]:
+    """Seconds of model time per image per model, as the embed stage recorded them (kv `embed_cost`)."""
+    conn = db.connect(settings.db_path, readonly=True)
+    try:
+        return {m: sec for m, sec in db.embed_costs(conn).items() if m in models}
+    finally:
+        conn.close()
 
 
 def measure_costs(
@@ -406,14 +378,11 @@ def run(settings: Settings, conn: sqlite3.Connection, opts: Options) -> dict[str
 
 def _costs(settings: Settings, models: Sequence[str], queries: Sequence[ev.Query], opts: Options) -> dict[str, dict]:
     out: dict[str, dict] = {}
-    logged = costs_from_log(sorted(settings.home.glob("embed*.log*")), models)
+    logged = costs_from_db(settings, models)
     for m, sec in logged.items():
-        out[m] = {"sec_per_image": sec, "source": "embed.log"}
+        out[m] = {"sec_per_image": sec, "source": "recorded by embed.py"}
     if opts.measure_cost:
-        from imageselector.db import connect
-        from imageselector.layout import locate_image
-
-        conn = connect(settings.db_path, readonly=True)
+        conn = db.connect(settings.db_path, readonly=True)
         try:
             paths = []
             for q in queries:
