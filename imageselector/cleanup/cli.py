@@ -1,4 +1,4 @@
-"""`scripts/cleanup_images.py`: move embedded non-primary images to the backup disk (see cleanup.py)."""
+"""`scripts/cleanup_images.py`: move embedded non-primary images to the backup disk (see stage.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from imageselector import db, layout
-from imageselector.cleanup import stage as cleanup
+from imageselector.cleanup import stage
 from imageselector.config import load_settings
 from imageselector.fsutil import instance_lock, lock_holder
 from imageselector.logs import Progress, setup_logging
@@ -15,7 +15,7 @@ from imageselector.stopping import KILL, Stopper, guarded_main, refuse_if_killed
 from imageselector.worker import Heartbeat, run_loop
 
 SCRIPT = "cleanup_images"
-LOCK_NAME = "cleanup"  # .run/cleanup.lock
+LOCK_NAME = "cleanup"  # .run/stage.lock
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,19 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--min-free-mb",
         type=float,
-        help=f"free space to leave on the destination (default: CLEANUP_MIN_FREE_MB or {cleanup.DEFAULT_MIN_FREE_MB:.0f})",
+        help=f"free space to leave on the destination (default: CLEANUP_MIN_FREE_MB or {stage.DEFAULT_MIN_FREE_MB:.0f})",
     )
     return ap
 
 
 def dry_run(settings, conn, dest: Path, margin: int) -> int:  # type: ignore[no-untyped-def]
-    count, nbytes = cleanup.plan(settings, conn)
-    print(f"Would move {count:,} images ({cleanup.fmt_bytes(nbytes)}) from {settings.images_dir} to {dest}")
+    count, nbytes = stage.plan(settings, conn)
+    print(f"Would move {count:,} images ({stage.fmt_bytes(nbytes)}) from {settings.images_dir} to {dest}")
     try:
-        cleanup.check_destination(dest)
-        free = cleanup.check_space(dest, nbytes, margin)
-        print(f"Destination OK: {cleanup.fmt_bytes(free)} free")
-    except cleanup.DestinationError as exc:
+        stage.check_destination(dest)
+        free = stage.check_space(dest, nbytes, margin)
+        print(f"Destination OK: {stage.fmt_bytes(free)} free")
+    except stage.DestinationError as exc:
         print(f"Destination NOT usable: {exc}")
     return 0
 
@@ -68,10 +68,10 @@ def _main(argv: list[str] | None = None) -> int:
     min_free_mb = (
         args.min_free_mb
         if args.min_free_mb is not None
-        else settings.get_float("CLEANUP_MIN_FREE_MB", cleanup.DEFAULT_MIN_FREE_MB)
+        else settings.get_float("CLEANUP_MIN_FREE_MB", stage.DEFAULT_MIN_FREE_MB)
     )
     margin = int(min_free_mb * 1e6)
-    conn = cleanup.durable(db.connect(settings.db_path))
+    conn = stage.durable(db.connect(settings.db_path))
     try:
         if args.dry_run:
             return dry_run(settings, conn, dest, margin)
@@ -94,21 +94,21 @@ def _main(argv: list[str] | None = None) -> int:
 
 def _move(settings, conn, dest: Path, margin: int, args, stopper: Stopper, log) -> int:  # type: ignore[no-untyped-def]
     try:
-        cleanup.check_destination(dest)
-        count, estimate = cleanup.estimate_bytes(settings, conn)
+        stage.check_destination(dest)
+        count, estimate = stage.estimate_bytes(settings, conn)
         if args.limit is not None and count:
             estimate = estimate * min(count, args.limit) // count
-        cleanup.check_space(dest, estimate, margin)
-    except cleanup.DestinationError as exc:
+        stage.check_space(dest, estimate, margin)
+    except stage.DestinationError as exc:
         log.error("refusing to move images: %s", exc)
         return 2
-    if cleanup.same_filesystem(dest, settings.images_dir if settings.images_dir.exists() else settings.home):
+    if stage.same_filesystem(dest, settings.images_dir if settings.images_dir.exists() else settings.home):
         log.warning("destination %s is on the same disk as images/: moving frees no space there", dest)
     target = count if args.limit is None else min(count, args.limit)
     of = f" of {count:,} qualifying" if target < count else ""
-    log.info("moving up to %s%s images (about %s) to %s", f"{target:,}", of, cleanup.fmt_bytes(estimate), dest)
+    log.info("moving up to %s%s images (about %s) to %s", f"{target:,}", of, stage.fmt_bytes(estimate), dest)
     progress = Progress(log, "images", remaining=lambda: max(0, target - mover.moved))
-    mover = cleanup.Mover(settings, conn, dest, margin, batch_size=args.batch, limit=args.limit, progress=progress)
+    mover = stage.Mover(settings, conn, dest, margin, batch_size=args.batch, limit=args.limit, progress=progress)
     try:
         mover.prepare()
         run_loop(
@@ -119,7 +119,7 @@ def _move(settings, conn, dest: Path, margin: int, args, stopper: Stopper, log) 
             poll_s=args.poll,
             logger=log,
         )
-    except cleanup.DestinationError as exc:
+    except stage.DestinationError as exc:
         log.error("stopped: %s", exc)
         return 2
     finally:
@@ -127,7 +127,7 @@ def _move(settings, conn, dest: Path, margin: int, args, stopper: Stopper, log) 
     log.info(
         "moved %s images (%s) to %s%s",
         f"{mover.moved:,}",
-        cleanup.fmt_bytes(mover.moved_bytes),
+        stage.fmt_bytes(mover.moved_bytes),
         dest,
         f"; {mover.failed} failed (originals kept, see bad_records)" if mover.failed else "",
     )

@@ -214,7 +214,7 @@ def _run_on_ray(args, settings, address, names, stage, stopper, log) -> int | No
         if args.models_file
         else settings.get("IMAGESELECTOR_MODELS_FILE"),
         models=names,
-        device="auto" if args.device == "auto" else args.device,
+        device=args.device,
         dtype=args.dtype,
         preprocess=args.preprocess,
     )

@@ -22,7 +22,7 @@ from imageselector import db
 from imageselector.config import Settings
 from imageselector.db import EMBED_MODELS
 from imageselector.embedding.store import open_snapshot
-from imageselector.evaluation import metrics as ev
+from imageselector.evaluation import metrics
 from imageselector.layout import locate_image
 from imageselector.search.ensemble import DEFAULT_RRF_K, WEIGHTS_FILE, load_weights
 from imageselector.search.indexes import TEXT_INDEXES, read_manifest
@@ -112,7 +112,7 @@ def eligible_groups(image_indexes: Mapping[str, LoadedIndex], listing_of: np.nda
     return {int(lid): common[s : s + c] for lid, s, c in zip(uniq, starts, counts, strict=True) if c >= 2}
 
 
-def sample_queries(groups: Mapping[int, np.ndarray], n: int | None, seed: int) -> list[ev.Query]:
+def sample_queries(groups: Mapping[int, np.ndarray], n: int | None, seed: int) -> list[metrics.Query]:
     """Up to n listings at random (seeded; all when n is None), one random image of each as the query."""
     rng = np.random.default_rng(seed)
     listings = sorted(groups)
@@ -123,24 +123,24 @@ def sample_queries(groups: Mapping[int, np.ndarray], n: int | None, seed: int) -
     for lid in listings:
         gids = [int(g) for g in groups[lid]]
         q = gids[int(rng.integers(len(gids)))]
-        out.append(ev.Query(q, int(lid), frozenset(g for g in gids if g != q)))
+        out.append(metrics.Query(q, int(lid), frozenset(g for g in gids if g != q)))
     return out
 
 
 def search_all(
     indexes: Mapping[str, LoadedIndex],
-    queries: Sequence[ev.Query],
+    queries: Sequence[metrics.Query],
     listing_of: np.ndarray,
     depth: int,
     timing_queries: int = 20,
-) -> tuple[list[ev.QueryHits], dict[str, dict[str, float]]]:
+) -> tuple[list[metrics.QueryHits], dict[str, dict[str, float]]]:
     """Search every index with every query (one batch per index). Returns hits and per-index timings.
 
     An image index is queried with its own stored vector of the query image; a CLIP text index with the
     CLIP image vector of the query (image -> listing text). Timings: the batch's time per query, and the
     mean latency of single queries (what one search on the page pays per model).
     """
-    hits = [ev.QueryHits(q) for q in queries]
+    hits = [metrics.QueryHits(q) for q in queries]
     timings: dict[str, dict[str, float]] = {}
     gids = [q.gid for q in queries]
 
@@ -165,9 +165,9 @@ def search_all(
         timings[name] = {"batch_ms_per_query": 1000 * batch_s / max(1, len(q)), "single_ms": 1000 * single_s}
         for qh, row_ids, row_scores in zip(hits, ids, scores, strict=True):
             if name.endswith("_text"):  # keyed by listing id; the query image is not in it
-                qh.listings[name] = ev.aggregate_max(row_ids[:depth], row_scores[:depth], lambda key: key)
+                qh.listings[name] = metrics.aggregate_max(row_ids[:depth], row_scores[:depth], lambda key: key)
             else:
-                qh.images[name], qh.listings[name] = ev.hits_from_search(
+                qh.images[name], qh.listings[name] = metrics.hits_from_search(
                     row_ids, row_scores, qh.query.gid, listing_fn, depth
                 )
     return hits, timings
@@ -235,20 +235,20 @@ class Options:
 
 
 def _method(name: str, kind: str, values: dict[str, np.ndarray], n_boot: int, seed: int, **extra: Any) -> dict:
-    metrics = {}
-    for m in ev.METRICS:
+    summaries = {}
+    for m in metrics.METRICS:
         v = values[m]
-        metrics[m] = None if np.isnan(v).all() else ev.summarize(v, n_boot=n_boot, seed=seed).to_dict()
-    return {"name": name, "kind": kind, "metrics": metrics, **extra}
+        summaries[m] = None if np.isnan(v).all() else metrics.summarize(v, n_boot=n_boot, seed=seed).to_dict()
+    return {"name": name, "kind": kind, "metrics": summaries, **extra}
 
 
-def _fusion_ms(hits: Sequence[ev.QueryHits], models: Sequence[str], method: str, weights, calib, rrf_k) -> float:  # type: ignore[no-untyped-def]
+def _fusion_ms(hits: Sequence[metrics.QueryHits], models: Sequence[str], method: str, weights, calib, rrf_k) -> float:  # type: ignore[no-untyped-def]
     sample = hits[: min(50, len(hits))]
     if not sample:
         return 0.0
     t0 = time.perf_counter()
     for qh in sample:
-        ev.fuse(method, {m: qh.listings[m] for m in models if m in qh.listings}, weights, calib, rrf_k)
+        metrics.fuse(method, {m: qh.listings[m] for m in models if m in qh.listings}, weights, calib, rrf_k)
     return 1000 * (time.perf_counter() - t0) / len(sample)
 
 
@@ -278,14 +278,14 @@ def run(settings: Settings, conn: sqlite3.Connection, opts: Options) -> dict[str
     )
     hits, timings = search_all(indexes, queries, listing_of, opts.depth, opts.timing_queries)
     fit_hits, eval_hits = hits[:n_fit], hits[n_fit:]
-    calib = {m: ev.calibrate(indexes[m].sample_vectors(1000, opts.seed)) for m in image_models}
+    calib = {m: metrics.calibrate(indexes[m].sample_vectors(1000, opts.seed)) for m in image_models}
     text_names = [n for n in indexes if n.endswith("_text")]
 
     methods: list[dict] = []
     per_query: dict[str, dict[str, np.ndarray]] = {}
     seed = opts.seed
     for m in [*image_models, *text_names]:
-        vals = ev.evaluate_single(eval_hits, m)
+        vals = metrics.evaluate_single(eval_hits, m)
         per_query[m] = vals
         kind = "text" if m.endswith("_text") else "model"
         methods.append(_method(m, kind, vals, opts.n_boot, seed, query_ms=timings[m]["single_ms"]))
@@ -294,7 +294,9 @@ def run(settings: Settings, conn: sqlite3.Connection, opts: Options) -> dict[str
     fitted_score: dict[str, float] = {}
     for method in ("max", "rrf"):
         if n_fit and len(image_models) > 1:
-            weights[method], fitted_score[method] = ev.fit_weights(fit_hits, image_models, method, calib, opts.rrf_k)
+            weights[method], fitted_score[method] = metrics.fit_weights(
+                fit_hits, image_models, method, calib, opts.rrf_k
+            )
         else:
             weights[method] = {m: 1.0 for m in image_models}
     in_force, in_force_src = load_weights(settings.embeddings_dir)
@@ -311,7 +313,7 @@ def run(settings: Settings, conn: sqlite3.Connection, opts: Options) -> dict[str
     if text_names:
         variants.append(("rrf + text", "rrf", [*image_models, *text_names], None))
     for name, method, members, w in variants:
-        vals = ev.evaluate_fusion(eval_hits, members, method, w, calib, opts.rrf_k)
+        vals = metrics.evaluate_fusion(eval_hits, members, method, w, calib, opts.rrf_k)
         per_query[name] = vals
         ms = sum(timings[m]["single_ms"] for m in members) + _fusion_ms(
             eval_hits, members, method, w, calib, opts.rrf_k
@@ -323,13 +325,13 @@ def run(settings: Settings, conn: sqlite3.Connection, opts: Options) -> dict[str
         full = per_query["rrf"]
         for m in image_models:
             rest = [x for x in image_models if x != m]
-            vals = ev.evaluate_fusion(eval_hits, rest, "rrf", None, calib, opts.rrf_k, listing_only=True)
+            vals = metrics.evaluate_fusion(eval_hits, rest, "rrf", None, calib, opts.rrf_k, listing_only=True)
             ablation.append(
                 {
                     "model": m,
                     "delta": {
-                        k: ev.summarize(full[k] - vals[k], n_boot=opts.n_boot, seed=seed).to_dict()
-                        for k in ev.LISTING_METRICS
+                        k: metrics.summarize(full[k] - vals[k], n_boot=opts.n_boot, seed=seed).to_dict()
+                        for k in metrics.LISTING_METRICS
                     },
                     "query_ms_saved": timings[m]["single_ms"],
                 }
@@ -376,7 +378,9 @@ def run(settings: Settings, conn: sqlite3.Connection, opts: Options) -> dict[str
     }
 
 
-def _costs(settings: Settings, models: Sequence[str], queries: Sequence[ev.Query], opts: Options) -> dict[str, dict]:
+def _costs(
+    settings: Settings, models: Sequence[str], queries: Sequence[metrics.Query], opts: Options
+) -> dict[str, dict]:
     out: dict[str, dict] = {}
     logged = costs_from_db(settings, models)
     for m, sec in logged.items():

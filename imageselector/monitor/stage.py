@@ -39,8 +39,7 @@ from imageselector.monitor import config as monitor_config
 from imageselector.monitor import qps_tuner
 from imageselector.monitor.config import MonitorConfig, StageSpec
 from imageselector.monitor.diskspace import DiskGuard
-from imageselector.status import figures as status
-from imageselector.status import health
+from imageselector.status import figures, health
 from imageselector.stopping import (
     EXIT_NO_SPACE,
     KILL,
@@ -49,6 +48,7 @@ from imageselector.stopping import (
     remove_kill_files,
     split_kill_files,
 )
+from imageselector.worker import Heartbeat
 
 log = logging.getLogger("pipeline")
 
@@ -70,24 +70,6 @@ def describe_exit(rc: int) -> str:
         except ValueError:
             return f"killed by signal {-rc}"
     return f"exit code {rc}"
-
-
-def scan_heartbeats(run_dir: Path) -> list[dict[str, Any]]:
-    """Every readable heartbeat file, with its name added."""
-    out = []
-    try:
-        paths = list(run_dir.glob("*.heartbeat"))
-    except OSError:
-        return out
-    for p in paths:
-        try:
-            hb = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(hb, dict):
-            hb["_name"] = p.name[: -len(".heartbeat")]
-            out.append(hb)
-    return out
 
 
 @dataclass
@@ -541,7 +523,7 @@ class Monitor:
         tune = self.cfg.qps.enabled and any(r.name == "sync" for r in self.runners)
         while not self.stopper.should_stop():
             now = time.time()
-            beats = scan_heartbeats(self.run_dir)
+            beats = Heartbeat.scan(self.run_dir)
             for r in self.runners:
                 try:
                     r.tick(now, beats)
@@ -655,7 +637,7 @@ class Monitor:
 
     def status_lines(self, now: float) -> list[str]:
         try:
-            data = status.collect(self.conn, now)  # type: ignore[arg-type]
+            data = figures.collect(self.conn, now)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001
             return [f"status unavailable: {exc}"]
         lines = []

@@ -23,7 +23,7 @@ from imageselector.config import PROJECT_ROOT, load_settings
 from imageselector.fsutil import pid_alive
 from imageselector.monitor.stage import STATE_FILE
 from imageselector.proving.verify import VerifyReport, verify
-from imageselector.status import figures as status
+from imageselector.status import figures
 
 API_FAULTS = "api_429=0.05,api_5xx=0.05,api_timeout=0.02,timeout_s=2"
 CDN_FAULTS = "cdn_404=0.03,cdn_truncated=0.05,cdn_not_image=0.03,cdn_5xx=0.03"
@@ -174,7 +174,7 @@ def backlog_done(conn, home: Path) -> bool:  # type: ignore[no-untyped-def]
     st = _state(home).get("stages", {})
     if st.get("sync", {}).get("state") not in ("finished", "failed"):
         return False
-    data = status.collect(conn)
+    data = figures.collect(conn)
     return data["total"] > 0 and all(s["backlog"] == 0 and s["leased"] == 0 for s in data["stages"].values())
 
 
