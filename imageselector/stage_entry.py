@@ -48,6 +48,7 @@ class Entry:
     rotate_log: bool = True  # False for helper processes that append to a log another process rotates
     clean_tmp: bool = True  # remove temp files left in `.tmp/` by writers that are gone
     secrets: tuple[str, ...] = ()  # values masked in logs besides the API key and secret
+    refused_exit: int = 0  # exit code when a kill file present at start keeps the stage from starting
 
 
 @dataclass
@@ -104,7 +105,7 @@ def _stage(entry: Entry, build: Builder, *, watch: bool, poll_s: float) -> int:
     )
     stopper = Stopper(settings.home, entry.kill_files)
     if refuse_if_killed(stopper):
-        return 0
+        return entry.refused_exit
     with contextlib.ExitStack() as stack:
         if entry.lock is not None and not stack.enter_context(instance_lock(settings.run_dir, entry.lock)):
             log.error(

@@ -252,7 +252,7 @@ def test_kill_file_present_refuses_to_start(settings, conn, dest):
 def test_limit_is_what_the_messages_count(settings, conn, dest):
     """--limit 3 announces 3 (of the qualifying total), and the last line says 0 left, not total - 3."""
     make_catalogue(conn, settings.images_dir, n=12)
-    qualifying = cleanup.count_eligible(conn)
+    qualifying = stage.count_eligible(conn)
     assert qualifying > 3
     assert main(["--dest", str(dest), "--min-free-mb", "0", "--limit", "3", "--batch", "2"]) == 0
     text = logtext(settings)
