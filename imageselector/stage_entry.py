@@ -109,7 +109,7 @@ def _stage(entry: Entry, build: Builder, *, watch: bool, poll_s: float) -> int:
     with contextlib.ExitStack() as stack:
         if entry.lock is not None and not stack.enter_context(instance_lock(settings.run_dir, entry.lock)):
             log.error(
-                "another %s is already running on %s (pid %s, see .run/%s.lock); not starting",
+                "another %s.py is already running on %s (pid %s, see .run/%s.lock); not starting",
                 entry.script,
                 settings.home,
                 lock_holder(settings.run_dir, entry.lock),
