@@ -15,8 +15,9 @@ from imageselector.stage_entry import Context, Entry, StageJob, UsageError, run_
 from imageselector.stopping import KILL, guarded_main
 
 SCRIPT = "cleanup_images"
-# a refused start (KILL present) exits 2: a script or a person must see it did nothing
-ENTRY = Entry(script=SCRIPT, stage="cleanup", kill_files=(KILL,), lock="cleanup", refused_exit=2)  # .run/cleanup.lock: one mover
+# .run/cleanup.lock: one mover per catalogue. A refused start (KILL present) exits 2: a script or a
+# person must see it did nothing.
+ENTRY = Entry(script=SCRIPT, stage="cleanup", kill_files=(KILL,), lock="cleanup", refused_exit=2)
 
 
 def build_parser() -> argparse.ArgumentParser:
