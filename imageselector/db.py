@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imageselector.config import DatabaseUnreadable, HomeError, HomeReadOnly, NewerSchema
+from imageselector.fsutil import pid_alive
 
 T = TypeVar("T")
 
@@ -868,7 +869,6 @@ def reclaim_dead(conn: sqlite3.Connection, stage_name: str) -> int:
 
     Leases of other hosts (or of live pids) are left to expire on their own.
     """
-    from imageselector.fsutil import pid_alive
 
     st = stage(stage_name)
     host = socket.gethostname()

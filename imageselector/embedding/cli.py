@@ -19,15 +19,24 @@ built by a different model, another embed.py already embedding the same model).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
 from imageselector import db, weights
 from imageselector.config import load_settings
+from imageselector.embedding.registry import RegistryError, load_registry
+from imageselector.embedding.remote import run_remote
 from imageselector.fsutil import clean_tmp
 from imageselector.logs import setup_logging
-from imageselector.scaleout import add_ray_arguments, ray_address
+from imageselector.scaleout import (
+    RayUnavailable,
+    add_ray_arguments,
+    after_cluster_loss,
+    open_pool_or_fallback,
+    ray_address,
+)
 from imageselector.stopping import KILL, KILL_EMBED, Stopper, guarded_main, refuse_if_killed
 from imageselector.worker import Heartbeat
 
@@ -85,12 +94,10 @@ def _main(argv: list[str] | None = None) -> int:
     if hf_token:  # from .env too: huggingface_hub reads only the process environment (or `hf auth login`)
         os.environ.setdefault("HF_TOKEN", hf_token)
     log = setup_logging("embed", settings.home, secrets=[*settings.secrets(), hf_token])
-    import logging
 
     logging.getLogger("faiss").setLevel(logging.WARNING)
     if args.export_faiss or args.export_image_index or args.migrate:
         return _tools(args, settings, log)
-    from imageselector.embedding.registry import RegistryError, load_registry
 
     try:
         registry = load_registry(args.models_file, settings)
@@ -109,6 +116,8 @@ def _main(argv: list[str] | None = None) -> int:
     if refuse_if_killed(stopper):
         return 0
 
+    # torch and the model libraries load here, not at the top: usage, registry and weight errors answer in
+    # a second (exit 2) without paying for torch's import
     import torch
 
     from imageselector.embedding.encoders import load_encoder
@@ -206,8 +215,6 @@ def _tools(args, settings, log) -> int:  # type: ignore[no-untyped-def]
 
 def _run_on_ray(args, settings, address, names, stage, stopper, log) -> int | None:  # type: ignore[no-untyped-def]
     """Image compute on Ray; this process keeps the store and the flags. None: continue locally."""
-    from imageselector.embedding.remote import run_remote
-    from imageselector.scaleout import RayUnavailable, after_cluster_loss, open_pool_or_fallback
 
     kwargs = dict(
         models_file=str(Path(args.models_file).resolve())

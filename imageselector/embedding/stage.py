@@ -46,9 +46,9 @@ from imageselector.embedding.encoders import Encoder
 from imageselector.embedding.migrate import UNKNOWN_SOURCE, drop_image_index, migrate_index
 from imageselector.embedding.preprocess import decode, draft_side
 from imageselector.embedding.store import TEXT_SUFFIX, CompactionPolicy, StoreWriter, read_store_manifest
-from imageselector.layout import image_path
+from imageselector.layout import image_path, locate_image
 from imageselector.logs import Progress
-from imageselector.worker import ClaimedBatch, Heartbeat
+from imageselector.worker import ClaimedBatch, Heartbeat, run_loop
 
 log = logging.getLogger("embed")
 
@@ -97,10 +97,6 @@ def find_image(settings: Settings, row: Any) -> Path | None:
     p = image_path(settings.images_dir, row["listing_id"], row["image_id"])
     if p.is_file():
         return p
-    try:
-        from imageselector.layout import locate_image
-    except ImportError:  # pragma: no cover - cleanup not installed
-        return None
     return locate_image(settings, row)
 
 
@@ -564,7 +560,6 @@ class EmbedStage:
             self.pending[m] = []
 
     def run(self, heartbeat: Heartbeat | None = None) -> int:
-        from imageselector.worker import run_loop
 
         self.prefetcher = Prefetcher(self.settings, self.owner, self.encoders, self.opts, self.stopper)
         self.prefetcher.start()

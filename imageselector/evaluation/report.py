@@ -5,6 +5,7 @@ matplotlib is not a dependency; the chart is a plain horizontal bar chart with c
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -150,7 +151,6 @@ def draw_chart(results: Mapping[str, Any], path: Path) -> Path:
             d.line([lo, mid, hi, mid], fill="black")
             d.line([lo, y + 1, lo, y + bar_h - 3], fill="black")
             d.line([hi, y + 1, hi, y + bar_h - 3], fill="black")
-    import io
 
     buf = io.BytesIO()
     img.save(buf, format="PNG")

@@ -23,6 +23,7 @@ from imageselector.config import Settings
 from imageselector.db import EMBED_MODELS
 from imageselector.embedding.store import open_snapshot
 from imageselector.evaluation import metrics
+from imageselector.fsutil import atomic_write_text
 from imageselector.layout import locate_image
 from imageselector.search.ensemble import DEFAULT_RRF_K, WEIGHTS_FILE, load_weights
 from imageselector.search.indexes import TEXT_INDEXES, read_manifest
@@ -409,7 +410,6 @@ def _costs(
 
 def write_weights(settings: Settings, results: Mapping[str, Any], method: str = "rrf") -> Path:
     """Write `<home>/embeddings/fusion_weights.json`, the file the search reads (search/ensemble.py)."""
-    from imageselector.fsutil import atomic_write_text
 
     fitted_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     n = results["weights"]["fitted_on"]

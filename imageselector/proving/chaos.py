@@ -8,6 +8,7 @@ and the run checks that the monitor and every worker exited within the kill boun
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ from typing import Any
 
 from imageselector import db
 from imageselector.config import PROJECT_ROOT, load_settings
+from imageselector.etsy.simulator import Faults, Simulator
 from imageselector.fsutil import pid_alive
 from imageselector.monitor.stage import STATE_FILE
 from imageselector.proving.verify import VerifyReport, verify
@@ -119,7 +121,6 @@ def _state(home: Path) -> dict[str, Any]:
 
 def prepare_models(home: Path) -> tuple[Path, Path]:
     """Stand-in embedding models and u2net, built once per home."""
-    import logging
 
     from imageselector.background.standins import build_standin_u2net
     from imageselector.embedding.standins import build_standins
@@ -179,7 +180,6 @@ def backlog_done(conn, home: Path) -> bool:  # type: ignore[no-untyped-def]
 
 
 def run(opts: ChaosOptions, log=print) -> ChaosResult:  # type: ignore[no-untyped-def]
-    from imageselector.etsy.simulator import Faults, Simulator
 
     t_start = time.time()
     home = opts.home.resolve()
