@@ -49,6 +49,7 @@ class Entry:
     clean_tmp: bool = True  # remove temp files left in `.tmp/` by writers that are gone
     secrets: tuple[str, ...] = ()  # values masked in logs besides the API key and secret
     refused_exit: int = 0  # exit code when a kill file present at start keeps the stage from starting
+    preflight: Callable[[Settings], None] | None = None  # raises HomeError before anything is written (no log)
 
 
 @dataclass
@@ -96,6 +97,8 @@ def run_stage(entry: Entry, build: Builder, *, watch: bool = False, poll_s: floa
 def _stage(entry: Entry, build: Builder, *, watch: bool, poll_s: float) -> int:
     settings = load_settings()
     db.check_usable(settings, write=True)  # a stage writes: a read-only home or unreadable database is said now
+    if entry.preflight is not None:
+        entry.preflight(settings)
     log = setup_logging(
         entry.script,
         settings.home,

@@ -26,7 +26,8 @@ from imageselector.worker import Heartbeat
 
 SCRIPT = "sync_data"
 LOCK_NAME = "sync"  # .run/sync.lock: two syncs on one key would share its rate limit and cause each other 429s
-ENTRY = Entry(script=SCRIPT, stage="sync", kill_files=(KILL,), lock=LOCK_NAME)
+# a newline or stray byte in the key can never work: BadSetting (exit 2) before a log line or lock is written
+ENTRY = Entry(script=SCRIPT, stage="sync", kill_files=(KILL,), lock=LOCK_NAME, preflight=Settings.check_credentials)
 
 
 def build_client(settings: Settings, stopper: Stopper | None) -> EtsyClient:
@@ -190,7 +191,6 @@ class SyncJob(StageJob):
 
     def __init__(self, ctx: Context, once: bool) -> None:
         settings, log = ctx.settings, ctx.log
-        settings.check_credentials()  # a newline or stray byte in the key can never work: BadSetting, exit 2
         if settings.api_key and not settings.shared_secret:
             raise UsageError(SHARED_SECRET_MISSING)
         if not settings.api_key or not settings.shared_secret:
