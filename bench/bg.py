@@ -7,7 +7,7 @@ production way: `--model u2net` found in U2NET_HOME, no download.
 Images: skimage's bundled photos resized to Etsy's 570xN, written as JPEG downloads.
 
 Two ways, same session (providers, threads, batch size), same images, same 320x320 input:
-  end to end: BgStage under worker.run_loop, as scripts/bg_remover.py runs it (claim rows, read and
+  end to end: LocalBgRunner under worker.run_loop, as scripts/bg_remover.py runs it (claim rows, read and
               decode, prepare, onnxruntime, mask, composite, JPEG with marker, atomic write with
               fsync, flag), timed from the first claim to the last flag; process start and model load excluded
   bare:       inner_session.run on pre-made input tensors
@@ -35,9 +35,10 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from imageselector import db, layout  # noqa: E402
+from imageselector.background.compute import BgCompute  # noqa: E402
 from imageselector.background.providers import choose_providers  # noqa: E402
 from imageselector.background.session import open_model  # noqa: E402
-from imageselector.background.stage import BgOptions, BgStage  # noqa: E402
+from imageselector.background.stage import BgStageOptions, BgWriter, LocalBgRunner  # noqa: E402
 from imageselector.config import load_settings  # noqa: E402
 from imageselector.stopping import Stopper  # noqa: E402
 from imageselector.worker import run_loop  # noqa: E402
@@ -108,16 +109,16 @@ def run_e2e(model, images: list[bytes], claim_size: int) -> tuple[float, float]:
     settings = load_settings(home)
     conn = db.connect(settings.db_path)
     log = logging.getLogger("bench.bg")
-    stage = BgStage(
-        settings, conn, model, BgOptions(claim_size=claim_size), Stopper(home, [], install_signals=False), log
-    )
+    stopper = Stopper(home, [], install_signals=False)
+    writer = BgWriter(settings, conn, BgStageOptions(claim_size=claim_size), stopper, log)
+    runner = LocalBgRunner(writer, BgCompute(model, (255, 255, 255), 95))
     t0, c0 = time.perf_counter(), time.process_time()
-    run_loop(stage.run_batch, stage.stopper, watch=False, logger=log)
-    stage.close()
+    run_loop(runner.run_batch, stopper, watch=False, logger=log)
+    runner.close()
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     done = conn.execute("SELECT COUNT(*) FROM image_status WHERE bg_removed=1").fetchone()[0]
     conn.close()
-    assert done == len(images) == stage.processed, (done, stage.processed)
+    assert done == len(images) == writer.processed, (done, writer.processed)
     return len(images) / dt, cpu / len(images)
 
 

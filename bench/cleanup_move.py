@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from imageselector import db  # noqa: E402
-from imageselector.cleanup import stage as cleanup  # noqa: E402
+from imageselector.cleanup import stage  # noqa: E402
 from imageselector.config import load_settings  # noqa: E402
 from imageselector.layout import image_path, image_relpath  # noqa: E402
 from tests.helpers.cleanup_setup import make_catalogue  # noqa: E402
@@ -34,9 +34,9 @@ def main() -> int:
     out_root = Path(tempfile.mkdtemp(prefix="bench_cleanup_dest_", dir=shm))
     try:
         settings = load_settings(base / "home")
-        conn = cleanup.durable(db.connect(settings.db_path))
+        conn = stage.durable(db.connect(settings.db_path))
         make_catalogue(conn, settings.images_dir, n=args.n, size=args.size)
-        movable = conn.execute(f"SELECT listing_id, image_id FROM image_status WHERE {cleanup.ELIGIBLE_SQL}").fetchall()
+        movable = conn.execute(f"SELECT listing_id, image_id FROM image_status WHERE {stage.ELIGIBLE_SQL}").fetchall()
         nbytes = sum(image_path(settings.images_dir, *r).stat().st_size for r in movable)
         # plain: shutil.move to another filesystem (copy + unlink, no fsync, no verification, no record)
         keep = base / "keep"
@@ -53,7 +53,7 @@ def main() -> int:
         # verified: the real mover (temp + fsync + rename + dir fsync, sha256 re-read, recorded, then delete)
         safe_dest = out_root / "safe"
         safe_dest.mkdir()
-        mover = cleanup.Mover(settings, conn, safe_dest, 0, batch_size=200)
+        mover = stage.Mover(settings, conn, safe_dest, 0, batch_size=200)
         mover.prepare()
         t0 = time.perf_counter()
         while mover.run_batch():
@@ -64,7 +64,7 @@ def main() -> int:
         mb = nbytes / 1e6
         print(
             f"images: {len(movable)} x ~{args.size / 1000:.0f} KB to {out_root} (other filesystem: "
-            f"{cleanup.same_filesystem(out_root, base) is False})"
+            f"{stage.same_filesystem(out_root, base) is False})"
         )
         print(f"plain shutil.move : {len(movable) / plain_s:8.1f} img/s {mb / plain_s:8.1f} MB/s")
         print(f"verified move     : {len(movable) / safe_s:8.1f} img/s {mb / safe_s:8.1f} MB/s")

@@ -92,11 +92,11 @@ def main() -> int:
         lock_errors = sum(r[1] for r in results)
         conn = db.connect(path, migrate=False)
         in_proc = []
-        from imageselector.status import figures as status
+        from imageselector.status import figures
 
         for _ in range(5):
             s0 = time.perf_counter()
-            status.collect(conn)
+            figures.collect(conn)
             in_proc.append(time.perf_counter() - s0)
         flags = conn.execute("SELECT n FROM counters WHERE name='download_done'").fetchone()[0]
         real = conn.execute("SELECT COUNT(*) FROM image_status WHERE download_done=1").fetchone()[0]

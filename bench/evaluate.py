@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from imageselector import db  # noqa: E402
 from imageselector.config import load_settings  # noqa: E402
-from imageselector.evaluation import stage as eval_run  # noqa: E402
+from imageselector.evaluation import stage as evaluation  # noqa: E402
 from tests.helpers.rows import image_rows  # noqa: E402
 
 DIMS = {"clip_vitb32": 512, "clip_vitl14": 768, "dinov2_base": 768, "dinov2_large": 1024, "dinov3_base": 768}
@@ -62,9 +62,9 @@ def main() -> int:
         )
         settings = load_settings(home)
         conn = db.connect(settings.db_path, readonly=True)
-        opts = eval_run.Options(sample=args.sample, n_boot=1000, with_text=False)
+        opts = evaluation.Options(sample=args.sample, n_boot=1000, with_text=False)
         t0, c0 = time.perf_counter(), time.process_time()
-        res = eval_run.run(settings, conn, opts)
+        res = evaluation.run(settings, conn, opts)
         total, cpu = time.perf_counter() - t0, time.process_time() - c0
         conn.close()
         print(
@@ -76,7 +76,7 @@ def main() -> int:
                 f"  {m['name']:<16} L mAP@10 {lm['mean']:.3f} [{lm['lo']:.3f}, {lm['hi']:.3f}]  {m['query_ms']:.2f} ms/query"
             )
         print("  fitted rrf weights:", res["weights"]["fitted"]["rrf"])
-        li = eval_run.LoadedIndex.open("dinov2_large", settings.embeddings_dir)
+        li = evaluation.LoadedIndex.open("dinov2_large", settings.embeddings_dir)
         q = li.sample_vectors(args.sample, 1)
         t0 = time.perf_counter()
         for i in range(len(q)):

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from imageselector import db  # noqa: E402
 from imageselector.etsy.simulator import Simulator  # noqa: E402
 
 
@@ -80,7 +81,7 @@ def main() -> int:
         print(f"429s caused by pacing:  {s1.get('429_qps', 0)} (whole run; goal 0)")
         print(f"sync exit code:         {rc} (after KILL)")
         conn = sqlite3.connect(home / "etsy_data.db")
-        stats = json.loads(conn.execute("SELECT value FROM kv WHERE key='sync_stats'").fetchone()[0])
+        stats = json.loads(conn.execute("SELECT value FROM kv WHERE key=?", (db.KV_SYNC_STATS,)).fetchone()[0])
         conn.close()
         print(f"mean request latency:   {stats.get('latency_ms_avg')} ms (as sync saw it)")
         print(f"limit QPS:              {args.qps:.2f}")

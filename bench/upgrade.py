@@ -68,8 +68,26 @@ def build(home: Path, rows: int, nvec: int, nimg: int) -> dict[str, float]:
     for i in range(rows):
         lid, iid = pair(i)
         e = int(i in embedded)
-        batch.append((lid, iid, 50_000 + lid % 20_000, f"{i:x}", "xyz", int(i % per_listing == 0), "2020_2024",
-                      9.99, 1, int(i < n_dl), int(i < n_bg), e, e, e, e, e))
+        batch.append(
+            (
+                lid,
+                iid,
+                50_000 + lid % 20_000,
+                f"{i:x}",
+                "xyz",
+                int(i % per_listing == 0),
+                "2020_2024",
+                9.99,
+                1,
+                int(i < n_dl),
+                int(i < n_bg),
+                e,
+                e,
+                e,
+                e,
+                e,
+            )
+        )
         if len(batch) == 100_000:
             con.executemany(f"INSERT INTO image_status ({','.join(COLUMNS)}) VALUES ({','.join('?' * 16)})", batch)
             batch.clear()
@@ -77,8 +95,10 @@ def build(home: Path, rows: int, nvec: int, nimg: int) -> dict[str, float]:
         con.executemany(f"INSERT INTO image_status ({','.join(COLUMNS)}) VALUES ({','.join('?' * 16)})", batch)
     con.executemany(
         "INSERT INTO listings VALUES (?,?,?,?,?,?,?,?,?)",
-        ((1_000_000_000 + k, 50_000 + k % 20_000, f"title {k}", "d", "u", "a,b", "m", "2020_2024", "active")
-         for k in range(rows // per_listing)),
+        (
+            (1_000_000_000 + k, 50_000 + k % 20_000, f"title {k}", "d", "u", "a,b", "m", "2020_2024", "active")
+            for k in range(rows // per_listing)
+        ),
     )
     con.executemany("INSERT INTO shops VALUES (?,?,?,?)", ((50_000 + s, 1, "u", f"s{s}") for s in range(20_000)))
     con.commit()
@@ -102,9 +122,14 @@ def build(home: Path, rows: int, nvec: int, nimg: int) -> dict[str, float]:
     for m in MODELS:
         d = REAL_DIMS[m]
         seed = MODELS.index(m)
-        write_flat(emb / f"{m}.faiss", d, nvec,
-                   lambda s, n, d=d, seed=seed: np.random.default_rng(seed * 1000 + s).standard_normal((n, d)))
+        write_flat(
+            emb / f"{m}.faiss",
+            d,
+            nvec,
+            lambda s, n, d=d, seed=seed: np.random.default_rng(seed * 1000 + s).standard_normal((n, d)),
+        )
         if m in ("clip_vitb32", "clip_vitl14"):
+
             def text_rows(s: int, n: int, d: int = d) -> np.ndarray:
                 return np.stack([np.random.default_rng(int(x)).standard_normal(d) for x in lids[s : s + n]])
 
@@ -115,8 +140,13 @@ def build(home: Path, rows: int, nvec: int, nimg: int) -> dict[str, float]:
 def run_upgrade(home: Path) -> tuple[int, str, int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGESELECTOR_", "ETSY_"))}
     env["IMAGESELECTOR_HOME"] = str(home)
-    p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "upgrade_home.py"), "--no-backup"], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "upgrade_home.py"), "--no-backup"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     hwm = 0
     out: list[str] = []
     import threading
@@ -147,18 +177,31 @@ def main() -> int:
     try:
         built = build(home, args.rows, args.vectors, args.images)
         size = sum(p.stat().st_size for p in home.rglob("*") if p.is_file())
-        print(f"built a seed-era home in {built['build_s']:.0f}s ({size / 1e9:.2f} GB): {args.rows:,} rows, "
-              f"{args.vectors:,} vectors x 5 models (+2 text), {args.images:,} flat images")
+        print(
+            f"built a seed-era home in {built['build_s']:.0f}s ({size / 1e9:.2f} GB): {args.rows:,} rows, "
+            f"{args.vectors:,} vectors x 5 models (+2 text), {args.images:,} flat images"
+        )
         t0 = time.monotonic()
         rc, out, hwm = run_upgrade(home)
         wall = time.monotonic() - t0
         maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         for line in out.splitlines():
-            if line.startswith(("phase times", "database: upgraded", "images:", "upgrade finished", "clip_vitb32",
-                                "dinov2_large:", "error")):
+            if line.startswith(
+                (
+                    "phase times",
+                    "database: upgraded",
+                    "images:",
+                    "upgrade finished",
+                    "clip_vitb32",
+                    "dinov2_large:",
+                    "error",
+                )
+            ):
                 print("  " + line)
-        print(f"upgrade exit {rc}; wall {wall:.1f}s; peak memory VmHWM {hwm / 2**20:,.0f} MiB"
-              f" (children max RSS {maxrss / 2**20:,.0f} MiB); goals: database < 120 s, peak < 2048 MiB")
+        print(
+            f"upgrade exit {rc}; wall {wall:.1f}s; peak memory VmHWM {hwm / 2**20:,.0f} MiB"
+            f" (children max RSS {maxrss / 2**20:,.0f} MiB); goals: database < 120 s, peak < 2048 MiB"
+        )
         return rc
     finally:
         if not args.dir:

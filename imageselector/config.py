@@ -19,16 +19,19 @@ DB_NAME = "etsy_data.db"
 # The original guide's .env held only ETSY_API_KEY; said by sync and by the upgrade.
 SHARED_SECRET_MISSING = (
     "ETSY_API_KEY is set but ETSY_SHARED_SECRET is not: since February 2026 Etsy requires both (sent as "
-    "x-api-key: keystring:shared_secret). Copy the \"Shared secret\" shown next to your app's keystring at "
+    'x-api-key: keystring:shared_secret). Copy the "Shared secret" shown next to your app\'s keystring at '
     "https://www.etsy.com/developers/your-apps into .env as ETSY_SHARED_SECRET=..., then start again"
 )
 DEFAULT_API_BASE = "https://openapi.etsy.com/v3/application"
+
+
 DEFAULT_CDN_BASE = "https://i.etsystatic.com"
 HOME_ENV = "IMAGESELECTOR_HOME"
 
 
 class HomeError(Exception):
-    """This data home cannot be used. Entry points print the message as one line and exit 2."""
+    """This data home cannot be used. Entry points print the message as one line and exit 2
+    (`entry.run`, `stopping.guarded_main`, and through it `stage_entry.run_stage`)."""
 
 
 class HomeMissing(HomeError):

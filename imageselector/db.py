@@ -19,6 +19,7 @@ poison input that crashes workers can never loop forever. Flags stay 0/1; failur
 from __future__ import annotations
 
 import functools
+import json
 import os
 import random
 import socket
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imageselector.config import DatabaseUnreadable, HomeError, HomeReadOnly, NewerSchema
+from imageselector.fsutil import pid_alive
 
 T = TypeVar("T")
 
@@ -53,6 +55,11 @@ class Stage:
     prefix: str
     max_attempts: int = 5
     lease_s: float = 600.0
+
+    @property
+    def ready_col(self) -> str:
+        """The flag whose counter is the upper side of the backlog (`ready_sql` is `<flag>=1`)."""
+        return self.ready_sql.split("=", 1)[0]
 
     @property
     def claim_col(self) -> str:
@@ -93,6 +100,32 @@ FLAG_COLUMNS: tuple[str, ...] = (
     "bg_removed",
     *(f"embed_{m}" for m in EMBED_MODELS),
 )
+
+
+def counters(conn: sqlite3.Connection) -> dict[str, int]:
+    """Every flag's exact total (kept by triggers): O(1) however large the table."""
+    return {r[0]: int(r[1]) for r in conn.execute("SELECT name, n FROM counters")}
+
+
+def parked_count(conn: sqlite3.Connection, name: str) -> int:
+    st = stage(name)
+    return conn.execute(
+        f"SELECT COUNT(*) FROM image_status INDEXED BY ix_{st.prefix}_failed"
+        f" WHERE {st.error_col} IS NOT NULL AND {st.done_col}=0 AND {st.parked_col}=1"
+    ).fetchone()[0]
+
+
+def backlog(
+    conn: sqlite3.Connection, name: str, *, counts: dict[str, int] | None = None, parked: int | None = None
+) -> int:
+    """The one definition of a stage's backlog: rows ready for it, not done and not parked (failing ones count).
+
+    Read from the counters (O(1)) and the small parked index; pass `counts` / `parked` when already at hand.
+    """
+    st = stage(name)
+    counts = counters(conn) if counts is None else counts
+    parked = parked_count(conn, name) if parked is None else parked
+    return max(0, counts.get(st.ready_col, 0) - counts.get(st.done_col, 0) - parked)
 
 
 def stage(name: str) -> Stage:
@@ -836,7 +869,6 @@ def reclaim_dead(conn: sqlite3.Connection, stage_name: str) -> int:
 
     Leases of other hosts (or of live pids) are left to expire on their own.
     """
-    from imageselector.fsutil import pid_alive
 
     st = stage(stage_name)
     host = socket.gethostname()
@@ -886,6 +918,12 @@ def prune_progress(conn: sqlite3.Connection, keep_s: float = 2 * 86400) -> None:
 # Key-value state (crawl bookkeeping, rate-limit headers, ...)
 # --------------------------------------------------------------------------------------------------
 
+# The kv keys more than one process reads. Keys private to one stage are named in that stage's module
+# (cleanup's `KV_INFLIGHT`); the backup roots are layout's (`layout.KV_DEST`, `layout.KV_DEST_HISTORY`).
+KV_SYNC_STATS = "sync_stats"  # sync's counters and last rate-limit headers (JSON); read by the monitor's tuner
+KV_STATUS_WARNING = "status_warning"  # one line every status view shows (e.g. stand-in models); "" = none
+KV_EMBED_COST = "embed_cost"  # seconds of model time per image, per model (JSON); written by embed at each flush
+
 
 @retry_on_lock
 def kv_set(conn: sqlite3.Connection, key: str, value: str) -> None:
@@ -900,6 +938,41 @@ def kv_set(conn: sqlite3.Connection, key: str, value: str) -> None:
 def kv_get(conn: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
     row = conn.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
     return default if row is None else row[0]
+
+
+@retry_on_lock
+def add_embed_cost(conn: sqlite3.Connection, spent: dict[str, tuple[float, int]]) -> None:
+    """Add model seconds and images per model to kv `embed_cost` (pooled over every run), in one transaction."""
+    with Transaction(conn):
+        row = conn.execute("SELECT value FROM kv WHERE key=?", (KV_EMBED_COST,)).fetchone()
+        try:
+            totals = json.loads(row[0]) if row else {}
+        except ValueError:
+            totals = {}
+        for model, (seconds, images) in spent.items():
+            t = totals.get(model) if isinstance(totals.get(model), dict) else {}
+            totals[model] = {
+                "seconds": float(t.get("seconds", 0.0)) + seconds,
+                "images": int(t.get("images", 0)) + images,
+            }
+        conn.execute(
+            "INSERT INTO kv(key, value, updated_at) VALUES (?,?,?)"
+            " ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+            (KV_EMBED_COST, json.dumps(totals, sort_keys=True), time.time()),
+        )
+
+
+def embed_costs(conn: sqlite3.Connection) -> dict[str, float]:
+    """Seconds of model time per image, per model, from kv `embed_cost` (models never timed are absent)."""
+    try:
+        totals = json.loads(kv_get(conn, KV_EMBED_COST) or "{}")
+    except ValueError:
+        return {}
+    out = {}
+    for model, t in totals.items() if isinstance(totals, dict) else ():
+        if isinstance(t, dict) and t.get("images") and t.get("seconds", 0) > 0:
+            out[model] = float(t["seconds"]) / int(t["images"])
+    return out
 
 
 @retry_on_lock

@@ -190,3 +190,21 @@ def file_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)
+
+
+def instance_lock(run_dir: Path, name: str) -> contextlib.AbstractContextManager[bool]:
+    """The one "only one of me per data home" lock: `<home>/.run/<name>.lock`, held for the `with` block.
+
+    A flock, so the kernel releases it when the process dies, even by kill -9: no stale pid file to judge.
+    Yields False when another live process holds it. Used by sync, the monitor and cleanup; the embed
+    store holds the same kind of lock per model index.
+    """
+    return file_lock(Path(run_dir) / f"{name}.lock", blocking=False)
+
+
+def lock_holder(run_dir: Path, name: str) -> int | None:
+    """The pid written in an instance lock (for messages); None when unknown."""
+    try:
+        return int((Path(run_dir) / f"{name}.lock").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import imageselector
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +50,6 @@ class _ComputeActorImpl:
 
     def __init__(self, factory: str, kwargs: dict[str, Any], threads: int | None) -> None:
         if threads:
-            import os
-
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 os.environ[var] = str(threads)
             try:
@@ -61,7 +64,6 @@ class _ComputeActorImpl:
         return self.compute(payload)
 
     def pid(self) -> int:
-        import os
 
         return os.getpid()
 
@@ -85,9 +87,6 @@ def connect_ray(address: str, *, timeout_s: float = 15.0, num_cpus: int | None =
         raise RayUnavailable("ray is not installed: venv/bin/pip install -r requirements-ray.txt") from exc
     if ray.is_initialized():
         return ray
-    from pathlib import Path
-
-    import imageselector
 
     # Ship this package's code to the workers, so a worker node needs only the same venv (torch, rembg, ...).
     package_dir = str(Path(imageselector.__file__).resolve().parent)
@@ -112,7 +111,6 @@ def connect_ray(address: str, *, timeout_s: float = 15.0, num_cpus: int | None =
 
 def _reachable(address: str, timeout_s: float) -> bool:
     """A TCP probe of the GCS port, so an unreachable cluster fails fast instead of hanging in ray.init."""
-    import socket
 
     if address in ("auto",):
         return True

@@ -121,10 +121,24 @@ class Heartbeat:
 
     @staticmethod
     def read(run_dir: Path, name: str) -> dict[str, Any] | None:
+        """One heartbeat file as written by `beat`, with `_name` added; None when absent or unreadable."""
         try:
-            return json.loads((Path(run_dir) / f"{name}.heartbeat").read_text())
+            hb = json.loads((Path(run_dir) / f"{name}.heartbeat").read_text())
         except (OSError, ValueError):
             return None
+        if not isinstance(hb, dict):
+            return None
+        hb["_name"] = name
+        return hb
+
+    @staticmethod
+    def scan(run_dir: Path) -> list[dict[str, Any]]:
+        """Every readable heartbeat in `run_dir` (what the monitor checks each tick)."""
+        try:
+            names = [p.name[: -len(".heartbeat")] for p in Path(run_dir).glob("*.heartbeat")]
+        except OSError:
+            return []
+        return [hb for hb in (Heartbeat.read(run_dir, n) for n in names) if hb is not None]
 
 
 def run_loop(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from imageselector.download.stage import main  # noqa: E402
+from imageselector.download.cli import main  # noqa: E402
 from imageselector.entry import run  # noqa: E402
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from imageselector import db, layout
-from imageselector.cleanup import stage as cleanup
+from imageselector.cleanup import stage
 from imageselector.cleanup.cli import main
 from imageselector.layout import image_path, image_relpath
 from tests.helpers.cleanup_setup import make_catalogue, other_filesystem, rows, tmpfs, tree
@@ -70,12 +70,12 @@ def test_moves_qualifying_images_and_records_them(settings, conn, dest, capsys):
             assert dst.read_bytes() == content[key] and not src.exists() and r["archived_at"] is not None
     assert conn.execute("SELECT COUNT(*) FROM image_status WHERE archived_at IS NOT NULL").fetchone()[0] == 7
     assert db.kv_get(conn, layout.KV_DEST) == str(dest)
-    assert db.kv_get(conn, cleanup.KV_INFLIGHT) == "[]"
+    assert db.kv_get(conn, stage.KV_INFLIGHT) == "[]"
     assert not list((dest / ".tmp").glob("*"))
     # image_db.py shows the move
-    from imageselector.status import figures as status
+    from imageselector.status import figures
 
-    assert status.collect(conn)["archived"] == 7
+    assert figures.collect(conn)["archived"] == 7
     # a rerun has nothing left to do and changes nothing
     before = tree(dest)
     assert main(["--dest", str(dest), "--min-free-mb", "0"]) == 0
@@ -89,7 +89,7 @@ def test_dry_run_changes_nothing(settings, conn, dest, capsys):
     rc = main(["--dry-run", "--dest", str(dest), "--min-free-mb", "0"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert f"Would move 6 images ({cleanup.fmt_bytes(expected_bytes)})" in out
+    assert f"Would move 6 images ({stage.fmt_bytes(expected_bytes)})" in out
     assert "Destination OK" in out
     assert snap == (tree(settings.images_dir), tree(dest), [tuple(r) for r in rows(conn)], list(conn.iterdump()))
 
@@ -120,7 +120,7 @@ def test_missing_destination_refused(settings, conn, tmp_path):
 def test_unmounted_volume_refused(settings, conn):
     make_catalogue(conn, settings.images_dir, n=6)
     dest = Path("/Volumes/HDD_not_here_4242/embedded_backup/images")
-    assert cleanup.volume_root(dest) == Path("/Volumes/HDD_not_here_4242")
+    assert stage.volume_root(dest) == Path("/Volumes/HDD_not_here_4242")
     assert main(["--dest", str(dest), "--min-free-mb", "0"]) == 2
     assert "not mounted" in logtext(settings)
     assert conn.execute("SELECT COUNT(*) FROM image_status WHERE archived_at IS NOT NULL").fetchone()[0] == 0
@@ -140,7 +140,7 @@ def test_full_destination_refused_small_tmpfs(settings, conn, tmp_path):
 def test_full_destination_refused_fake_disk_usage(settings, conn, dest, monkeypatch):
     make_catalogue(conn, settings.images_dir, n=6)
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(cleanup.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 50_000_000, 50_000_000))
+    monkeypatch.setattr(stage.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 50_000_000, 50_000_000))
     # 50 MB free but the default margin (1 GB) must stay free
     assert main(["--dest", str(dest)]) == 2
     assert "not enough free space" in logtext(settings) and "margin" in logtext(settings)
@@ -157,7 +157,7 @@ def test_space_is_rechecked_per_batch(settings, conn, dest, monkeypatch):
         calls["n"] += 1
         return usage(10**9, 0, 10**9 if calls["n"] <= 2 else 1000)  # start-up + batch 1 fit; then full
 
-    monkeypatch.setattr(cleanup.shutil, "disk_usage", shrinking)
+    monkeypatch.setattr(stage.shutil, "disk_usage", shrinking)
     assert main(["--dest", str(dest), "--min-free-mb", "0", "--batch", "3"]) == 2
     assert (
         conn.execute("SELECT COUNT(*) FROM image_status WHERE archived_at IS NOT NULL").fetchone()[0] == 3
@@ -185,7 +185,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -> None
 def test_kill9_then_rerun_loses_nothing(settings, conn, dest, point):
     content = make_catalogue(conn, settings.images_dir, n=12, size=150_000)
     marker = settings.run_dir / "cleanup_paused"
-    proc = _run_script(["--dest", str(dest), "--min-free-mb", "0", "--batch", "4"], {cleanup.PAUSE_ENV: point})
+    proc = _run_script(["--dest", str(dest), "--min-free-mb", "0", "--batch", "4"], {stage.PAUSE_ENV: point})
     try:
         _wait_for(marker, proc)
         os.kill(proc.pid, signal.SIGKILL)
@@ -199,7 +199,7 @@ def test_kill9_then_rerun_loses_nothing(settings, conn, dest, point):
     if point == "copy":
         assert list((dest / ".tmp").glob("*.tmp")), "the kill should have left a partial copy"
     if point == "recorded":  # recorded but the originals not yet deleted
-        assert json.loads(db.kv_get(conn, cleanup.KV_INFLIGHT))
+        assert json.loads(db.kv_get(conn, stage.KV_INFLIGHT))
     assert main(["--dest", str(dest), "--min-free-mb", "0"]) == 0
     moved_ok(settings, conn, content, dest)
     assert not list((dest / ".tmp").glob("*"))
@@ -252,7 +252,7 @@ def test_kill_file_present_refuses_to_start(settings, conn, dest):
 def test_limit_is_what_the_messages_count(settings, conn, dest):
     """--limit 3 announces 3 (of the qualifying total), and the last line says 0 left, not total - 3."""
     make_catalogue(conn, settings.images_dir, n=12)
-    qualifying = cleanup.count_eligible(conn)
+    qualifying = stage.count_eligible(conn)
     assert qualifying > 3
     assert main(["--dest", str(dest), "--min-free-mb", "0", "--limit", "3", "--batch", "2"]) == 0
     text = logtext(settings)
@@ -265,13 +265,13 @@ def test_limit_is_what_the_messages_count(settings, conn, dest):
 def test_bad_copy_keeps_original(settings, conn, dest, monkeypatch):
     """A copy that does not verify is removed, the original stays, the row stays pending and is recorded as bad."""
     content = make_catalogue(conn, settings.images_dir, n=6)
-    real = cleanup.file_digest
+    real = stage.file_digest
 
     def corrupt(path, *, from_disk=False):
         size, sha = real(path, from_disk=from_disk)
         return (size, "0" * 64) if from_disk and str(dest) in str(path) else (size, sha)
 
-    monkeypatch.setattr(cleanup, "file_digest", corrupt)
+    monkeypatch.setattr(stage, "file_digest", corrupt)
     assert main(["--dest", str(dest), "--min-free-mb", "0"]) == 0
     assert conn.execute("SELECT COUNT(*) FROM image_status WHERE archived_at IS NOT NULL").fetchone()[0] == 0
     assert conn.execute("SELECT COUNT(*) FROM bad_records WHERE kind='cleanup'").fetchone()[0] == 4

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from imageselector import layout
-from imageselector.download.engines import DONE, FetchOptions, Job, make_engine, retry_after_s
-from imageselector.download.stage import main, reconcile
+from imageselector.download.cli import main
+from imageselector.download.engines import DONE, EngineOptions, Job, make_engine, retry_after_s
+from imageselector.download.stage import reconcile
 from imageselector.imagecheck import NOT_IMAGE, OK, TOO_BIG, TRUNCATED, check_image
 from tests.helpers.download_setup import all_rows, assert_flags_match_files, files_under, row_path
 from tests.helpers.fake_cdn import FakeCdn, Reply, free_port, jpeg_bytes
@@ -219,7 +220,7 @@ def test_row_without_url_parts_is_parked(conn, settings, monkeypatch):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_cdn_outage_pauses_the_host_instead_of_failing_images(settings, engine):
     port = free_port()  # nothing listens: every connect is refused
-    opts = FetchOptions(concurrency=4, per_host=4, tries=3, outage_after=3, outage_pause=0.3, backoff_base=0.05)
+    opts = EngineOptions(concurrency=4, per_host=4, tries=3, outage_after=3, outage_pause=0.3, backoff_base=0.05)
     eng = make_engine(engine, opts, settings.tmp_dir)
     jobs = [Job(i, f"j{i}", f"http://127.0.0.1:{port}/p{i}.jpg", settings.images_dir / f"{i}.jpg") for i in range(6)]
     try:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from imageselector import db, layout
-from imageselector.download.stage import main
+from imageselector.download.cli import main
 from imageselector.etsy.simulator import Faults, Simulator
 from imageselector.imagecheck import check_image
 from tests.conftest import ROOT
@@ -90,7 +90,7 @@ def test_kill_9_mid_download_then_resume(conn, settings):
         proc = start_downloader(settings.home, sim.cdn_base, "--concurrency", "16", "--processes", "2")
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        assert "freed" in err  # the dead run's leases were taken back at once, not after the lease expiry
+        assert "released" in err  # the dead run's leases were taken back at once, not after the lease expiry
         assert "started 1 more downloader processes" in err
     assert conn.execute("SELECT COUNT(*) FROM image_status WHERE download_done=1").fetchone()[0] == total
     assert_flags_match_files(conn, settings.images_dir)

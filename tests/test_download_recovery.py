@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from imageselector import layout
-from imageselector.download.stage import main
+from imageselector.download.cli import main
 from imageselector.imagecheck import decode_error
 from tests.helpers.download_setup import all_rows, assert_flags_match_files, row_path
 from tests.helpers.fake_cdn import FakeCdn

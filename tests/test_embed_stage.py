@@ -61,6 +61,9 @@ def test_all_models_flags_texts_manifest(settings, conn, standin_encoders) -> No
     assert man["models"]["dinov2_large"]["dim"] == standin_encoders["dinov2_large"].dim
     assert "stand-in" in (db.kv_get(conn, "status_warning") or "")
     assert all(p.done == 14 for p in st.progress.values())
+    recorded = json.loads(db.kv_get(conn, db.KV_EMBED_COST))  # evaluation's cost column, written at each flush
+    assert {m: recorded[m]["images"] for m in ALL} == dict.fromkeys(ALL, 14)
+    assert set(db.embed_costs(conn)) == set(ALL) and all(v > 0 for v in db.embed_costs(conn).values())
     # A second run finds nothing to do and changes nothing.
     before = {m: (emb / m / "manifest.json").read_bytes() for m in ALL}
     run_stage(settings, conn, standin_encoders)

@@ -8,7 +8,8 @@ import math
 import pytest
 from PIL import Image
 
-from imageselector.evaluation import stage as eval_run
+from imageselector import db
+from imageselector.evaluation import stage as evaluation
 from imageselector.evaluation.cli import main
 from imageselector.search.ensemble import load_weights
 from tests.helpers.embed_fixtures import standin_registry  # noqa: F401 - session fixture
@@ -56,8 +57,8 @@ def test_report_end_to_end(evaluated_home, monkeypatch, capsys, tmp_path):
                 _check_stat(stat, n_eval)
         assert math.isfinite(m["query_ms"]) and m["query_ms"] >= 0
     assert all(res["models"][m]["standin"] for m in MODELS)
-    for m in MODELS:  # the embed stage ran in this home: its log gives each model's time per image
-        assert res["costs"][m]["source"] == "embed.log" and res["costs"][m]["sec_per_image"] > 0
+    for m in MODELS:  # the embed stage ran in this home: it recorded each model's time per image in the database
+        assert res["costs"][m]["source"] == "recorded by embed.py" and res["costs"][m]["sec_per_image"] > 0
     assert {a["model"] for a in res["ablation"]} == set(MODELS)
     for a in res["ablation"]:
         d = a["delta"]["listing_map10"]
@@ -83,7 +84,7 @@ def test_report_end_to_end(evaluated_home, monkeypatch, capsys, tmp_path):
     # either way, the file evaluate.py writes is what search reads
     from imageselector.config import load_settings
 
-    path = eval_run.write_weights(load_settings(evaluated_home.home), res)
+    path = evaluation.write_weights(load_settings(evaluated_home.home), res)
     weights, method = load_weights(emb)
     assert path == emb / "fusion_weights.json" and weights == fitted and "evaluate.py" in method
     path.unlink()
@@ -92,8 +93,8 @@ def test_report_end_to_end(evaluated_home, monkeypatch, capsys, tmp_path):
 def test_reproducible_and_one_read_per_index(evaluated_home, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("IMAGESELECTOR_HOME", str(evaluated_home.home))
     reads: list[str] = []
-    real = eval_run.open_snapshot
-    monkeypatch.setattr(eval_run, "open_snapshot", lambda d, name: reads.append(name) or real(d, name))
+    real = evaluation.open_snapshot
+    monkeypatch.setattr(evaluation, "open_snapshot", lambda d, name: reads.append(name) or real(d, name))
     args = ["--json", "--sample", "6", "--seed", "3", "--bootstrap", "100", "--out", str(tmp_path / "a")]
     rc1, r1 = _run(capsys, args)
     assert rc1 == 0
@@ -114,7 +115,7 @@ def test_measure_cost_times_the_encoder(evaluated_home, monkeypatch):
     monkeypatch.setenv("IMAGESELECTOR_MODELS_FILE", str(evaluated_home.registry))
     settings = load_settings(evaluated_home.home)
     paths = [p for imgs in evaluated_home.images.values() for _, p in imgs][:3]
-    got = eval_run.measure_costs(settings, ["clip_vitb32"], paths, device="cpu")
+    got = evaluation.measure_costs(settings, ["clip_vitb32"], paths, device="cpu")
     assert set(got) == {"clip_vitb32"} and 0 < got["clip_vitb32"] < 60
 
 
@@ -128,14 +129,13 @@ def test_refuses_without_data(home, capsys):
     assert main(["--models", "clip_vitb32,nope"]) == 2
 
 
-def test_costs_from_log_lines(tmp_path):
-    log = tmp_path / "embed.log"
-    log.write_text(
-        "2026-01-01 INFO [embed] 80 clip_vitb32 images done, 2.00/s now, 4.00/s avg, 10 left, ETA 3s\n"
-        "2026-01-01 INFO [embed] clip_vitb32: model time 10.0s (5.0 images/s in the model)\n"
-        "2026-01-02 INFO [embed] clip_vitb32: model time 30.0s (2.5 images/s in the model)\n"
-        "2026-01-02 INFO [embed] 40 dinov2_base images done, 1.00/s now, 0.50/s avg, 0 left, ETA 0s\n"
-    )
-    got = eval_run.costs_from_log([log], MODELS)
-    # clip: (10 + 30) s over (50 + 75) images; dino: only the wall-clock average
-    assert got == {"clip_vitb32": pytest.approx(40 / 125), "dinov2_base": pytest.approx(2.0)}
+def test_costs_come_from_the_database_pooled_over_runs(settings, conn):
+    db.add_embed_cost(conn, {"clip_vitb32": (10.0, 50)})  # one run's flush
+    db.add_embed_cost(conn, {"clip_vitb32": (30.0, 75), "dinov2_base": (4.0, 2)})  # a later run
+    # clip: (10 + 30) s over (50 + 75) images
+    assert evaluation.costs_from_db(settings, MODELS) == {
+        "clip_vitb32": pytest.approx(40 / 125),
+        "dinov2_base": pytest.approx(2.0),
+    }
+    db.kv_set(conn, db.KV_EMBED_COST, "not json")  # a damaged value costs nothing but the column
+    assert evaluation.costs_from_db(settings, MODELS) == {}

@@ -25,6 +25,7 @@ import pytest
 from imageselector import db
 from imageselector.config import PROJECT_ROOT, load_settings
 from imageselector.fsutil import pid_alive
+from imageselector.monitor.stage import STATE_FILE
 from imageselector.proving import chaos
 from imageselector.proving.verify import verify
 from imageselector.status import figures as status
@@ -90,7 +91,7 @@ def wait_for(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
 
 def state(home: Path) -> dict:
     try:
-        return json.loads((home / ".run" / "pipeline_monitor.json").read_text())
+        return json.loads((home / ".run" / STATE_FILE).read_text())
     except (OSError, ValueError):
         return {}
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from imageselector.fsutil import pid_alive
+from imageselector.monitor.stage import STATE_FILE
 from tests.helpers.monitor_harness import config_dict, fake_stage, read_state, starts, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def test_kill_fans_out_and_escalates_within_the_bound(home):
     }
     mon = _start_monitor(home, stages, kill_timeout_s=2.0, term_grace_s=1.0)
     try:
-        wait_for(lambda: (home / ".run" / "pipeline_monitor.json").exists() and len(_child_pids(home)) == 4, 20)
+        wait_for(lambda: (home / ".run" / STATE_FILE).exists() and len(_child_pids(home)) == 4, 20)
         wait_for(lambda: all(starts(home, n) for n in stages), 20)
         pids = _child_pids(home)
         t0 = time.monotonic()
@@ -71,7 +72,7 @@ def test_sigterm_to_monitor_takes_the_same_path(home):
     stages = {"sync": fake_stage("sync", "good", None), "download": fake_stage("download", "good", "KILL_DL")}
     mon = _start_monitor(home, stages, kill_timeout_s=5.0)
     try:
-        wait_for(lambda: (home / ".run" / "pipeline_monitor.json").exists() and len(_child_pids(home)) == 2, 20)
+        wait_for(lambda: (home / ".run" / STATE_FILE).exists() and len(_child_pids(home)) == 2, 20)
         wait_for(lambda: all(starts(home, n) for n in stages), 20)
         pids = _child_pids(home)
         mon.send_signal(signal.SIGTERM)
@@ -94,7 +95,7 @@ def test_second_monitor_refuses_to_start(home):
     stages = {"download": fake_stage("download", "good", "KILL_DL")}
     mon = _start_monitor(home, stages)
     try:
-        wait_for(lambda: (home / ".run" / "pipeline_monitor.pid").exists(), 20)
+        wait_for(lambda: (home / ".run" / STATE_FILE).exists(), 20)
         env = {**os.environ, "IMAGESELECTOR_HOME": str(home)}
         second = subprocess.run(
             [sys.executable, str(ROOT / "scripts" / "pipeline_monitor.py"), "--config", str(home / "mon.json")],
@@ -103,8 +104,10 @@ def test_second_monitor_refuses_to_start(home):
             text=True,
             timeout=30,
         )
-        assert second.returncode == 1
-        assert "another pipeline monitor is running" in second.stderr
+        assert second.returncode == 2  # as the guide says: configuration errors exit 2
+        lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "another pipeline monitor is running" in lines[0], second.stderr
+        assert f"pid {mon.pid}" in lines[0]
         assert mon.poll() is None  # the first one is untouched, KILL files included
         (home / "KILL").touch()
         assert mon.wait(timeout=30) == 0
@@ -117,7 +120,7 @@ def test_workers_orphaned_by_a_killed_monitor_are_stopped_by_the_next_one(home):
     stages = {"download": fake_stage("download", "good", "KILL_DL")}
     first = _start_monitor(home, stages)
     try:
-        wait_for(lambda: (home / ".run" / "pipeline_monitor.json").exists() and _child_pids(home), 20)
+        wait_for(lambda: (home / ".run" / STATE_FILE).exists() and _child_pids(home), 20)
         orphan = _child_pids(home)["download"]
         first.kill()  # kill -9: its worker lives on, in its own session
         first.wait(10)

@@ -108,7 +108,11 @@ def test_monitor_backs_off_when_the_simulator_sends_429s(settings, home, monkeyp
         stages = {"sync": {"args": ["--once"], "restart_on_success_s": None}}
         cfg = make_config(stages, qps={"enabled": True, "interval_s": 1.0, "initial_qps": 8.0})
         with MonitorThread(settings, cfg) as mt:
-            wait_for(lambda: "got 429" in qps_tuner.read_config(path).get("reason", ""), timeout=45, step=0.2)
+            wait_for(
+                lambda: "got 429" in json.loads(path.read_text()).get("reason", "") if path.exists() else "",
+                timeout=45,
+                step=0.2,
+            )
             assert mt.stop() == 0
     final = json.loads(path.read_text())
     assert final["qps"] < 8.0 and final["min_qps"] <= final["qps"]

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from imageselector import db
-from imageselector.status import figures as status
+from imageselector.status import figures
 from tests.helpers.rows import seed_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,14 +42,25 @@ def _build(conn) -> None:
 
 def test_guide_block_exact_text(conn) -> None:
     _build(conn)
-    data = status.collect(conn)
-    assert status.guide_block(data) == EXPECTED_BLOCK
+    data = figures.collect(conn)
+    assert figures.guide_block(data) == EXPECTED_BLOCK
+
+
+def test_backlog_is_one_definition_equal_to_the_pending_rows(conn) -> None:
+    """db.backlog (O(1), from the counters) counts exactly the rows a worker could still claim or retry."""
+    _build(conn)
+    for name in db.STAGES:
+        st = db.stage(name)
+        pending = conn.execute(f"SELECT COUNT(*) FROM image_status WHERE {st.pending_sql}").fetchone()[0]
+        assert db.backlog(conn, name) == pending
+        assert figures.collect(conn)["stages"][name]["backlog"] == pending
+    assert db.backlog(conn, "download") == 30 - 20 - 2
 
 
 def test_guide_alignment_at_guide_scale() -> None:
     data = dict(total=1234567, to_download=1234567, download_done=945632, bg_removed=277558, embed_clip_vitb32=79664)
     data |= {k: 0 for k in ("embed_clip_vitl14", "embed_dinov2_base", "embed_dinov2_large", "embed_dinov3_base")}
-    text = status.guide_block(data)
+    text = figures.guide_block(data)
     assert "Total images:      1,234,567" in text
     assert "Download done:       945,632" in text
     assert "Embedded clip32:      79,664" in text
@@ -58,13 +69,13 @@ def test_guide_alignment_at_guide_scale() -> None:
 
 def test_stage_figures(conn) -> None:
     _build(conn)
-    s = status.collect(conn)["stages"]["download"]
+    s = figures.collect(conn)["stages"]["download"]
     assert (s["done"], s["parked"], s["failing"], s["backlog"]) == (20, 2, 1, 8)
     # 10 min: one entry, no span to measure: 60 over the whole window (a lower bound); 1 h: the 60 done
     # between the two entries, over the 1,740 s between them
     assert s["per_min_10m"] == 6.0 and abs(s["per_min_1h"] - 60 / 29) < 1e-9
     assert abs(s["eta_s"] - 8 / (60 / 1740)) < 1e-6
-    bg = status.collect(conn)["stages"]["bg"]
+    bg = figures.collect(conn)["stages"]["bg"]
     assert (bg["done"], bg["backlog"], bg["eta_s"]) == (12, 8, None)
 
 
@@ -76,7 +87,7 @@ def test_rates_cover_only_the_span_work_covered(conn) -> None:
     rows = [(now - 3000 + 60 * k, "download", 10) for k in range(40)]  # 40 min ago: 10/min
     rows += [(now - 120 + 10 * k, "download", 100) for k in range(13)]  # the last 2 min: 100 every 10 s
     conn.executemany("INSERT INTO progress(ts, stage, n) VALUES (?,?,?)", rows)
-    s = status.collect(conn, now=now)["stages"]["download"]
+    s = figures.collect(conn, now=now)["stages"]["download"]
     assert s["per_min_10m"] == 600.0  # 1,200 after the first entry, over 120 s
     first_1h, last_1h = now - 3000, now
     assert abs(s["per_min_1h"] - (39 * 10 + 13 * 100) / ((last_1h - first_1h) / 60)) < 1e-9
@@ -98,7 +109,7 @@ def test_image_db_script_text_and_json(settings, conn) -> None:
 def test_warning_is_shown(conn) -> None:
     seed_images(conn, 1)
     db.kv_set(conn, "status_warning", "stand-in models: results are only structural")
-    assert "WARNING: stand-in models" in status.render(status.collect(conn))
+    assert "WARNING: stand-in models" in figures.render(figures.collect(conn))
 
 
 def _closed_early(argv: list[str]) -> subprocess.CompletedProcess:

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from imageselector import db
-from imageselector.etsy.cli import build_client, run_sync
+from imageselector.etsy.cli import LOCK_NAME, build_client, run_sync
 from imageselector.etsy.crawl import CrawlConfig, Crawler
 from imageselector.etsy.simulator import Faults, Simulator
+from imageselector.fsutil import instance_lock
 from imageselector.stopping import KILL, Stopper
 from tests.helpers.sync_sim import (
     assert_complete,
@@ -156,21 +157,34 @@ def test_kill_file_present_refuses_to_start(home):
         assert sim.stats.snapshot().get("requests", 0) == 0
 
 
-def test_second_sync_on_the_same_home_refuses(home):
-    from imageselector.config import load_settings
-    from imageselector.etsy.cli import single_instance
-
-    settings = load_settings(home)
-    held = single_instance(settings)
-    assert held is not None
+def test_second_sync_on_the_same_home_refuses_and_kill_9_frees_the_lock(home):
+    """The one single-instance lock (fsutil.instance_lock): held by a process, refused to a second, freed by kill -9."""
+    run_dir = home / ".run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run_dir), LOCK_NAME], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
+        assert holder.stdout.readline().strip() == "held"
         proc = subprocess.run(
             [sys.executable, str(ROOT / "sync_data.py")], cwd=ROOT, capture_output=True, text=True, timeout=60
         )
         assert proc.returncode == 2 and "another sync_data.py is already running" in proc.stderr
+        assert f"pid {holder.pid}" in proc.stderr
     finally:
-        held.close()
-    assert single_instance(settings) is not None  # free again once the holder is gone
+        holder.kill()  # kill -9: no chance to clean up
+        holder.wait(10)
+    with instance_lock(run_dir, LOCK_NAME) as mine:
+        assert mine  # the kernel released it
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from imageselector.fsutil import instance_lock
+with instance_lock(Path(sys.argv[1]), sys.argv[2]) as mine:
+    print("held" if mine else "busy", flush=True)
+    time.sleep(120)
+"""
 
 
 def test_kill_file_stops_a_running_sync_gracefully(home):

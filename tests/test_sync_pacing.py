@@ -12,8 +12,10 @@ import time
 import pytest
 import requests
 
-from imageselector.etsy.pacing import DEFAULT_QPS, Pacer, StopRequested, ensure_qps_config, read_qps
+from imageselector import qps_config
+from imageselector.etsy.pacing import Pacer, StopRequested
 from imageselector.etsy.simulator import Simulator
+from imageselector.qps_config import DEFAULT_QPS
 from imageselector.stopping import Stopper
 
 
@@ -27,11 +29,11 @@ def _write(path, **cfg):
 def test_missing_config_is_created_with_default_atomically(settings):
     path = settings.qps_config_path
     assert not path.exists()
-    assert ensure_qps_config(path, settings.tmp_dir) is True
+    assert qps_config.ensure(path, settings.tmp_dir) is True
     cfg = json.loads(path.read_text())
     assert cfg["qps"] == DEFAULT_QPS == 5.0 and {"min_qps", "max_qps", "updated_at", "reason"} <= set(cfg)
     assert not list(settings.tmp_dir.glob("*.tmp"))  # the temp file was renamed into place
-    assert ensure_qps_config(path, settings.tmp_dir) is False
+    assert qps_config.ensure(path, settings.tmp_dir) is False
     pacer = Pacer(path, tmp_dir=settings.tmp_dir)
     assert pacer.qps == 5.0
 
@@ -39,7 +41,7 @@ def test_missing_config_is_created_with_default_atomically(settings):
 def test_config_clamped_and_reloaded_when_it_changes(settings, caplog):
     path = settings.qps_config_path
     _write(path, qps=20, min_qps=1, max_qps=8)
-    assert read_qps(path) == 8
+    assert qps_config.read(path).qps == 8
     pacer = Pacer(path)
     assert pacer.qps == 8
     _write(path, qps=3.5, min_qps=1, max_qps=10)

@@ -50,7 +50,10 @@ def env_for(home: Path, backup: Path, **extra: str) -> dict[str, str]:
 
 def run_upgrade(home: Path, backup: Path, *args: str, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, UPGRADE, *args], env=env_for(home, backup, **extra), capture_output=True, text=True,
+        [sys.executable, UPGRADE, *args],
+        env=env_for(home, backup, **extra),
+        capture_output=True,
+        text=True,
         timeout=120,
     )
 
@@ -198,7 +201,9 @@ def test_killed_at_any_step_then_rerun_ends_the_same(tmp_path: Path) -> None:
     total, phases = ops["total"], ops["phases"]
     assert {"database", "images", "vectors", "finish"} <= set(phases)
     rng = random.Random(14)
-    points = {lo + (hi - lo) * k // 2 for lo, hi in phases.values() for k in range(3)}  # every phase: start, middle, end
+    points = {
+        lo + (hi - lo) * k // 2 for lo, hi in phases.values() for k in range(3)
+    }  # every phase: start, middle, end
     points |= {rng.randint(1, total) for _ in range(24 - len(points))}
     killed_phases = set()
     for i, point in enumerate(sorted(points)):
@@ -222,8 +227,10 @@ def test_real_sigkill_by_time_then_rerun(tmp_path: Path) -> None:
         ex = build_legacy_home(home, backup)
         files = legacy_files(home)
         p = subprocess.Popen(
-            [sys.executable, UPGRADE], env=env_for(home, backup, **{SLEEP_ENV: "0.01"}),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [sys.executable, UPGRADE],
+            env=env_for(home, backup, **{SLEEP_ENV: "0.01"}),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
         while not (home / "upgrade_home.log").exists() and time.monotonic() < deadline:
@@ -259,8 +266,14 @@ def test_every_entry_point_refuses_a_seed_era_home_without_changing_it(tmp_path:
         shutil.copytree(base, home, copy_function=shutil.copy2)
         shutil.copytree(base_backup, backup, copy_function=shutil.copy2)
         before = snapshot(home, backup)
-        p = subprocess.Popen([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], env=env_for(home, backup), cwd=home,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, str(ROOT / cmd[0]), *cmd[1:]],
+            env=env_for(home, backup),
+            cwd=home,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         procs.append((cmd, home, backup, before, p))
     for cmd, home, backup, before, p in procs:
         out, err = p.communicate(timeout=120)
@@ -282,8 +295,13 @@ def test_an_unfinished_upgrade_is_refused_until_rerun(legacy: tuple[Path, Path, 
     after_db = json.loads(ops_file.read_text())["phases"]["database"][1] + 1
     assert run_upgrade(home, backup, **{DIE_ENV: str(after_db)}).returncode == -signal.SIGKILL
     assert db.home_state(home / "etsy_data.db") == db.UPGRADING
-    res = subprocess.run([sys.executable, str(ROOT / "image_db.py")], env=env_for(home, backup), capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "image_db.py")],
+        env=env_for(home, backup),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "has not finished" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     with pytest.raises(db.LegacyHomeError):
         db.connect(home / "etsy_data.db")
@@ -309,8 +327,9 @@ def test_sync_names_the_missing_shared_secret(tmp_path: Path) -> None:
     home.mkdir()
     (home / ".env").write_text("ETSY_API_KEY=onlythekeystring\n")
     env = env_for(home, tmp_path / "hdd")
-    res = subprocess.run([sys.executable, str(ROOT / "sync_data.py"), "--once"], env=env, capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "sync_data.py"), "--once"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 2
     assert "ETSY_SHARED_SECRET" in res.stderr and "your-apps" in res.stderr and "Shared secret" in res.stderr
 

@@ -1,5 +1,6 @@
 """`scripts/bg_remover.py`: remove backgrounds of downloaded images, in place.
 
+This file holds the stage's arguments and builders; `stage_entry.run_stage` does the rest.
 Exit codes: 0 done or stopped gracefully, 1 fatal runtime error, 2 bad usage or configuration.
 """
 
@@ -7,19 +8,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
+from typing import Any
 
-from imageselector import db, weights
-from imageselector.config import load_settings
+from imageselector import weights
+from imageselector.background.compute import FACTORY, BgCompute
+from imageselector.background.imaging import parse_color
+from imageselector.background.providers import CPU, ProviderError
+from imageselector.background.remote import RayBgRunner
+from imageselector.background.session import ModelError, default_threads, models_dir
+from imageselector.background.stage import STAGE, BgStageOptions, BgWriter, LocalBgRunner
 from imageselector.fsutil import clean_tmp
-from imageselector.logs import Progress, setup_logging
-from imageselector.scaleout import add_ray_arguments, ray_address
-from imageselector.stopping import KILL, KILL_BG, Stopper, guarded_main, refuse_if_killed
-from imageselector.worker import Heartbeat, run_loop
+from imageselector.scaleout import add_ray_arguments, build_compute, open_pool_or_fallback, ray_address
+from imageselector.stage_entry import Context, Entry, StageJob, UsageError, run_stage
+from imageselector.stopping import KILL, KILL_BG
 
-from .imaging import parse_color
-from .providers import CPU, ProviderError, choose_providers
+ENTRY = Entry(script="bg_remover", stage=STAGE, kill_files=(KILL_BG, KILL), leases=(STAGE,))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,161 +49,95 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    return guarded_main("bg_remover.py", lambda: _main(argv))
-
-
-def _main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = load_settings()
-    db.check_usable(settings, write=True)
-    log = setup_logging("bg_remover", settings.home, stage="bg", secrets=settings.secrets())
-    try:
-        background = parse_color(args.background)
-    except ValueError as exc:
-        log.error("--background: %s", exc)
-        return 2
-    if not 1 <= args.jpeg_quality <= 100 or args.claim_size < 1:
-        log.error("--jpeg-quality must be 1-100 and --claim-size at least 1")
-        return 2
-    stopper = Stopper(settings.home, [KILL_BG, KILL])
-    if refuse_if_killed(stopper):
-        return 0
-
-    from .session import ModelError, default_threads, models_dir, open_model
-    from .stage import BgOptions, BgStage, FatalStageError
-
-    removed = clean_tmp(settings.tmp_dir)
-    if args.keep_originals is not None:
-        args.keep_originals = args.keep_originals.expanduser().resolve()
-        removed += clean_tmp(args.keep_originals / ".tmp")
-    if removed:
-        log.info("removed %d temp file(s) left by an interrupted run", removed)
-    mdir = models_dir(settings)
-    try:
-        choice = choose_providers(gpu=args.gpu, provider=args.provider, coreml_cache=mdir / "coreml_cache")
-    except ProviderError as exc:
-        log.error("%s", exc)
-        return 2
-    if choice.warning:
-        log.warning("%s", choice.warning)
+def compute_kwargs(args: argparse.Namespace, ctx: Context, *, remote: bool) -> dict[str, Any]:
+    """The factory's arguments: the local runner and every Ray replica build the compute from these."""
+    settings = ctx.settings
     threads = args.threads or default_threads(settings)
-    batch_size = args.batch_size or settings.get_int("BG_BATCH_SIZE", 1)
-    address = ray_address(args, settings)
-    if address:
-        code = _run_on_ray(args, settings, address, mdir, threads, batch_size, background, stopper, log)
-        if code is not None:
-            return code
-    if args.model_path is None:
-        check = weights.preflight_rembg(args.model, mdir)
-        if not check.ok:
-            log.error("%s", check.line)
-            return 2
-    log.info("loading rembg model %s from %s (providers asked: %s)", args.model_path or args.model, mdir, choice.names)
+    return dict(
+        model=args.model,
+        model_path=str(args.model_path.resolve()) if args.model_path else None,
+        models_dir=str(models_dir(settings)),
+        provider=args.provider,
+        gpu=(args.gpu or not args.provider) if remote else args.gpu,  # replicas use their node's GPU when it has one
+        threads=(args.ray_threads or 1) if remote else threads,
+        batch_size=args.batch_size or settings.get_int("BG_BATCH_SIZE", 1),
+        background=args.background_rgb,
+        quality=args.jpeg_quality,
+    )
 
+
+def build_local_compute(args: argparse.Namespace, ctx: Context) -> BgCompute:
+    log = ctx.log
+    kwargs = compute_kwargs(args, ctx, remote=False)
+    if args.model_path is None:
+        check = weights.preflight_rembg(args.model, Path(kwargs["models_dir"]))
+        if not check.ok:
+            raise UsageError(check.line)
+    log.info("loading rembg model %s from %s", args.model_path or args.model, kwargs["models_dir"])
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # we report the fallback ourselves, below
-            model = open_model(
-                settings, args.model, model_path=args.model_path, choice=choice, threads=threads, batch_size=batch_size
-            )
-    except ModelError as exc:
-        log.error("%s", exc)
-        return 2
+        compute: BgCompute = build_compute(FACTORY, kwargs)
+    except (ModelError, ProviderError) as exc:
+        raise UsageError(str(exc)) from exc
+    choice, model = compute.choice, compute.model
+    if choice is not None and choice.warning:
+        log.warning("%s", choice.warning)
     active = model.providers
     log.info(
         "running %s on %s (onnxruntime intra-op threads %d, %s, up to %d image(s) per call)",
         model.name,
         active[0],
-        threads,
+        kwargs["threads"],
         "batched u2net path" if model.fast else "rembg predict per image",
         model.max_batch,
     )
-    if choice.primary != CPU and active[0] != choice.primary:
+    if choice is not None and choice.primary != CPU and active[0] != choice.primary:
         log.warning("%s was asked for but onnxruntime runs %s: expect CPU speed", choice.primary, active[0])
+    return compute
 
-    conn = db.connect(settings.db_path)
-    freed = db.reclaim_dead(conn, "bg")
-    if freed:
-        log.info("released %d row(s) leased by dead bg_remover processes", freed)
-    opts = BgOptions(
-        background=background,
-        quality=args.jpeg_quality,
-        keep_dir=args.keep_originals,
-        claim_size=args.claim_size,
-        limit=args.limit,
-    )
-    stage = BgStage(settings, conn, model, opts, stopper, log)
-    code = 0
+
+def builder(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    def build(ctx: Context) -> StageJob | int:
+        if args.keep_originals is not None:
+            removed = clean_tmp(args.keep_originals / ".tmp")
+            if removed:
+                ctx.log.info("removed %d temp file(s) left in %s", removed, args.keep_originals / ".tmp")
+        opts = BgStageOptions(keep_dir=args.keep_originals, claim_size=args.claim_size, limit=args.limit)
+        writer = BgWriter(ctx.settings, ctx.conn, opts, ctx.stopper, ctx.log)
+
+        def local(w: BgWriter) -> LocalBgRunner:
+            return LocalBgRunner(w, build_local_compute(args, ctx))
+
+        address = ray_address(args, ctx.settings)
+        if address:
+            kwargs = compute_kwargs(args, ctx, remote=True)
+            pool = open_pool_or_fallback(FACTORY, kwargs, args, address, ctx.stopper, ctx.log)
+            if pool is not None:
+                ctx.log.info(
+                    "background removal on Ray at %s: %d replica(s); this process writes files and flags",
+                    address,
+                    pool.n,
+                )
+                return RayBgRunner(writer, pool, local if args.ray_fallback == "local" else None)
+            if ctx.stopper.should_stop():
+                return 0
+        return local(writer)
+
+    return build
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        run_loop(
-            stage.run_batch,
-            stopper,
-            watch=args.watch,
-            heartbeat=Heartbeat(settings.run_dir, "bg"),
-            poll_s=args.poll,
-            logger=log,
-        )
-    except FatalStageError as exc:
-        log.error("giving up: %s", exc)
-        code = 1
-    finally:
-        stage.close()
-        stage.progress.report(final=True)
-        log.info(
-            "backgrounds removed: %d, already marked (flag only): %d, parked: %d, sent back to download: %d",
-            stage.processed,
-            stage.flagged_only,
-            stage.parked,
-            stage.sent_back,
-        )
-        conn.close()
-    return code
-
-
-def _run_on_ray(args, settings, address, mdir, threads, batch_size, background, stopper, log) -> int | None:  # type: ignore[no-untyped-def]
-    """Run the stage with its compute on Ray. Returns an exit code, or None to continue locally (fallback)."""
-    from imageselector.scaleout import RayUnavailable, RemoteStageRunner, after_cluster_loss, open_pool_or_fallback
-
-    from .remote import RemoteBg
-
-    kwargs = dict(
-        model=args.model,
-        model_path=str(args.model_path.resolve()) if args.model_path else None,
-        models_dir=str(mdir),
-        provider=args.provider,
-        gpu=args.gpu or not args.provider,
-        threads=args.ray_threads or 1,
-        batch_size=batch_size,
-        background=background,
-        quality=args.jpeg_quality,
-    )
-    pool = open_pool_or_fallback("imageselector.background.remote:make_bg_compute", kwargs, args, address, stopper, log)
-    if pool is None:
-        return 0 if stopper.should_stop() else None
-    conn = db.connect(settings.db_path)
-    freed = db.reclaim_dead(conn, "bg")
-    if freed:
-        log.info("released %d row(s) leased by dead bg_remover processes", freed)
-    progress = Progress(log, "images")
-    remote = RemoteBg(settings, conn, args.claim_size, args.keep_originals, progress, log)
-    runner = RemoteStageRunner(pool, remote.claim, remote.commit)
-    log.info("background removal on Ray at %s: %d replica(s); this process writes files and flags", address, pool.n)
-    try:
-        run_loop(runner.run_batch, stopper, watch=args.watch, heartbeat=Heartbeat(settings.run_dir, "bg"),
-                 poll_s=args.poll, logger=log)  # fmt: skip
-        runner.drain()
-    except RayUnavailable as exc:
-        runner.abandon()
-        pool.close()
-        conn.close()
-        return after_cluster_loss(exc, args, log)
-    pool.close()
-    progress.report(final=True)
-    log.info("backgrounds removed: %d, already marked (flag only): %d, parked: %d",
-             remote.processed, remote.flagged_only, remote.parked)  # fmt: skip
-    conn.close()
-    return 0
+        args.background_rgb = parse_color(args.background)
+    except ValueError as exc:
+        print(f"bg_remover.py: --background: {exc}", file=sys.stderr)
+        return 2
+    if not 1 <= args.jpeg_quality <= 100 or args.claim_size < 1:
+        print("bg_remover.py: --jpeg-quality must be 1-100 and --claim-size at least 1", file=sys.stderr)
+        return 2
+    if args.keep_originals is not None:
+        args.keep_originals = args.keep_originals.expanduser().resolve()
+    return run_stage(ENTRY, builder(args), watch=args.watch, poll_s=args.poll)
 
 
 if __name__ == "__main__":

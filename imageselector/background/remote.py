@@ -1,141 +1,75 @@
 """Background removal with the compute on a Ray cluster (`bg_remover.py --ray ADDRESS`).
 
-Each actor holds one rembg session and turns image bytes into finished JPEG bytes, with exactly the
-functions the local stage uses (decode, prepare, masks, composite, encode with the marker), so the
-files are the same. The stage process alone writes them (atomically) and sets `bg_removed`.
+Each actor holds one `BgCompute` built by the same factory as the local runner's (compute.py), so the
+files are the same. This process claims and reads with `BgWriter`, ships the bytes, and applies each
+answer with `BgWriter.settle`, exactly as locally: it alone writes files (atomically) and sets `bg_removed`.
 """
 
 from __future__ import annotations
 
-import logging
-import sqlite3
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from imageselector import db, layout
-from imageselector.config import Settings
-from imageselector.fsutil import atomic_write_bytes
-from imageselector.worker import ClaimedBatch
-
-from .imaging import UndecodableImage, composite, decode, encode_jpeg, marker_text
-
-STAGE = "bg"
-
-# What the compute answers per image.
-OK, MARKED, UNDECODABLE = "ok", "marked", "undecodable"
+from imageselector.background.stage import BgWriter, Item
+from imageselector.scaleout import RayPool, RayUnavailable, RemoteStageRunner
+from imageselector.stage_entry import Context, FatalStageError, StageJob
+from imageselector.worker import ClaimedBatch, run_loop
 
 
-def make_bg_compute(
-    *,
-    model: str,
-    model_path: str | None,
-    models_dir: str,
-    provider: str | None,
-    gpu: bool,
-    threads: int,
-    batch_size: int,
-    background: tuple[int, int, int],
-    quality: int,
-) -> Callable[[list[bytes]], list[tuple[str, bytes | str]]]:
-    """Build one model replica; returns `compute(images) -> [(OK, jpeg) | (MARKED, b"") | (UNDECODABLE, why)]`."""
-    from .providers import choose_providers
-    from .session import open_model
+class RayBgRunner(StageJob):
+    """Several claimed batches in flight on the pool; results written and flagged as they come back."""
 
-    settings = Settings(home=Path(models_dir), extra={"U2NET_HOME": models_dir})
-    choice = choose_providers(gpu=gpu, provider=provider, coreml_cache=Path(models_dir) / "coreml_cache")
-    bg = open_model(
-        settings,
-        model,
-        model_path=Path(model_path) if model_path else None,
-        choice=choice,
-        threads=threads,
-        batch_size=batch_size,
-    )
-    marker = marker_text(bg.label, tuple(background))  # type: ignore[arg-type]
+    def __init__(self, writer: BgWriter, pool: RayPool, fallback: Callable[[BgWriter], StageJob] | None) -> None:
+        """`fallback` builds the local runner when the cluster is lost mid-run (`--ray-fallback local`);
+        None: exit 1 so the monitor restarts the stage (`--ray-fallback wait`)."""
+        self.writer = writer
+        self.pool = pool
+        self.fallback = fallback
+        self.runner = RemoteStageRunner(pool, self.claim, self.commit)
 
-    def compute(images: list[bytes]) -> list[tuple[str, bytes | str]]:
-        out: list[tuple[str, bytes | str] | None] = [None] * len(images)
-        todo = []
-        for i, data in enumerate(images):
-            try:
-                d = decode(data)
-            except UndecodableImage as exc:
-                out[i] = (UNDECODABLE, str(exc))
-                continue
-            if d.marked:
-                out[i] = (MARKED, b"")
-            else:
-                todo.append((i, d.img))
-        if todo:
-            imgs = [img for _, img in todo]
-            masks = bg.masks(imgs, [bg.prepare(img) for img in imgs])
-            for (i, img), mask in zip(todo, masks, strict=True):
-                out[i] = (OK, encode_jpeg(composite(img, mask, tuple(background)), marker, quality))  # type: ignore[arg-type]
-        return out  # type: ignore[return-value]
-
-    return compute
-
-
-class RemoteBg:
-    """Claims and commits for `scaleout.RemoteStageRunner`: read files, send bytes, write results."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        conn: sqlite3.Connection,
-        claim_size: int,
-        keep_dir: Path | None,
-        progress: Any,
-        logger: logging.Logger,
-    ) -> None:
-        self.settings = settings
-        self.conn = conn
-        self.claim_size = claim_size
-        self.keep_dir = keep_dir
-        self.progress = progress
-        self.log = logger
-        self.owner = db.make_owner("bg-ray")
-        self.processed = self.flagged_only = self.parked = 0
-
-    def claim(self) -> tuple[ClaimedBatch, list[tuple[int, Path, str]], list[bytes]] | None:
-        batch = ClaimedBatch.claim(self.conn, STAGE, self.owner, self.claim_size)
-        if not batch:
+    def claim(self) -> tuple[ClaimedBatch, list[Item], list[bytes]] | None:
+        batch = self.writer.claim()
+        if batch is None:
             return None
-        items, payload = [], []
+        items = []
         for row in batch.rows:
-            rel = layout.image_relpath(row["listing_id"], row["image_id"])
-            path = self.settings.images_dir / rel
-            try:
-                payload.append(path.read_bytes())
-            except OSError as exc:
-                self.parked += int(batch.fail(row["rid"], f"cannot read {path}: {exc}"))
-                continue
-            items.append((row["rid"], path, rel))
-        return batch, items, payload
-
-    def commit(self, batch: ClaimedBatch, items: list[tuple[int, Path, str]], results: list[tuple[str, Any]]) -> None:
-        from .stage import keep_original
-
-        done: list[int] = []
-        for (rid, path, rel), (kind, value) in zip(items, results, strict=True):
-            if kind == UNDECODABLE:
-                self.parked += int(batch.fail(rid, f"undecodable image: {value}", permanent=True))
-                self.log.warning("%s: undecodable image: %s (parked)", rel, value)
-                continue
-            if kind == OK:
-                try:
-                    if self.keep_dir is not None:
-                        keep_original(path, self.keep_dir / rel, self.keep_dir / ".tmp")
-                    atomic_write_bytes(path, value, tmp_dir=self.settings.tmp_dir)
-                except OSError as exc:
-                    batch.fail(rid, f"write failed: {exc.__class__.__name__}: {exc}")
-                    self.log.error("%s: write failed: %s", rel, exc)
-                    continue
-                self.processed += 1
+            item = self.writer.read(row)
+            if item.error is not None:
+                self.writer.settle_input_error(batch, item)
             else:
-                self.flagged_only += 1
-            done.append(rid)
-        if done:
-            batch.complete(done)
-            self.progress.add(len(done))
+                items.append(item)
+        return batch, items, [it.data for it in items]  # type: ignore[misc]
+
+    def commit(self, batch: ClaimedBatch, items: list[Item], results: list[tuple[str, Any]]) -> None:
+        written = []
+        for item, (kind, value) in zip(items, results, strict=True):
+            item.data = None
+            if self.writer.settle(batch, item, kind, value):
+                written.append(item.rid)
+        self.writer.flag_written(batch, written)
+
+    def run(self, ctx: Context, *, watch: bool, poll_s: float) -> None:
+        try:
+            run_loop(
+                self.runner.run_batch, ctx.stopper, watch=watch, heartbeat=ctx.heartbeat, poll_s=poll_s, logger=ctx.log
+            )
+            self.runner.drain()
+        except RayUnavailable as exc:
+            self.close()
+            if self.fallback is None:
+                raise FatalStageError(
+                    f"{exc}; released the batches in flight; exiting so the monitor restarts the stage"
+                ) from exc
+            ctx.log.warning("%s; released the batches in flight and continuing locally", exc)
+            local = self.fallback(self.writer)
+            try:
+                local.run(ctx, watch=watch, poll_s=poll_s)
+            finally:
+                local.close()
+
+    def close(self) -> None:
+        self.runner.abandon()  # a no-op after drain(); after an error, the batches in flight are released
+        self.pool.close()
+
+    def summary(self) -> Iterator[str]:
+        return self.writer.summary()

@@ -1,9 +1,15 @@
 """The background-removal stage: claim rows, remove backgrounds, replace files in place, set flags.
 
-Three threads share the work so the model never waits for the disk:
-  prefetch thread: read + decode + orient + build the model input for the next images
-  main thread:     claim rows, run onnxruntime (one or several images per call), record results
-  writer thread:   mask -> composite on the background -> JPEG with the marker -> atomic replace
+Read -> compute -> write, as in every stage:
+  `BgWriter`        the stage side, the only writer: claims rows, reads their files, writes each result
+                    atomically (keeping the original when asked), then flags or parks the row. Shared by
+                    both runners.
+  `BgCompute`       compute.py: bytes -> finished JPEG, one model replica, built by the same factory for both.
+  `LocalBgRunner`   this process's runner. Three threads share the work so the model never waits for the disk:
+                      prefetch thread: read + `compute.prepare` (decode, orient, model input) for the next images
+                      main thread:     claim rows, `compute.masks` (one or several images per onnxruntime call)
+                      writer thread:   `compute.finish` (composite, JPEG with the marker) -> atomic replace
+  `RayBgRunner`     remote.py: the same compute on Ray actors.
 A row is flagged `bg_removed=1` only after its file was replaced durably (fsync + rename + dir fsync).
 A stop (KILL_BG, KILL, SIGTERM) is honoured between inference calls: writes in flight finish and are
 flagged, unstarted rows are released, nothing is left half-written.
@@ -17,20 +23,17 @@ import os
 import sqlite3
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from imageselector import db, layout
-from imageselector.background.imaging import UndecodableImage, composite, decode, encode_jpeg, marker_text
-from imageselector.background.session import BgModel
+from imageselector.background.compute import MARKED, OK, UNDECODABLE, BgCompute, Prepared
 from imageselector.config import Settings
 from imageselector.fsutil import atomic_write_bytes, fsync_dir, is_disk_full
 from imageselector.logs import Progress
-from imageselector.status import figures as status
+from imageselector.stage_entry import Context, FatalStageError, StageJob
 from imageselector.stopping import Stopper
 from imageselector.worker import ClaimedBatch
 
@@ -39,14 +42,10 @@ MAX_CONSECUTIVE_ERRORS = 10
 PREFETCH_AHEAD = 4  # images decoded and prepared ahead of the model
 
 
-class FatalStageError(RuntimeError):
-    """Every image fails the same way (model broken, disk full): stop instead of parking the backlog."""
-
-
 @dataclass
-class BgOptions:
-    background: tuple[int, int, int] = (255, 255, 255)
-    quality: int = 95
+class BgStageOptions:
+    """What the stage side needs to know (the compute's own settings are the factory's arguments)."""
+
     keep_dir: Path | None = None
     claim_size: int = 32
     limit: int | None = None
@@ -54,111 +53,204 @@ class BgOptions:
 
 @dataclass
 class Item:
-    """One claimed row after the prefetch thread looked at its file."""
+    """One claimed row: its file, its bytes once read, then what `compute.prepare` made of them."""
 
     rid: int
     path: Path
     relpath: str
-    marked: bool = False
-    img: Image.Image | None = None
-    tensor: np.ndarray | None = None
+    data: bytes | None = None
+    prepared: Prepared | None = None
     error: str | None = None
     permanent: bool = False
     redownload: bool = False  # the input file is gone or undecodable: back to the download stage
 
 
-class BgStage:
-    """Drives one worker process; `run_batch` is what `worker.run_loop` calls."""
+class BgWriter:
+    """The stage side of both runners, and the only writer: claims, reads, durable writes, flags, counts."""
 
     def __init__(
         self,
         settings: Settings,
         conn: sqlite3.Connection,
-        model: BgModel,
-        opts: BgOptions,
+        opts: BgStageOptions,
         stopper: Stopper,
         logger: logging.Logger,
+        owner: str | None = None,
     ) -> None:
         self.settings = settings
         self.conn = conn
-        self.model = model
         self.opts = opts
         self.stopper = stopper
         self.log = logger
-        self.owner = db.make_owner(STAGE)
-        self.marker = marker_text(model.label, opts.background)
-        self.prefetch = ThreadPoolExecutor(1, thread_name_prefix="bg-prefetch")
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="bg-write")
-        self.progress = Progress(logger, "images", remaining=self._remaining)
+        self.owner = owner or db.make_owner(STAGE)
+        self.progress = Progress(logger, "images", remaining=lambda: db.backlog(self.conn, STAGE))
         self.processed = 0  # backgrounds removed by this run
         self.flagged_only = 0  # files that already carried the marker
         self.parked = 0
         self.sent_back = 0  # rows whose input was undecodable or missing, handed back to the download stage
         self._errors_in_a_row = 0
 
-    def close(self) -> None:
-        self.prefetch.shutdown(wait=True, cancel_futures=True)
-        self.writer.shutdown(wait=True)
+    @property
+    def handled(self) -> int:
+        return self.processed + self.flagged_only + self.parked + self.sent_back
 
-    def _remaining(self) -> int:
-        return status.stage_status(self.conn, status.counters(self.conn), STAGE, time.time()).backlog
-
-    # -- prefetch thread ---------------------------------------------------------------------------
-
-    def load(self, row: sqlite3.Row) -> Item:
-        rel = layout.image_relpath(row["listing_id"], row["image_id"])
-        item = Item(rid=row["rid"], path=self.settings.images_dir / rel, relpath=rel)
-        try:
-            data = item.path.read_bytes()
-        except FileNotFoundError:
-            item.error, item.redownload = f"image file missing: {item.path}", True
-            return item
-        except OSError as exc:
-            item.error = f"cannot read {item.path}: {exc}"
-            return item
-        try:
-            decoded = decode(data)
-        except UndecodableImage as exc:
-            item.error, item.redownload = f"undecodable image: {exc}", True
-            return item
-        if decoded.marked:
-            item.marked = True
-            return item
-        item.img = decoded.img
-        try:
-            item.tensor = self.model.prepare(decoded.img)
-        except Exception as exc:  # noqa: BLE001 - e.g. out of memory on a huge image: retried, then parked
-            item.img, item.error = None, f"could not prepare the model input: {exc.__class__.__name__}: {exc}"
-        return item
-
-    # -- writer thread -----------------------------------------------------------------------------
-
-    def write(self, item: Item, mask: Image.Image) -> None:
-        assert item.img is not None
-        data = encode_jpeg(composite(item.img, mask, self.opts.background), self.marker, self.opts.quality)
-        if self.opts.keep_dir is not None:
-            keep_original(item.path, self.opts.keep_dir / item.relpath, self.opts.keep_dir / ".tmp")
-        atomic_write_bytes(item.path, data, tmp_dir=self.settings.tmp_dir)
-
-    # -- main thread -------------------------------------------------------------------------------
-
-    def run_batch(self) -> int:
+    def claim(self) -> ClaimedBatch | None:
+        """The next batch, within --limit (a reached limit asks the stopper to stop). None: no work."""
         limit = self.opts.claim_size
         if self.opts.limit is not None:
             limit = min(limit, self.opts.limit - self.handled)
             if limit <= 0:
                 self.stopper.request(f"--limit {self.opts.limit} reached")
-                return 0
-        with ClaimedBatch.claim(self.conn, STAGE, self.owner, limit) as batch:
-            if not batch:
-                return 0
+                return None
+        batch = ClaimedBatch.claim(self.conn, STAGE, self.owner, limit)
+        return batch if batch else None
+
+    def read(self, row: sqlite3.Row) -> Item:
+        rel = layout.image_relpath(row["listing_id"], row["image_id"])
+        item = Item(rid=row["rid"], path=self.settings.images_dir / rel, relpath=rel)
+        try:
+            item.data = item.path.read_bytes()
+        except FileNotFoundError:
+            item.error, item.redownload = f"image file missing: {item.path}", True
+        except OSError as exc:
+            item.error = f"cannot read {item.path}: {exc}"
+        return item
+
+    def write(self, item: Item, jpeg: bytes) -> None:
+        """Replace the file durably (keeping the untouched download first when asked). Any thread."""
+        if self.opts.keep_dir is not None:
+            keep_original(item.path, self.opts.keep_dir / item.relpath, self.opts.keep_dir / ".tmp")
+        atomic_write_bytes(item.path, jpeg, tmp_dir=self.settings.tmp_dir)
+
+    def fail(self, batch: ClaimedBatch, item: Item, error: str, *, permanent: bool = False) -> None:
+        parked = batch.fail(item.rid, error, permanent=permanent)
+        self.parked += int(parked)
+        self.log.warning("%s: %s%s", item.relpath, error, " (parked)" if parked else " (will retry)")
+
+    def send_back(self, batch: ClaimedBatch, item: Item, error: str) -> None:
+        """The input is missing or undecodable: move the bad file aside and hand the row back to download."""
+        parked = batch.send_back(item.rid, error, item.path, self.settings.tmp_dir)
+        self.parked += int(parked)
+        self.sent_back += int(not parked)
+        self.log.warning(
+            "%s: %s: %s",
+            item.relpath,
+            error,
+            "parked in download (the CDN keeps serving it broken)" if parked else "sent back to download",
+        )
+
+    def settle_input_error(self, batch: ClaimedBatch, item: Item) -> None:
+        assert item.error is not None
+        if item.redownload:
+            self.send_back(batch, item, item.error)
+        else:
+            self.fail(batch, item, item.error, permanent=item.permanent)
+
+    def flag_marked(self, batch: ClaimedBatch, item: Item) -> None:
+        batch.complete([item.rid])
+        self.flagged_only += 1
+        self.progress.add()
+        self.log.info("%s already carries the bg-removed marker: flag set, not processed again", item.relpath)
+
+    def flag_written(self, batch: ClaimedBatch, rids: list[int]) -> None:
+        """Flag rows whose files are durably replaced, in one transaction."""
+        if rids:
+            batch.complete(rids)
+            self.processed += len(rids)
+            self.progress.add(len(rids))
+            self._errors_in_a_row = 0
+
+    def write_failed(self, batch: ClaimedBatch, item: Item, exc: BaseException) -> bool:
+        """A write that failed. A full disk is the machine's problem, not the row's: the row is handed back,
+        nothing counted, and True returned (the caller stops the stage once its batch is settled)."""
+        if is_disk_full(exc):
+            batch.release([item.rid])
+            return True
+        batch.fail(item.rid, f"write failed: {exc.__class__.__name__}: {exc}")
+        self.error(f"{item.relpath}: write failed: {exc}")
+        return False
+
+    def settle(self, batch: ClaimedBatch, item: Item, kind: str, value: bytes | str) -> bool:
+        """Apply one compute answer; True when the row's file was written (the caller flags it)."""
+        if kind == OK:
+            try:
+                self.write(item, value)  # type: ignore[arg-type]
+            except OSError as exc:
+                if self.write_failed(batch, item, exc):
+                    raise  # disk full: stop (stage_entry exits with EXIT_NO_SPACE), the rest is released
+                return False
+            return True
+        if kind == MARKED:
+            self.flag_marked(batch, item)
+        elif kind == UNDECODABLE:
+            self.send_back(batch, item, str(value))
+        else:
+            self.fail(batch, item, str(value))
+        return False
+
+    def error(self, message: str) -> None:
+        """A failure that is not the image's fault: too many in a row stop the stage (exit 1)."""
+        self.log.error(message)
+        self._errors_in_a_row += 1
+        if self._errors_in_a_row >= MAX_CONSECUTIVE_ERRORS:
+            raise FatalStageError(f"{self._errors_in_a_row} failures in a row, last: {message}")
+
+    def summary(self) -> Iterator[str]:
+        self.progress.report(final=True)
+        yield (
+            f"backgrounds removed: {self.processed}, already marked (flag only): {self.flagged_only}, "
+            f"parked: {self.parked}, sent back to download: {self.sent_back}"
+        )
+
+
+class LocalBgRunner(StageJob):
+    """The compute in this process, pipelined over three threads; `run_batch` is what `worker.run_loop` calls."""
+
+    def __init__(self, writer: BgWriter, compute: BgCompute) -> None:
+        self.writer = writer
+        self.compute = compute
+        self.stopper = writer.stopper
+        self.prefetch = ThreadPoolExecutor(1, thread_name_prefix="bg-prefetch")
+        self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="bg-write")
+
+    def close(self) -> None:
+        self.prefetch.shutdown(wait=True, cancel_futures=True)
+        self.write_pool.shutdown(wait=True)
+
+    def summary(self) -> Iterator[str]:
+        return self.writer.summary()
+
+    # -- prefetch thread ---------------------------------------------------------------------------
+
+    def load(self, row: sqlite3.Row) -> Item:
+        item = self.writer.read(row)
+        if item.data is not None:
+            item.prepared, item.data = self.compute.prepare(item.data), None
+            if item.prepared.error is not None:  # undecodable (permanent) goes back to download
+                item.error, item.redownload = item.prepared.error, item.prepared.permanent
+        return item
+
+    # -- writer thread -----------------------------------------------------------------------------
+
+    def finish(self, item: Item, mask: object) -> None:
+        assert item.prepared is not None
+        self.writer.write(item, self.compute.finish(item.prepared, mask))  # type: ignore[arg-type]
+        item.prepared = None
+
+    # -- main thread -------------------------------------------------------------------------------
+
+    def run_batch(self) -> int:
+        batch = self.writer.claim()
+        if batch is None:
+            return 0
+        with batch:
             rows = iter(batch.rows)
             pending: deque[Future[Item]] = deque()
             writes: deque[tuple[Item, Future[None]]] = deque()
             try:
                 while not self.stopper.should_stop():
                     # keep a few images decoded ahead, not the whole claim (a full-size photo is ~30 MB decoded)
-                    for row in itertools.islice(rows, self.model.max_batch + PREFETCH_AHEAD - len(pending)):
+                    for row in itertools.islice(rows, self.compute.max_batch + PREFETCH_AHEAD - len(pending)):
                         pending.append(self.prefetch.submit(self.load, row))
                     if not pending:
                         break
@@ -172,50 +264,30 @@ class BgStage:
                 self._collect(batch, writes, wait=True)
             return len(batch)
 
-    @property
-    def handled(self) -> int:
-        return self.processed + self.flagged_only + self.parked + self.sent_back
-
     def _next_group(self, batch: ClaimedBatch, pending: deque[Future[Item]]) -> list[Item]:
         """Up to `max_batch` decoded images needing inference; settle marked and failed ones on the way."""
         group: list[Item] = []
-        while pending and len(group) < self.model.max_batch:
+        while pending and len(group) < self.compute.max_batch:
             item = pending.popleft().result()
-            if item.redownload:
-                assert item.error is not None
-                parked = batch.send_back(item.rid, item.error, item.path, self.settings.tmp_dir)
-                self.parked += int(parked)
-                self.sent_back += int(not parked)
-                self.log.warning(
-                    "%s: %s: %s",
-                    item.relpath,
-                    item.error,
-                    "parked in download (the CDN keeps serving it broken)" if parked else "sent back to download",
-                )
-            elif item.error is not None:
-                parked = batch.fail(item.rid, item.error, permanent=item.permanent)
-                self.parked += int(parked)
-                self.log.warning("%s: %s%s", item.relpath, item.error, " (parked)" if parked else " (will retry)")
-            elif item.marked:
-                batch.complete([item.rid])
-                self.flagged_only += 1
-                self.progress.add()
-                self.log.info("%s already carries the bg-removed marker: flag set, not processed again", item.relpath)
+            if item.error is not None:
+                self.writer.settle_input_error(batch, item)
+            elif item.prepared is not None and item.prepared.marked:
+                self.writer.flag_marked(batch, item)
             else:
                 group.append(item)
         return group
 
     def _infer(self, batch: ClaimedBatch, group: list[Item], writes: deque[tuple[Item, Future[None]]]) -> None:
         try:
-            masks = self.model.masks([it.img for it in group], [it.tensor for it in group])  # type: ignore[misc]
+            masks = self.compute.masks([it.prepared for it in group])  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001 - one bad input must not kill the worker
             for it in group:
                 batch.fail(it.rid, f"inference failed: {exc.__class__.__name__}: {exc}")
-            self._error(f"inference failed for {len(group)} image(s): {exc}")
+            self.writer.error(f"inference failed for {len(group)} image(s): {exc}")
             return
         for it, mask in zip(group, masks, strict=True):
-            it.tensor = None
-            writes.append((it, self.writer.submit(self.write, it, mask)))
+            it.prepared.tensor = None  # type: ignore[union-attr]
+            writes.append((it, self.write_pool.submit(self.finish, it, mask)))
 
     def _collect(self, batch: ClaimedBatch, writes: deque[tuple[Item, Future[None]]], *, wait: bool) -> None:
         """Flag the rows whose files are durably replaced (in claim order), in one transaction."""
@@ -226,27 +298,17 @@ class BgStage:
             try:
                 fut.result()
             except Exception as exc:  # noqa: BLE001 - disk full, permission, ...: retry later
-                if is_disk_full(exc):  # the machine's problem, not the row's: hand it back, count nothing
-                    batch.release([item.rid])
+                if self.writer.write_failed(batch, item, exc):
                     no_space = no_space or exc
-                    continue
-                batch.fail(item.rid, f"write failed: {exc.__class__.__name__}: {exc}")
-                self._error(f"{item.relpath}: write failed: {exc}")
                 continue
             done.append(item.rid)
-            self._errors_in_a_row = 0
-        if done:
-            batch.complete(done)
-            self.processed += len(done)
-            self.progress.add(len(done))
+        self.writer.flag_written(batch, done)
         if no_space is not None:
             raise no_space
 
-    def _error(self, message: str) -> None:
-        self.log.error(message)
-        self._errors_in_a_row += 1
-        if self._errors_in_a_row >= MAX_CONSECUTIVE_ERRORS:
-            raise FatalStageError(f"{self._errors_in_a_row} failures in a row, last: {message}")
+
+def build_local(ctx: Context, opts: BgStageOptions, compute: BgCompute) -> LocalBgRunner:
+    return LocalBgRunner(BgWriter(ctx.settings, ctx.conn, opts, ctx.stopper, ctx.log), compute)
 
 
 def keep_original(src: Path, dest: Path, tmp_dir: Path) -> None:

@@ -20,6 +20,7 @@ Later stages find an image wherever it is with `layout.locate_image()`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -143,8 +144,6 @@ def _drop_cache(fd: int) -> None:
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     else:  # macOS: F_NOCACHE makes reads on this descriptor bypass the cache
-        import fcntl
-
         nocache = getattr(fcntl, "F_NOCACHE", None)
         if nocache is not None:
             with contextlib.suppress(OSError):
@@ -442,9 +441,3 @@ def estimate_bytes(settings: Settings, conn: sqlite3.Connection, sample: int = 5
             sizes.append(image_path(settings.images_dir, row["listing_id"], row["image_id"]).stat().st_size)
     mean = sum(sizes) / len(sizes) if sizes else 0
     return n, int(n * mean)
-
-
-# --------------------------------------------------------------------------------------------------
-# Finding an image wherever it is (search thumbnails, re-embedding)
-# --------------------------------------------------------------------------------------------------
-

@@ -47,7 +47,7 @@ AGAIN = "again"
 
 
 @dataclass(frozen=True)
-class FetchOptions:
+class EngineOptions:
     concurrency: int = 64
     per_host: int = 64
     connect_timeout: float = 5.0
@@ -128,7 +128,7 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
     return max(0.0, when - (time.time() if now is None else now))
 
 
-def judge(resp: Response, opts: FetchOptions) -> Step:
+def judge(resp: Response, opts: EngineOptions) -> Step:
     """Classify one HTTP response. 404/410 and non-images park; 429/5xx/timeouts and cut-off bodies retry."""
     st = resp.status
     if st == 200:
@@ -158,7 +158,7 @@ def judge(resp: Response, opts: FetchOptions) -> Step:
 class Attempts:
     """The per-claim retry loop's bookkeeping, shared by both engines."""
 
-    def __init__(self, job: Job, opts: FetchOptions) -> None:
+    def __init__(self, job: Job, opts: EngineOptions) -> None:
         self.job = job
         self.opts = opts
         self.n = 0
@@ -200,7 +200,7 @@ def store(job: Job, body: bytes, tmp_dir: Path) -> None:
     atomic_write_bytes(job.dest, body, tmp_dir)
 
 
-def adopt_existing(job: Job, opts: FetchOptions) -> Outcome | None:
+def adopt_existing(job: Job, opts: EngineOptions) -> Outcome | None:
     """A whole image already at the destination (written before a crash, before its flag): keep it."""
     try:
         body = job.dest.read_bytes()
@@ -234,7 +234,7 @@ class HostGate:
             log.warning("%s answers again: resuming downloads", host)
         self._silent[host] = 0
 
-    def no_answer(self, host: str, opts: FetchOptions) -> bool:
+    def no_answer(self, host: str, opts: EngineOptions) -> bool:
         """Count a connect error or timeout; True when the host looks down (it is then paused)."""
         n = self._silent[host] = self._silent.get(host, 0) + 1
         if n < opts.outage_after:
@@ -259,7 +259,7 @@ class Engine:
 
     name = "?"
 
-    def __init__(self, opts: FetchOptions, tmp_dir: Path) -> None:
+    def __init__(self, opts: EngineOptions, tmp_dir: Path) -> None:
         self.opts = opts
         self.tmp_dir = tmp_dir
         self.results: queue.Queue[Outcome] = queue.Queue()
@@ -301,7 +301,7 @@ class Engine:
 class ThreadEngine(Engine):
     name = "threads"
 
-    def __init__(self, opts: FetchOptions, tmp_dir: Path) -> None:
+    def __init__(self, opts: EngineOptions, tmp_dir: Path) -> None:
         super().__init__(opts, tmp_dir)
         import requests  # noqa: F401 - fail early if missing
 
@@ -439,7 +439,7 @@ def _short(exc: BaseException) -> str:
 class AsyncEngine(Engine):
     name = "async"
 
-    def __init__(self, opts: FetchOptions, tmp_dir: Path, io_threads: int | None = None) -> None:
+    def __init__(self, opts: EngineOptions, tmp_dir: Path, io_threads: int | None = None) -> None:
         super().__init__(opts, tmp_dir)
         import aiohttp  # noqa: F401 - fail early if missing
 
@@ -579,7 +579,7 @@ class AsyncEngine(Engine):
 ENGINES: dict[str, Callable[..., Engine]] = {"threads": ThreadEngine, "async": AsyncEngine}
 
 
-def make_engine(name: str, opts: FetchOptions, tmp_dir: Path) -> Engine:
+def make_engine(name: str, opts: EngineOptions, tmp_dir: Path) -> Engine:
     try:
         return ENGINES[name](opts, tmp_dir)
     except KeyError:

@@ -13,16 +13,12 @@ connections never wait for the slowest image of a batch.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
 import queue
 import random
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -30,29 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imageselector import db, layout
-from imageselector.config import PROJECT_ROOT, load_settings
-from imageselector.download.engines import (
-    DONE,
-    ENGINES,
-    PARK,
-    RELEASE,
-    RETRY,
-    Engine,
-    FetchOptions,
-    Job,
-    Outcome,
-    make_engine,
-)
-from imageselector.etsy.cdn import SIZES, build_image_url, parse_image_url
-from imageselector.fsutil import clean_tmp, is_disk_full
+from imageselector.download.engines import DONE, PARK, RETRY, Engine, Job, Outcome
+from imageselector.etsy.cdn import build_image_url, parse_image_url
 from imageselector.imagecheck import DEFAULT_MAX_PIXELS, decode_error
-from imageselector.logs import Progress, setup_logging
-from imageselector.stopping import EXIT_NO_SPACE, KILL, KILL_DL, Stopper, guarded_main, refuse_if_killed
-from imageselector.worker import ClaimedBatch, Heartbeat, run_loop
+from imageselector.logs import Progress
+from imageselector.stopping import Stopper
+from imageselector.worker import ClaimedBatch
 
 STAGE = "download"
 SCRIPT = "image_downloader"
-DEFAULT_ENGINE = "async"
 log = logging.getLogger(SCRIPT)
 
 
@@ -192,18 +174,11 @@ def reconcile(
 
 
 # --------------------------------------------------------------------------------------------------
-# The pipeline: claim -> engine -> flags
+# The stage: claim -> engine -> flags
 # --------------------------------------------------------------------------------------------------
 
 
-def backlog(conn: sqlite3.Connection) -> int:
-    st = db.stage(STAGE)
-    return conn.execute(
-        f"SELECT COUNT(*) FROM image_status INDEXED BY ix_{st.prefix}_todo WHERE {st.pending_sql}"
-    ).fetchone()[0]
-
-
-class Pipeline:
+class DownloadStage:
     """Keeps the engine fed from claimed batches and turns its outcomes into complete/fail/release."""
 
     def __init__(
@@ -360,223 +335,7 @@ class Pipeline:
         self.engine.close()
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-
-def build_parser(settings_get=lambda name, default: default) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-    p = argparse.ArgumentParser(
-        prog="image_downloader.py",
-        description="Download product photos from the Etsy CDN into images/ (stop: touch KILL_DL).",
-    )
-    p.add_argument(
-        "--watch", action="store_true", help="keep polling for new rows instead of exiting when none are left"
-    )
-    p.add_argument(
-        "--size",
-        default=settings_get("DOWNLOAD_SIZE", "570xN"),
-        choices=SIZES,
-        help="CDN size tag (default 570xN: about 70 KB, enough for 224-pixel models; fullxfull = original)",
-    )
-    p.add_argument(
-        "--concurrency",
-        type=int,
-        default=int(settings_get("DOWNLOAD_CONCURRENCY", 64)),
-        help="requests in flight per process (default 64)",
-    )
-    p.add_argument(
-        "--per-host",
-        type=int,
-        default=int(settings_get("DOWNLOAD_PER_HOST", 64)),
-        help="most requests in flight to one host per process (default 64)",
-    )
-    p.add_argument("--batch-size", type=int, default=200, help="rows claimed per database transaction (default 200)")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=20.0,
-        help="read timeout in seconds: the longest silence of a response (default 20)",
-    )
-    p.add_argument("--connect-timeout", type=float, default=5.0, help="connect timeout in seconds (default 5)")
-    p.add_argument("--total-timeout", type=float, default=60.0, help="longest one request may take in all (default 60)")
-    p.add_argument(
-        "--tries",
-        type=int,
-        default=3,
-        help="attempts per image within one claim before the database's backoff takes over (default 3)",
-    )
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="decompression-bomb guard: park images with more pixels",
-    )
-    p.add_argument(
-        "--engine",
-        choices=sorted(ENGINES),
-        default=DEFAULT_ENGINE,
-        help=f"concurrency design (default {DEFAULT_ENGINE}; see docs/download.md)",
-    )
-    p.add_argument(
-        "--poll", type=float, default=10.0, help="with --watch: seconds between polls when idle (default 10)"
-    )
-    p.add_argument(
-        "--verify",
-        action="store_true",
-        help="at start check every flagged image's file exists and decodes (full decode, slow: about a millisecond "
-        "per image), and fetch again what fails (default: a random sample of 2,000 checked for existence)",
-    )
-    p.add_argument(
-        "--refetch-missing",
-        action="store_true",
-        help="start even when images/ is missing or empty while rows say downloaded (downloads them all again)",
-    )
-    p.add_argument("--no-reconcile", action="store_true", help="skip the start-up check of flags against files")
-    p.add_argument(
-        "--processes",
-        type=int,
-        default=int(settings_get("DOWNLOAD_PROCESSES", 1)),
-        help="downloader processes (default 1); more helps only when one process is CPU-bound",
-    )
-    p.add_argument("--helper", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines (default 10)")
-    return p
-
-
-def _start_helpers(args: argparse.Namespace, argv: list[str]) -> list[subprocess.Popen]:
-    """`--processes N`: N-1 more copies of this worker; the claim protocol keeps their rows apart."""
-    script = PROJECT_ROOT / "scripts" / "image_downloader.py"
-    procs = []
-    for i in range(1, args.processes):
-        cmd = [sys.executable, str(script), *argv, "--processes", "1", "--no-reconcile", "--helper", str(i)]
-        procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
-    log.info("started %d more downloader processes: pids %s", len(procs), " ".join(str(p.pid) for p in procs))
-    return procs
-
-
-def _wait_helpers(procs: list[subprocess.Popen], stopper: Stopper) -> int:
-    worst = 0
-    for p in procs:
-        if stopper.reason and stopper.reason.startswith("signal") and p.poll() is None:
-            p.send_signal(signal.SIGTERM)  # a kill file reaches them directly; a signal has to be passed on
-        rc = p.wait()
-        if rc:
-            log.warning("downloader process %d exited with code %d", p.pid, rc)
-        worst = max(worst, rc)
-    return worst
-
-
-def main(argv: list[str] | None = None) -> int:
-    return guarded_main("image_downloader.py", lambda: _main(argv))
-
-
-def _main(argv: list[str] | None = None) -> int:
-    settings = load_settings()
-    db.check_usable(settings, write=True)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser(lambda n, d: settings.get(n) or d).parse_args(argv)
-    except ValueError as exc:  # a DOWNLOAD_* setting that is not a number
-        print(f"image_downloader: bad setting: {exc}", file=sys.stderr)
-        return 2
-    if min(args.concurrency, args.per_host, args.batch_size, args.tries, args.processes) < 1:
-        print(
-            "image_downloader: --concurrency, --per-host, --batch-size, --tries and --processes must be at least 1",
-            file=sys.stderr,
-        )
-        return 2
-    name = STAGE if not args.helper else f"{STAGE}-{args.helper}"
-    setup_logging(SCRIPT, settings.home, stage=name, secrets=settings.secrets(), rotate=not args.helper)
-    stopper = Stopper(settings.home, (KILL_DL, KILL))
-    if refuse_if_killed(stopper):
-        return 0
-
-    conn = db.connect(settings.db_path)
-    if not args.helper:
-        removed = clean_tmp(settings.tmp_dir)
-        if removed:
-            log.info("removed %d temp files left by an earlier run in %s", removed, settings.tmp_dir)
-        freed = db.reclaim_dead(conn, STAGE)
-        if freed:
-            log.info("freed %d rows claimed by downloaders that are no longer running", freed)
-    gone = None if args.refetch_missing or args.helper else images_gone(conn, settings.images_dir)
-    if gone:
-        log.error("%s", gone)
-        conn.close()
-        return 2
-    if not args.no_reconcile:
-        res = reconcile(
-            conn,
-            settings.images_dir,
-            full=args.verify,
-            decode=args.verify,
-            tmp_dir=settings.tmp_dir,
-            max_pixels=args.max_pixels,
-        )
-        how = "every row" if res.full else "a random sample"
-        log.info("flags vs files (%s): %d flagged images checked, %d missing and reset", how, res.checked, res.missing)
-        if res.decoded:
-            log.info("verify: %d files did not decode and will be fetched again", res.undecodable)
-
-    opts = FetchOptions(
-        concurrency=args.concurrency,
-        per_host=args.per_host,
-        connect_timeout=args.connect_timeout,
-        read_timeout=args.timeout,
-        total_timeout=args.total_timeout,
-        tries=args.tries,
-        max_pixels=args.max_pixels,
-    )
-    helpers = _start_helpers(args, argv) if args.processes > 1 else []
-    engine = make_engine(args.engine, opts, settings.tmp_dir)
-    progress = Progress(log, "images", interval=args.progress_interval, remaining=lambda: backlog(conn))
-    pipeline = Pipeline(
-        conn,
-        engine,
-        images_dir=settings.images_dir,
-        cdn_base=settings.cdn_base,
-        size=args.size,
-        batch_size=args.batch_size,
-        stopper=stopper,
-        progress=progress,
-    )
-    log.info(
-        "downloading %s images from %s into %s: engine %s, %d in flight (%d per host), %d rows waiting",
-        args.size,
-        settings.cdn_base,
-        settings.images_dir,
-        engine.name,
-        opts.concurrency,
-        opts.per_host,
-        backlog(conn),
-    )
-    heartbeat = Heartbeat(settings.run_dir, name)
-    rc = 0
-    try:
-        run_loop(pipeline.run_batch, stopper, watch=args.watch, heartbeat=heartbeat, poll_s=args.poll, logger=log)
-    finally:
-        pipeline.shutdown()
-        progress.report(final=True)
-        c = pipeline.counts
-        log.info(
-            "downloaded %d, parked %d, to retry later %d, handed back %d",
-            c[DONE],
-            c[PARK],
-            c[RETRY],
-            c[RELEASE],
-        )
-        rc = _wait_helpers(helpers, stopper)
-        if engine.fatal:
-            log.error("stopped: %s (the rows were handed back, nothing failed)", engine.fatal)
-            rc = EXIT_NO_SPACE if is_disk_full(engine.fatal_exc) else 1
-        if not args.helper:
-            _log_waiting(conn)
-        conn.close()
-    return rc if rc in (0, EXIT_NO_SPACE) else 1
-
-
-def _log_waiting(conn: sqlite3.Connection) -> None:
+def log_waiting(conn: sqlite3.Connection) -> None:
     st = db.stage(STAGE)
     row = conn.execute(
         f"SELECT COUNT(*), MIN({st.not_before_col}) FROM image_status INDEXED BY ix_{st.prefix}_todo"
@@ -586,7 +345,3 @@ def _log_waiting(conn: sqlite3.Connection) -> None:
     if row[0]:
         when = time.strftime("%H:%M:%S", time.localtime(row[1]))
         log.info("%d rows wait for a retry (first at %s): run again later or use --watch", row[0], when)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

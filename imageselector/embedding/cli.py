@@ -1,15 +1,6 @@
 """`image_search_v2/embed.py`: embed bg-removed images with one or all five models into embeddings/.
 
     venv/bin/python image_search_v2/embed.py --model all --batch-size 8 [--watch]
-    venv/bin/python image_search_v2/embed.py --export-faiss dinov2_base out/dinov2_base.faiss
-    venv/bin/python image_search_v2/embed.py --export-image-index out/image_index.json
-    venv/bin/python image_search_v2/embed.py --migrate
-
-`--export-faiss NAME OUT` writes a plain FAISS index (IndexIDMap2(IndexFlatIP), ids = gids; for a
-`*_text` store, listing_ids) of every stored vector, streamed, for your own scripts; it can run while
-embed.py runs (it reads one consistent snapshot). `--export-image-index OUT` writes gid ->
-[listing_id, image_id] from the database. `--migrate` moves old-format `embeddings/*.faiss` into the
-segment store (embed.py also does it by itself at start).
 
 Stops between batches on KILL_EMBED (or KILL, SIGTERM, Ctrl-C), flushing what it has and flagging it.
 Exit codes: 0 done or stopped gracefully, 2 bad usage/config (unknown model, bad models file, an index
@@ -19,17 +10,29 @@ built by a different model, another embed.py already embedding the same model).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from imageselector import db, weights
 from imageselector.config import load_settings
-from imageselector.fsutil import clean_tmp
+from imageselector.embedding.export import export_faiss, export_image_index
+from imageselector.embedding.migrate import migrate_legacy_store
+from imageselector.embedding.registry import RegistryError, load_registry
 from imageselector.logs import setup_logging
-from imageselector.scaleout import add_ray_arguments, ray_address
-from imageselector.stopping import KILL, KILL_EMBED, Stopper, guarded_main, refuse_if_killed
-from imageselector.worker import Heartbeat
+from imageselector.scaleout import (
+    RayUnavailable,
+    add_ray_arguments,
+    after_cluster_loss,
+    open_pool_or_fallback,
+    ray_address,
+)
+from imageselector.stage_entry import Context, Entry, StageJob, UsageError, run_stage
+from imageselector.stopping import KILL, KILL_EMBED, guarded_main
+
+FACTORY = "imageselector.embedding.remote:make_embed_compute"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,115 +72,117 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    return guarded_main("embed.py", lambda: _main(argv))
+class EmbedJob(StageJob):
+    """The embed stage under run_stage: `EmbedStage.run` locally, or `run_remote` with the image compute on Ray."""
 
+    def __init__(self, ctx: Context, args: argparse.Namespace) -> None:
+        # torch and the model libraries load here, not at the top: usage, registry and weight errors answer in
+        # a second (exit 2) without paying for torch's import
+        import torch
 
-def _main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.workers < 1:
-        print("embed.py: --batch-size and --workers must be at least 1", file=sys.stderr)
-        return 2
-    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
-    settings = load_settings()
-    db.check_usable(settings, write=True)
-    hf_token = settings.get("HF_TOKEN") or ""
-    if hf_token:  # from .env too: huggingface_hub reads only the process environment (or `hf auth login`)
-        os.environ.setdefault("HF_TOKEN", hf_token)
-    log = setup_logging("embed", settings.home, secrets=[*settings.secrets(), hf_token])
-    import logging
+        from imageselector.embedding.encoders import load_encoder
+        from imageselector.embedding.stage import EmbedStage, Options
 
-    logging.getLogger("faiss").setLevel(logging.WARNING)
-    if args.export_faiss or args.export_image_index or args.migrate:
-        return _tools(args, settings, log)
-    from imageselector.embedding.registry import RegistryError, load_registry
+        log, settings = ctx.log, ctx.settings
+        logging.getLogger("faiss").setLevel(logging.WARNING)
+        try:
+            registry = load_registry(args.models_file, settings)
+        except RegistryError as exc:
+            raise UsageError(str(exc)) from exc
+        if args.model == "all":
+            names = list(registry)
+        elif args.model in registry:
+            names = [args.model]
+        else:
+            raise UsageError(f"unknown model {args.model!r}; the models file has: {', '.join(registry)}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        check = weights.preflight_embedding({n: registry[n] for n in names})
+        if not check.ok:
+            raise UsageError(check.line)
+        if check.all_local:
+            weights.go_offline()  # everything is here: no hub round trips, no retries when the network is down
+        else:
+            log.info("%s", check.line)
+        try:
+            encoders = {n: load_encoder(registry[n], args.device, args.dtype, args.preprocess) for n in names}
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - a model that cannot be loaded is a config problem, said in one line
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise UsageError(f"cannot load a model: {type(exc).__name__}: {first}") from exc
+        opts = Options(
+            batch_size=args.batch_size,
+            watch=args.watch,
+            workers=args.workers,
+            flush_every=args.flush_every,
+            flush_s=args.flush_seconds,
+            flush_growth=args.flush_growth,
+            flush_max_s=args.flush_max_seconds,
+        )
+        self.args, self.names = args, names
+        self.new_stage = lambda: EmbedStage(settings, ctx.conn, encoders, opts, ctx.stopper)
+        self.stage = self.new_stage()
+        try:
+            self.stage.open()
+        except (RuntimeError, ValueError) as exc:
+            self.stage.store.close()
+            raise UsageError(str(exc)) from exc
+        log.info(
+            "embedding with %s; batch %d, %d decode threads, %d torch threads",
+            ", ".join(
+                f"{n} ({e.device}/{e.dtype_name}/{'fast' if e.recipe else 'reference'})" for n, e in encoders.items()
+            ),
+            args.batch_size,
+            args.workers,
+            torch.get_num_threads(),
+        )
 
-    try:
-        registry = load_registry(args.models_file, settings)
-    except RegistryError as exc:
-        log.error("%s", exc)
-        return 2
-    if args.model == "all":
-        names = list(registry)
-    elif args.model in registry:
-        names = [args.model]
-    else:
-        log.error("unknown model %r; the models file has: %s", args.model, ", ".join(registry))
-        return 2
+    def run(self, ctx: Context, *, watch: bool, poll_s: float) -> None:
+        address = ray_address(self.args, ctx.settings)
+        if address:
+            code = self._run_on_ray(ctx, address)
+            if code is not None:
+                self.exit_code = code
+                return
+            self.stage.store.close()  # its model locks: the local stage below takes them again
+            self.stage = self.new_stage()  # fall back to local compute
+            self.stage.open()
+        self.stage.run(ctx.heartbeat)
 
-    stopper = Stopper(settings.home, (KILL_EMBED, KILL))
-    if refuse_if_killed(stopper):
+    def _run_on_ray(self, ctx: Context, address: str) -> int | None:
+        """Image compute on Ray; this process keeps the store and the flags. None: continue locally."""
+        from imageselector.embedding.remote import run_remote  # torch, like the stage itself
+
+        args, log = self.args, ctx.log
+        kwargs: dict[str, Any] = dict(
+            models_file=str(Path(args.models_file).resolve())
+            if args.models_file
+            else ctx.settings.get("IMAGESELECTOR_MODELS_FILE"),
+            models=self.names,
+            device=args.device,
+            dtype=args.dtype,
+            preprocess=args.preprocess,
+        )
+        pool = open_pool_or_fallback(FACTORY, kwargs, args, address, ctx.stopper, log)
+        if pool is None:
+            if ctx.stopper.should_stop():
+                self.stage.store.close()
+                return 0
+            return None
+        log.info("embedding on Ray at %s: %d replica(s) of %s; this process writes indexes and flags",
+                 address, pool.n, ", ".join(self.names))  # fmt: skip
+        try:
+            run_remote(self.stage, pool, ctx.heartbeat)
+        except RayUnavailable as exc:
+            pool.close()
+            return after_cluster_loss(exc, args, log)
+        pool.close()
         return 0
-
-    import torch
-
-    from imageselector.embedding.encoders import load_encoder
-    from imageselector.embedding.stage import EmbedStage, Options
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    check = weights.preflight_embedding({n: registry[n] for n in names})
-    if not check.ok:
-        log.error("%s", check.line)
-        return 2
-    if check.all_local:
-        weights.go_offline()  # everything is here: no hub round trips, no retries when the network is down
-    else:
-        log.info("%s", check.line)
-    try:
-        encoders = {n: load_encoder(registry[n], args.device, args.dtype, args.preprocess) for n in names}
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - a model that cannot be loaded is a config problem, said in one line
-        log.error("cannot load a model: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        return 2
-    clean_tmp(settings.tmp_dir)
-    conn = db.connect(settings.db_path)
-    opts = Options(
-        batch_size=args.batch_size,
-        watch=args.watch,
-        workers=args.workers,
-        flush_every=args.flush_every,
-        flush_s=args.flush_seconds,
-        flush_growth=args.flush_growth,
-        flush_max_s=args.flush_max_seconds,
-    )
-    stage = EmbedStage(settings, conn, encoders, opts, stopper)
-    try:
-        stage.open()
-    except (RuntimeError, ValueError) as exc:
-        log.error("%s", exc)
-        stage.store.close()
-        return 2
-    log.info(
-        "embedding with %s; batch %d, %d decode threads, %d torch threads",
-        ", ".join(
-            f"{n} ({e.device}/{e.dtype_name}/{'fast' if e.recipe else 'reference'})" for n, e in encoders.items()
-        ),
-        args.batch_size,
-        args.workers,
-        torch.get_num_threads(),
-    )
-    address = ray_address(args, settings)
-    if address:
-        code = _run_on_ray(args, settings, address, names, stage, stopper, log)
-        if code is not None:
-            conn.close()
-            return code
-        stage.store.close()  # its model locks: the local stage below takes them again
-        stage = EmbedStage(settings, conn, encoders, opts, stopper)  # fall back to local compute
-        stage.open()
-    stage.run(Heartbeat(settings.run_dir, "embed"))
-    conn.close()
-    return 0
 
 
 def _tools(args, settings, log) -> int:  # type: ignore[no-untyped-def]
     """--export-faiss / --export-image-index / --migrate: one job each, no model loaded."""
-    from imageselector.embedding.export import export_faiss, export_image_index
-    from imageselector.embedding.migrate import migrate_legacy_store
-
     if args.migrate:
         result = migrate_legacy_store(settings.embeddings_dir, settings.tmp_dir)
         for name, r in result.items():
@@ -204,34 +209,27 @@ def _tools(args, settings, log) -> int:  # type: ignore[no-untyped-def]
     return 0
 
 
-def _run_on_ray(args, settings, address, names, stage, stopper, log) -> int | None:  # type: ignore[no-untyped-def]
-    """Image compute on Ray; this process keeps the store and the flags. None: continue locally."""
-    from imageselector.embedding.remote import run_remote
-    from imageselector.scaleout import RayUnavailable, after_cluster_loss, open_pool_or_fallback
+def main(argv: list[str] | None = None) -> int:
+    return guarded_main("embed.py", lambda: _main(argv))  # the settings read before run_stage too
 
-    kwargs = dict(
-        models_file=str(Path(args.models_file).resolve())
-        if args.models_file
-        else settings.get("IMAGESELECTOR_MODELS_FILE"),
-        models=names,
-        device="auto" if args.device == "auto" else args.device,
-        dtype=args.dtype,
-        preprocess=args.preprocess,
-    )
-    pool = open_pool_or_fallback(
-        "imageselector.embedding.remote:make_embed_compute", kwargs, args, address, stopper, log
-    )
-    if pool is None:
-        if stopper.should_stop():
-            stage.store.close()
-            return 0
-        return None
-    log.info("embedding on Ray at %s: %d replica(s) of %s; this process writes indexes and flags",
-             address, pool.n, ", ".join(names))  # fmt: skip
-    try:
-        run_remote(stage, pool, Heartbeat(settings.run_dir, "embed"))
-    except RayUnavailable as exc:
-        pool.close()
-        return after_cluster_loss(exc, args, log)
-    pool.close()
-    return 0
+
+def _main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1 or args.workers < 1:
+        print("embed.py: --batch-size and --workers must be at least 1", file=sys.stderr)
+        return 2
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+    hf_token = load_settings().get("HF_TOKEN") or ""
+    if hf_token:  # from .env too: huggingface_hub reads only the process environment (or `hf auth login`)
+        os.environ.setdefault("HF_TOKEN", hf_token)
+    if args.export_faiss or args.export_image_index or args.migrate:  # one job each, no model loaded
+        settings = load_settings()
+        db.check_usable(settings, write=True)
+        log = setup_logging("embed", settings.home, secrets=[*settings.secrets(), hf_token])
+        return _tools(args, settings, log)
+    entry = Entry(script="embed", stage="embed", kill_files=(KILL_EMBED, KILL), secrets=(hf_token,) if hf_token else ())
+    return run_stage(entry, lambda ctx: EmbedJob(ctx, args), watch=args.watch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

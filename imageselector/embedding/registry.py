@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imageselector.db import EMBED_MODELS
+from imageselector.fsutil import atomic_write_text
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parent / "models.json"
 ENV_VAR = "IMAGESELECTOR_MODELS_FILE"
@@ -145,7 +146,6 @@ def load_registry(path: str | os.PathLike[str] | None = None, settings: Any = No
 
 def write_registry(path: Path, specs: dict[str, ModelSpec]) -> Path:
     """Write specs as a registry file (atomically)."""
-    from imageselector.fsutil import atomic_write_text
 
     doc = {"version": 1, "models": {name: s.to_dict() for name, s in specs.items()}}
     atomic_write_text(Path(path), json.dumps(doc, indent=2) + "\n")

@@ -21,9 +21,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from imageselector import db
+from imageselector.config import load_settings
+from imageselector.embedding.encoders import load_encoder
 from imageselector.embedding.preprocess import DEFAULT_MODE, decode, draft_side
+from imageselector.embedding.registry import load_registry
 from imageselector.embedding.stage import EmbedStage, find_image, log
-from imageselector.worker import ClaimedBatch
+from imageselector.scaleout import RemoteStageRunner
+from imageselector.worker import ClaimedBatch, run_loop
 
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -44,10 +48,6 @@ def make_embed_compute(
 ) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """Load one replica of `models`; returns compute({"images": [bytes], "want": {m: [i]}}) -> vectors per model."""
     import torch
-
-    from imageselector.config import load_settings
-    from imageselector.embedding.encoders import load_encoder
-    from imageselector.embedding.registry import load_registry
 
     registry = load_registry(models_file, load_settings(home) if home else None)
     encoders = {m: load_encoder(registry[m], device, dtype, preprocess) for m in models}
@@ -167,8 +167,6 @@ class RemoteEmbed:
 
 def run_remote(stage: EmbedStage, pool: Any, heartbeat: Any = None) -> int:
     """`EmbedStage.run` with the image compute on Ray: same store, same flush-then-flag rule."""
-    from imageselector.scaleout import RemoteStageRunner
-    from imageselector.worker import run_loop
 
     remote = RemoteEmbed(stage)
     runner = RemoteStageRunner(pool, remote.claim, remote.commit)

@@ -30,7 +30,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +46,9 @@ from imageselector.embedding.encoders import Encoder
 from imageselector.embedding.migrate import UNKNOWN_SOURCE, drop_image_index, migrate_index
 from imageselector.embedding.preprocess import decode, draft_side
 from imageselector.embedding.store import TEXT_SUFFIX, CompactionPolicy, StoreWriter, read_store_manifest
-from imageselector.layout import image_path
+from imageselector.layout import image_path, locate_image
 from imageselector.logs import Progress
-from imageselector.worker import ClaimedBatch, Heartbeat
+from imageselector.worker import ClaimedBatch, Heartbeat, run_loop
 
 log = logging.getLogger("embed")
 
@@ -97,10 +97,6 @@ def find_image(settings: Settings, row: Any) -> Path | None:
     p = image_path(settings.images_dir, row["listing_id"], row["image_id"])
     if p.is_file():
         return p
-    try:
-        from imageselector.layout import locate_image
-    except ImportError:  # pragma: no cover - cleanup not installed
-        return None
     return locate_image(settings, row)
 
 
@@ -298,6 +294,8 @@ class EmbedStage:
         self.last_flush = time.monotonic()
         self.oldest_pending: float | None = None
         self.forward_s: dict[str, float] = dict.fromkeys(encoders, 0.0)
+        self.forwarded: dict[str, int] = dict.fromkeys(encoders, 0)  # images through each model, this run
+        self._cost_recorded: dict[str, tuple[float, int]] = dict.fromkeys(encoders, (0.0, 0))
         self.progress = {
             m: Progress(log, f"{m} images", interval=opts.progress_s, remaining=self._remaining_fn(m)) for m in encoders
         }
@@ -305,10 +303,8 @@ class EmbedStage:
         self.repairs: dict[str, dict[str, int]] = {}
         self.pending_texts: dict[str, set[int]] = {m: set() for m in encoders}
 
-    def _remaining_fn(self, m: str):  # type: ignore[no-untyped-def]
-        st = db.stage(f"embed_{m}")
-        sql = f"SELECT COUNT(*) FROM image_status INDEXED BY ix_{st.prefix}_todo WHERE {st.pending_sql}"
-        return lambda: self.conn.execute(sql).fetchone()[0]
+    def _remaining_fn(self, m: str) -> Callable[[], int]:
+        return lambda: db.backlog(self.conn, f"embed_{m}")
 
     # ---- start-up ------------------------------------------------------------------------------
     def open(self) -> None:
@@ -340,13 +336,13 @@ class EmbedStage:
 
     def _status_warning(self) -> None:
         standins = [m for m, e in self.encoders.items() if e.spec.standin]
-        current = db.kv_get(self.conn, "status_warning") or ""
+        current = db.kv_get(self.conn, db.KV_STATUS_WARNING) or ""
         if standins:
             msg = f"{STANDIN_WARNING} ({', '.join(standins)}): search results are meaningless"
             if current != msg:
-                db.kv_set(self.conn, "status_warning", msg)
+                db.kv_set(self.conn, db.KV_STATUS_WARNING, msg)
         elif current.startswith(STANDIN_WARNING):
-            db.kv_set(self.conn, "status_warning", "")
+            db.kv_set(self.conn, db.KV_STATUS_WARNING, "")
 
     def _sorted_ids(self, sql: str) -> np.ndarray:
         """A one-column query as an ascending unique int64 array (8 bytes a row, not a Python set)."""
@@ -468,6 +464,7 @@ class EmbedStage:
                 t0 = time.perf_counter()
                 vecs = self.encoders[m].encode_batch(rnd.tensors[m])
                 self.forward_s[m] += time.perf_counter() - t0
+                self.forwarded[m] += len(ok)
                 self.add_vectors(m, ok, vecs)
             self.pending[m].append((batch, [r["rid"] for r in ok]))
             if self.oldest_pending is None:
@@ -532,6 +529,7 @@ class EmbedStage:
                 self._add_texts(m, sorted(listings))
                 listings.clear()
         took = self.store.commit(on_durable)
+        self._record_cost()
         self.since_flush = 0
         self.last_flush = time.monotonic()
         self.oldest_pending = None
@@ -542,6 +540,19 @@ class EmbedStage:
                 ", ".join(f"{m} {n}" for m, n in done.items() if n),
             )
 
+    def _record_cost(self) -> None:
+        """Model seconds per image for evaluation's cost column (kv `embed_cost`), added at each flush."""
+        spent = {}
+        for m, (s0, n0) in self._cost_recorded.items():
+            if self.forwarded[m] > n0:
+                spent[m] = (self.forward_s[m] - s0, self.forwarded[m] - n0)
+                self._cost_recorded[m] = (self.forward_s[m], self.forwarded[m])
+        if spent:
+            try:
+                db.add_embed_cost(self.conn, spent)
+            except sqlite3.Error as exc:  # bookkeeping only: never lose a flush over it
+                log.warning("embedding cost not recorded: %s", exc)
+
     def release_pending(self) -> None:
         for m, items in self.pending.items():
             for batch, _ in items:
@@ -549,7 +560,6 @@ class EmbedStage:
             self.pending[m] = []
 
     def run(self, heartbeat: Heartbeat | None = None) -> int:
-        from imageselector.worker import run_loop
 
         self.prefetcher = Prefetcher(self.settings, self.owner, self.encoders, self.opts, self.stopper)
         self.prefetcher.start()

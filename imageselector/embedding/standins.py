@@ -11,6 +11,7 @@ are relative (`./...`), so the folder can be moved or copied whole.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -143,7 +144,6 @@ def build_standins(directory: str | Path, models: Iterable[str] = EMBED_MODELS, 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m imageselector.embedding.standins DIR [--models a,b]`: build stand-ins, print the registry path."""
-    import argparse
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("dir")

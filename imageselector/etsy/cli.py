@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sqlite3
 import sys
 import threading
@@ -16,15 +15,19 @@ import time
 from typing import Any
 
 from imageselector import db
-from imageselector.config import SHARED_SECRET_MISSING, Settings, load_settings
+from imageselector.config import SHARED_SECRET_MISSING, Settings
 from imageselector.etsy.client import AuthError, EtsyClient, RetriesExhausted, StatsPublisher
 from imageselector.etsy.crawl import CrawlConfig, Crawler
 from imageselector.etsy.pacing import Pacer, StopRequested
-from imageselector.logs import Progress, setup_logging
-from imageselector.stopping import KILL, Stopper, guarded_main, refuse_if_killed
+from imageselector.logs import Progress
+from imageselector.stage_entry import Context, Entry, StageJob, UsageError, run_stage
+from imageselector.stopping import KILL, Stopper
 from imageselector.worker import Heartbeat
 
 SCRIPT = "sync_data"
+LOCK_NAME = "sync"  # .run/sync.lock: two syncs on one key would share its rate limit and cause each other 429s
+# a newline or stray byte in the key can never work: BadSetting (exit 2) before a log line or lock is written
+ENTRY = Entry(script=SCRIPT, stage="sync", kill_files=(KILL,), lock=LOCK_NAME, preflight=Settings.check_credentials)
 
 
 def build_client(settings: Settings, stopper: Stopper | None) -> EtsyClient:
@@ -183,31 +186,37 @@ def run_sync(
     return 0
 
 
-def single_instance(settings: Settings) -> Any:
-    """Hold an exclusive lock on `.run/sync.lock` for the life of the process (released by the OS even
-    on kill -9): two syncs on one key would share its rate limit and each cause the other 429s.
-    Returns the open file, or None when another process holds the lock."""
-    import fcntl
+class SyncJob(StageJob):
+    """The crawl under run_stage: its own loop (`run_sync`), since it pages an API rather than claiming rows."""
 
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(settings.run_dir / "sync.lock", "a+")  # noqa: SIM115 - kept open on purpose
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        return None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
+    def __init__(self, ctx: Context, once: bool) -> None:
+        settings, log = ctx.settings, ctx.log
+        if settings.api_key and not settings.shared_secret:
+            raise UsageError(SHARED_SECRET_MISSING)
+        if not settings.api_key or not settings.shared_secret:
+            raise UsageError(
+                "ETSY_API_KEY and ETSY_SHARED_SECRET must both be set (in .env or the environment); "
+                "for an offline run start the simulator: venv/bin/python -m imageselector.etsy.simulator --port 8765"
+            )
+        try:
+            crawl_cfg = CrawlConfig.from_settings(settings)
+        except (SystemExit, ValueError) as exc:
+            raise UsageError(f"bad sync settings: {exc}") from exc
+        log.info(
+            "sync starting (pid in heartbeat): %s; %d keywords, %d taxonomy roots, offset cap %s%s",
+            settings.api_base,
+            len(crawl_cfg.keywords),
+            len(crawl_cfg.taxonomy_ids),
+            f"{crawl_cfg.max_offset:,}",
+            ", single pass" if once else "",
+        )
+        self.once = once
+
+    def run(self, ctx: Context, *, watch: bool, poll_s: float) -> None:
+        self.exit_code = run_sync(ctx.settings, ctx.stopper, once=self.once, log=ctx.log)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return guarded_main("sync_data.py", lambda: _main(argv))
-
-
-def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="sync_data.py",
         description="Crawl the Etsy Open API v3 into etsy_data.db (listings, shops, reviews, images to download). "
@@ -215,40 +224,7 @@ def _main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--once", action="store_true", help="one pass: stop when nothing is left to discover or fetch")
     args = ap.parse_args(argv)
-    settings = load_settings()
-    db.check_usable(settings, write=True)
-    settings.check_credentials()
-    log = setup_logging(SCRIPT, settings.home, stage="sync", secrets=settings.secrets())
-    stopper = Stopper(settings.home, [KILL])
-    if refuse_if_killed(stopper):
-        return 0
-    lock = single_instance(settings)
-    if lock is None:
-        log.error("another sync_data.py is already running on %s (see .run/sync.lock); not starting", settings.home)
-        return 2
-    if settings.api_key and not settings.shared_secret:
-        log.error("%s", SHARED_SECRET_MISSING)
-        return 2
-    if not settings.api_key or not settings.shared_secret:
-        log.error(
-            "ETSY_API_KEY and ETSY_SHARED_SECRET must both be set (in .env or the environment); "
-            "for an offline run start the simulator: venv/bin/python -m imageselector.etsy.simulator --port 8765"
-        )
-        return 2
-    try:
-        crawl_cfg = CrawlConfig.from_settings(settings)
-    except (SystemExit, ValueError) as exc:
-        log.error("bad sync settings: %s", exc)
-        return 2
-    log.info(
-        "sync starting (pid in heartbeat): %s; %d keywords, %d taxonomy roots, offset cap %s%s",
-        settings.api_base,
-        len(crawl_cfg.keywords),
-        len(crawl_cfg.taxonomy_ids),
-        f"{crawl_cfg.max_offset:,}",
-        ", single pass" if args.once else "",
-    )
-    return run_sync(settings, stopper, once=args.once, log=log)
+    return run_stage(ENTRY, lambda ctx: SyncJob(ctx, args.once))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from imageselector.etsy.pacing import Pacer, StopRequested
 log = logging.getLogger(__name__)
 
 RATE_HEADERS = ("x-limit-per-second", "x-remaining-this-second", "x-limit-per-day", "x-remaining-today")
-STATS_KEY = "sync_stats"
 
 
 class AuthError(Exception):
@@ -79,7 +78,7 @@ class StatsPublisher:
                 db.connect(self.db_path).close()  # schema in place; then one connection any thread may use
                 self._conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=10.0, check_same_thread=False)
                 self._conn.execute("PRAGMA busy_timeout=10000")
-            db.kv_set(self._conn, STATS_KEY, json.dumps(stats, sort_keys=True))
+            db.kv_set(self._conn, db.KV_SYNC_STATS, json.dumps(stats, sort_keys=True))
         except Exception as exc:  # noqa: BLE001 - stats must never stop the crawl
             log.warning("sync_stats not written: %s", exc)
         finally:

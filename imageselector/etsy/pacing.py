@@ -17,7 +17,6 @@ handing out slots, logs when it will look again, and waits (a stop request ends 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -28,56 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imageselector.fsutil import atomic_write_text
+from imageselector import qps_config
 
 log = logging.getLogger(__name__)
-
-DEFAULT_QPS = 5.0
-DEFAULT_MIN_QPS = 1.0
-DEFAULT_MAX_QPS = 10.0
 
 
 class StopRequested(Exception):
     """The stopper fired while a request was waiting for its slot."""
-
-
-def default_qps_config(qps: float = DEFAULT_QPS, reason: str = "default (created by sync)") -> dict[str, Any]:
-    return {
-        "qps": qps,
-        "min_qps": DEFAULT_MIN_QPS,
-        "max_qps": DEFAULT_MAX_QPS,
-        "updated_at": time.time(),
-        "reason": reason,
-    }
-
-
-def write_qps_config(path: Path, cfg: dict[str, Any], tmp_dir: Path | None = None) -> None:
-    """Write qps_config.json atomically (the monitor and sync read it at any moment)."""
-    atomic_write_text(Path(path), json.dumps(cfg, indent=2) + "\n", tmp_dir)
-
-
-def ensure_qps_config(path: Path, tmp_dir: Path | None = None) -> bool:
-    """Create qps_config.json with the guide's default 5 QPS if it is missing. True if created."""
-    path = Path(path)
-    if path.exists():
-        return False
-    write_qps_config(path, default_qps_config(), tmp_dir)
-    log.info("created %s with the default %.1f QPS", path.name, DEFAULT_QPS)
-    return True
-
-
-def read_qps(path: Path) -> float:
-    """The configured rate, clamped to [min_qps, max_qps] when those are given. Raises on a bad file."""
-    cfg = json.loads(Path(path).read_text())
-    qps = float(cfg["qps"])
-    lo = float(cfg.get("min_qps") or 0.0)
-    hi = float(cfg.get("max_qps") or math.inf)
-    if lo > 0:
-        qps = max(qps, lo)
-    qps = min(qps, hi)
-    if not qps > 0:
-        raise ValueError(f"qps must be positive, got {qps}")
-    return qps
 
 
 class Slot:
@@ -134,35 +90,43 @@ class Pacer:
         self._cond = threading.Condition(self._lock)
         self._slots: deque[Slot] = deque()
         self._mtime: float | None = None
-        self._qps = DEFAULT_QPS
+        self._qps = qps_config.DEFAULT_QPS
         self._server_limit: int | None = None
         self._hold_until = 0.0  # monotonic; set by a 429 with retry-after
         self._quota_probe = False
         self._quota_paused = False
         self._exhausted = False  # a daily-limit 429 was seen and no later response said otherwise
-        ensure_qps_config(self.config_path, tmp_dir)
+        self._ensure()
         self._reload(force=True)
 
     # ---- configuration -------------------------------------------------------------------------
+
+    def _ensure(self) -> None:
+        if qps_config.ensure(self.config_path, self.tmp_dir):
+            log.info("created %s with the default %.1f QPS", self.config_path.name, qps_config.DEFAULT_QPS)
 
     def _reload(self, force: bool = False) -> None:
         try:
             mtime = self.config_path.stat().st_mtime_ns
         except FileNotFoundError:
-            ensure_qps_config(self.config_path, self.tmp_dir)
+            self._ensure()
             mtime = self.config_path.stat().st_mtime_ns
         if not force and mtime == self._mtime:
             return
         self._mtime = mtime
         try:
-            qps = read_qps(self.config_path)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            cfg = qps_config.read(self.config_path)
+        except qps_config.QpsConfigError as exc:
             log.warning("%s unreadable (%s); keeping %.2f QPS", self.config_path.name, exc, self._qps)
             return
-        if qps != self._qps or force:
+        if cfg is None:  # removed between stat and read: the next window recreates it
+            return
+        for warning in cfg.warnings:  # once per change of the file, not per request
+            log.warning("%s: %s", self.config_path.name, warning)
+        if cfg.qps != self._qps or force:
             if not force:
-                log.info("%s changed: pacing at %.2f QPS (was %.2f)", self.config_path.name, qps, self._qps)
-            self._qps = qps
+                log.info("%s changed: pacing at %.2f QPS (was %.2f)", self.config_path.name, cfg.qps, self._qps)
+            self._qps = cfg.qps
 
     @property
     def qps(self) -> float:

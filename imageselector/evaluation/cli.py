@@ -10,8 +10,8 @@ from pathlib import Path
 from imageselector import db
 from imageselector.config import load_settings
 from imageselector.db import EMBED_MODELS
-from imageselector.evaluation import report as eval_report
-from imageselector.evaluation import stage as eval_run
+from imageselector.evaluation import report
+from imageselector.evaluation import stage as evaluation
 from imageselector.logs import setup_logging
 from imageselector.search.ensemble import DEFAULT_RRF_K
 from imageselector.stopping import guarded_main
@@ -74,7 +74,7 @@ def _main(argv: list[str] | None = None) -> int:
     if not settings.db_path.exists():
         log.error("no database at %s: nothing to evaluate", settings.db_path)
         return 2
-    opts = eval_run.Options(
+    opts = evaluation.Options(
         sample=args.sample or None,
         seed=args.seed,
         depth=args.depth,
@@ -88,7 +88,7 @@ def _main(argv: list[str] | None = None) -> int:
     )
     conn = db.connect(settings.db_path, readonly=True)
     try:
-        results = eval_run.run(settings, conn, opts)
+        results = evaluation.run(settings, conn, opts)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -97,19 +97,19 @@ def _main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(results["generated_at"]))
     out_dir = Path(args.out) if args.out else settings.home / "evaluation" / stamp
     if args.fit_weights:
-        blocker = eval_run.weights_blocker(results, args.min_fit)
+        blocker = evaluation.weights_blocker(results, args.min_fit)
         if blocker:
             results["weights"]["not_written"] = blocker
             log.warning("fusion weights NOT written: %s", blocker)
         else:
-            path = eval_run.write_weights(settings, results)
+            path = evaluation.write_weights(settings, results)
             results["weights"]["written"] = str(path)
             log.info("fusion weights written to %s: %s", path, results["weights"]["fitted"]["rrf"])
-    files = eval_report.write_report(results, out_dir)
+    files = report.write_report(results, out_dir)
     if args.json:
-        print(eval_report.to_json(results))
+        print(report.to_json(results))
     else:
-        print(eval_report.render_table(results))
+        print(report.render_table(results))
         print(f"\nReport: {files['markdown']}  (chart {files['chart'].name}, data {files['json'].name})")
     return 0
 

@@ -5,6 +5,7 @@ matplotlib is not a dependency; the chart is a plain horizontal bar chart with c
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -103,7 +104,7 @@ def render_table(results: Mapping[str, Any]) -> str:
     )
     lines += _weights_status(w)
     if not results["costs"]:
-        lines.append("Embedding cost: not in embed.log; run with --measure-cost to measure it here.")
+        lines.append("Embedding cost: not recorded by embed.py yet; run with --measure-cost to measure it here.")
     return "\n".join(lines)
 
 
@@ -150,7 +151,6 @@ def draw_chart(results: Mapping[str, Any], path: Path) -> Path:
             d.line([lo, mid, hi, mid], fill="black")
             d.line([lo, y + 1, lo, y + bar_h - 3], fill="black")
             d.line([hi, y + 1, hi, y + bar_h - 3], fill="black")
-    import io
 
     buf = io.BytesIO()
     img.save(buf, format="PNG")

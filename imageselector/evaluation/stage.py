@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
@@ -19,10 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from imageselector import db
 from imageselector.config import Settings
 from imageselector.db import EMBED_MODELS
 from imageselector.embedding.store import open_snapshot
-from imageselector.evaluation import metrics as ev
+from imageselector.evaluation import metrics
+from imageselector.fsutil import atomic_write_text
+from imageselector.layout import locate_image
 from imageselector.search.ensemble import DEFAULT_RRF_K, WEIGHTS_FILE, load_weights
 from imageselector.search.indexes import TEXT_INDEXES, read_manifest
 
@@ -111,7 +113,7 @@ def eligible_groups(image_indexes: Mapping[str, LoadedIndex], listing_of: np.nda
     return {int(lid): common[s : s + c] for lid, s, c in zip(uniq, starts, counts, strict=True) if c >= 2}
 
 
-def sample_queries(groups: Mapping[int, np.ndarray], n: int | None, seed: int) -> list[ev.Query]:
+def sample_queries(groups: Mapping[int, np.ndarray], n: int | None, seed: int) -> list[metrics.Query]:
     """Up to n listings at random (seeded; all when n is None), one random image of each as the query."""
     rng = np.random.default_rng(seed)
     listings = sorted(groups)
@@ -122,24 +124,24 @@ def sample_queries(groups: Mapping[int, np.ndarray], n: int | None, seed: int) -
     for lid in listings:
         gids = [int(g) for g in groups[lid]]
         q = gids[int(rng.integers(len(gids)))]
-        out.append(ev.Query(q, int(lid), frozenset(g for g in gids if g != q)))
+        out.append(metrics.Query(q, int(lid), frozenset(g for g in gids if g != q)))
     return out
 
 
 def search_all(
     indexes: Mapping[str, LoadedIndex],
-    queries: Sequence[ev.Query],
+    queries: Sequence[metrics.Query],
     listing_of: np.ndarray,
     depth: int,
     timing_queries: int = 20,
-) -> tuple[list[ev.QueryHits], dict[str, dict[str, float]]]:
+) -> tuple[list[metrics.QueryHits], dict[str, dict[str, float]]]:
     """Search every index with every query (one batch per index). Returns hits and per-index timings.
 
     An image index is queried with its own stored vector of the query image; a CLIP text index with the
     CLIP image vector of the query (image -> listing text). Timings: the batch's time per query, and the
     mean latency of single queries (what one search on the page pays per model).
     """
-    hits = [ev.QueryHits(q) for q in queries]
+    hits = [metrics.QueryHits(q) for q in queries]
     timings: dict[str, dict[str, float]] = {}
     gids = [q.gid for q in queries]
 
@@ -164,9 +166,9 @@ def search_all(
         timings[name] = {"batch_ms_per_query": 1000 * batch_s / max(1, len(q)), "single_ms": 1000 * single_s}
         for qh, row_ids, row_scores in zip(hits, ids, scores, strict=True):
             if name.endswith("_text"):  # keyed by listing id; the query image is not in it
-                qh.listings[name] = ev.aggregate_max(row_ids[:depth], row_scores[:depth], lambda key: key)
+                qh.listings[name] = metrics.aggregate_max(row_ids[:depth], row_scores[:depth], lambda key: key)
             else:
-                qh.images[name], qh.listings[name] = ev.hits_from_search(
+                qh.images[name], qh.listings[name] = metrics.hits_from_search(
                     row_ids, row_scores, qh.query.gid, listing_fn, depth
                 )
     return hits, timings
@@ -176,43 +178,14 @@ def search_all(
 # Costs: embedding seconds per image
 # --------------------------------------------------------------------------------------------------
 
-_MODEL_TIME_RE = re.compile(r"\b(\w+): model time ([0-9.]+)s \(([0-9.]+) images/s in the model\)")
-_AVG_RE = re.compile(r"([0-9][0-9,]*\.?[0-9]*)/s avg")
 
-
-def costs_from_log(log_paths: Sequence[Path], models: Sequence[str]) -> dict[str, float]:
-    """Seconds per image per model from the embed stage's logs (`embed.log` and its rotations).
-
-    Best source: embed.py's exit line "<model>: model time Ts (R images/s in the model)", pooled over all
-    runs (total model time / total images). Else the last Progress line "... <model> images done, ... X/s avg"
-    (wall time, so it includes decoding and the other models of the same batch).
-    """
-    model_time: dict[str, float] = {}
-    model_images: dict[str, float] = {}
-    avg: dict[str, float] = {}
-    for path in sorted(log_paths, key=lambda p: p.stat().st_mtime if p.exists() else 0):
-        try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            hit = _MODEL_TIME_RE.search(line)
-            if hit and hit.group(1) in models:
-                t, rate = float(hit.group(2)), float(hit.group(3))
-                if t > 0 and rate > 0:
-                    model_time[hit.group(1)] = model_time.get(hit.group(1), 0.0) + t
-                    model_images[hit.group(1)] = model_images.get(hit.group(1), 0.0) + t * rate
-                continue
-            a = _AVG_RE.search(line)
-            if a:
-                for m in models:
-                    if f"{m} images done" in line:
-                        rate = float(a.group(1).replace(",", ""))
-                        if rate > 0:
-                            avg[m] = 1.0 / rate
-    out = dict(avg)
-    out.update({m: model_time[m] / model_images[m] for m in model_time if model_images.get(m)})
-    return out
+def costs_from_db(settings: Settings, models: Sequence[str]) -> dict[str, float]:
+    """Seconds of model time per image per model, as the embed stage recorded them (kv `embed_cost`)."""
+    conn = db.connect(settings.db_path, readonly=True)
+    try:
+        return {m: sec for m, sec in db.embed_costs(conn).items() if m in models}
+    finally:
+        conn.close()
 
 
 def measure_costs(
@@ -263,20 +236,20 @@ class Options:
 
 
 def _method(name: str, kind: str, values: dict[str, np.ndarray], n_boot: int, seed: int, **extra: Any) -> dict:
-    metrics = {}
-    for m in ev.METRICS:
+    summaries = {}
+    for m in metrics.METRICS:
         v = values[m]
-        metrics[m] = None if np.isnan(v).all() else ev.summarize(v, n_boot=n_boot, seed=seed).to_dict()
-    return {"name": name, "kind": kind, "metrics": metrics, **extra}
+        summaries[m] = None if np.isnan(v).all() else metrics.summarize(v, n_boot=n_boot, seed=seed).to_dict()
+    return {"name": name, "kind": kind, "metrics": summaries, **extra}
 
 
-def _fusion_ms(hits: Sequence[ev.QueryHits], models: Sequence[str], method: str, weights, calib, rrf_k) -> float:  # type: ignore[no-untyped-def]
+def _fusion_ms(hits: Sequence[metrics.QueryHits], models: Sequence[str], method: str, weights, calib, rrf_k) -> float:  # type: ignore[no-untyped-def]
     sample = hits[: min(50, len(hits))]
     if not sample:
         return 0.0
     t0 = time.perf_counter()
     for qh in sample:
-        ev.fuse(method, {m: qh.listings[m] for m in models if m in qh.listings}, weights, calib, rrf_k)
+        metrics.fuse(method, {m: qh.listings[m] for m in models if m in qh.listings}, weights, calib, rrf_k)
     return 1000 * (time.perf_counter() - t0) / len(sample)
 
 
@@ -306,14 +279,14 @@ def run(settings: Settings, conn: sqlite3.Connection, opts: Options) -> dict[str
     )
     hits, timings = search_all(indexes, queries, listing_of, opts.depth, opts.timing_queries)
     fit_hits, eval_hits = hits[:n_fit], hits[n_fit:]
-    calib = {m: ev.calibrate(indexes[m].sample_vectors(1000, opts.seed)) for m in image_models}
+    calib = {m: metrics.calibrate(indexes[m].sample_vectors(1000, opts.seed)) for m in image_models}
     text_names = [n for n in indexes if n.endswith("_text")]
 
     methods: list[dict] = []
     per_query: dict[str, dict[str, np.ndarray]] = {}
     seed = opts.seed
     for m in [*image_models, *text_names]:
-        vals = ev.evaluate_single(eval_hits, m)
+        vals = metrics.evaluate_single(eval_hits, m)
         per_query[m] = vals
         kind = "text" if m.endswith("_text") else "model"
         methods.append(_method(m, kind, vals, opts.n_boot, seed, query_ms=timings[m]["single_ms"]))
@@ -322,7 +295,9 @@ def run(settings: Settings, conn: sqlite3.Connection, opts: Options) -> dict[str
     fitted_score: dict[str, float] = {}
     for method in ("max", "rrf"):
         if n_fit and len(image_models) > 1:
-            weights[method], fitted_score[method] = ev.fit_weights(fit_hits, image_models, method, calib, opts.rrf_k)
+            weights[method], fitted_score[method] = metrics.fit_weights(
+                fit_hits, image_models, method, calib, opts.rrf_k
+            )
         else:
             weights[method] = {m: 1.0 for m in image_models}
     in_force, in_force_src = load_weights(settings.embeddings_dir)
@@ -339,7 +314,7 @@ def run(settings: Settings, conn: sqlite3.Connection, opts: Options) -> dict[str
     if text_names:
         variants.append(("rrf + text", "rrf", [*image_models, *text_names], None))
     for name, method, members, w in variants:
-        vals = ev.evaluate_fusion(eval_hits, members, method, w, calib, opts.rrf_k)
+        vals = metrics.evaluate_fusion(eval_hits, members, method, w, calib, opts.rrf_k)
         per_query[name] = vals
         ms = sum(timings[m]["single_ms"] for m in members) + _fusion_ms(
             eval_hits, members, method, w, calib, opts.rrf_k
@@ -351,13 +326,13 @@ def run(settings: Settings, conn: sqlite3.Connection, opts: Options) -> dict[str
         full = per_query["rrf"]
         for m in image_models:
             rest = [x for x in image_models if x != m]
-            vals = ev.evaluate_fusion(eval_hits, rest, "rrf", None, calib, opts.rrf_k, listing_only=True)
+            vals = metrics.evaluate_fusion(eval_hits, rest, "rrf", None, calib, opts.rrf_k, listing_only=True)
             ablation.append(
                 {
                     "model": m,
                     "delta": {
-                        k: ev.summarize(full[k] - vals[k], n_boot=opts.n_boot, seed=seed).to_dict()
-                        for k in ev.LISTING_METRICS
+                        k: metrics.summarize(full[k] - vals[k], n_boot=opts.n_boot, seed=seed).to_dict()
+                        for k in metrics.LISTING_METRICS
                     },
                     "query_ms_saved": timings[m]["single_ms"],
                 }
@@ -404,16 +379,15 @@ def run(settings: Settings, conn: sqlite3.Connection, opts: Options) -> dict[str
     }
 
 
-def _costs(settings: Settings, models: Sequence[str], queries: Sequence[ev.Query], opts: Options) -> dict[str, dict]:
+def _costs(
+    settings: Settings, models: Sequence[str], queries: Sequence[metrics.Query], opts: Options
+) -> dict[str, dict]:
     out: dict[str, dict] = {}
-    logged = costs_from_log(sorted(settings.home.glob("embed*.log*")), models)
+    logged = costs_from_db(settings, models)
     for m, sec in logged.items():
-        out[m] = {"sec_per_image": sec, "source": "embed.log"}
+        out[m] = {"sec_per_image": sec, "source": "recorded by embed.py"}
     if opts.measure_cost:
-        from imageselector.db import connect
-        from imageselector.layout import locate_image
-
-        conn = connect(settings.db_path, readonly=True)
+        conn = db.connect(settings.db_path, readonly=True)
         try:
             paths = []
             for q in queries:
@@ -436,7 +410,6 @@ def _costs(settings: Settings, models: Sequence[str], queries: Sequence[ev.Query
 
 def write_weights(settings: Settings, results: Mapping[str, Any], method: str = "rrf") -> Path:
     """Write `<home>/embeddings/fusion_weights.json`, the file the search reads (search/ensemble.py)."""
-    from imageselector.fsutil import atomic_write_text
 
     fitted_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     n = results["weights"]["fitted_on"]

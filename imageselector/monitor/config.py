@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from imageselector import qps_config
 from imageselector.monitor.qps_tuner import Policy
 
 CONFIG_NAME = "pipeline_monitor.json"
@@ -65,7 +66,7 @@ class QpsTuning(Policy):
 
     enabled: bool = True
     interval_s: float = 30.0
-    initial_qps: float = 5.0
+    initial_qps: float = qps_config.DEFAULT_QPS
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,13 @@ to it anyway; when the quota runs out, sync's own daily reserve pauses requests)
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
-from imageselector.fsutil import atomic_write_text
+from imageselector import qps_config
+from imageselector.qps_config import ABS_MIN_QPS
 
 DAY_S = 86400.0
-QPS_FLOOR = 0.01  # never write 0: sync paces by 1/qps
 
 
 @dataclass(frozen=True)
@@ -39,8 +37,8 @@ class SyncStats:
 
 @dataclass(frozen=True)
 class Policy:
-    min_qps: float = 1.0
-    max_qps: float = 10.0
+    min_qps: float = qps_config.DEFAULT_MIN_QPS
+    max_qps: float = qps_config.DEFAULT_MAX_QPS
     increase: float = 0.5
     decrease: float = 0.5
     headroom: float = 0.2
@@ -96,7 +94,7 @@ def quota_cap(stats: SyncStats, policy: Policy) -> float | None:
         return None
     spread = max(0.0, stats.remaining_today) / policy.quota_horizon_s
     sustainable = (stats.limit_per_day or 0.0) / DAY_S
-    return max(spread, sustainable, QPS_FLOOR)
+    return max(spread, sustainable, ABS_MIN_QPS)
 
 
 def decide(current: float, prev: SyncStats | None, stats: SyncStats | None, policy: Policy, now: float) -> Decision:
@@ -137,40 +135,14 @@ def decide(current: float, prev: SyncStats | None, stats: SyncStats | None, poli
         new = cap
         reason += f"; daily quota: {stats.remaining_today:,.0f} left -> at most {cap:.2f}/s"  # type: ignore[union-attr]
     new = min(max(new, policy.min_qps), max(top, policy.min_qps))
-    new = round(max(new, QPS_FLOOR), 3)
+    new = round(max(new, ABS_MIN_QPS), 3)
     return Decision(new, reason, abs(new - current) > 1e-9)
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(Path(path).read_text())
-        return raw if isinstance(raw, dict) else {}
-    except (OSError, ValueError):
-        return {}
+def policy_from_file(cfg: qps_config.QpsConfig, base: Policy) -> Policy:
+    """min_qps / max_qps edited by hand in qps_config.json win over the monitor's configured ones.
 
-
-def write_config(
-    path: Path, qps: float, min_qps: float, max_qps: float, reason: str, tmp_dir: Path | None = None
-) -> dict[str, Any]:
-    """Atomically write qps_config.json (the format in docs/architecture.md)."""
-    data = {
-        "qps": round(qps, 3),
-        "min_qps": min_qps,
-        "max_qps": max_qps,
-        "updated_at": round(time.time(), 3),
-        "reason": reason,
-    }
-    atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n", tmp_dir)
-    return data
-
-
-def policy_from_file(cfg: dict[str, Any], base: Policy) -> Policy:
-    """min_qps / max_qps edited by hand in qps_config.json win over the monitor's configured ones."""
-    from dataclasses import replace
-
-    upd: dict[str, float] = {}
-    for key in ("min_qps", "max_qps"):
-        v = cfg.get(key)
-        if isinstance(v, int | float) and v > 0:
-            upd[key] = float(v)
-    return replace(base, **upd)
+    `cfg` must be read with `base`'s bounds as fallbacks (`qps_config.read(path, min_qps=..., max_qps=...)`),
+    so a missing or unusable bound in the file leaves the configured one.
+    """
+    return replace(base, min_qps=cfg.min_qps, max_qps=cfg.max_qps)

@@ -31,16 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imageselector import db
+from imageselector import db, qps_config
 from imageselector.config import PROJECT_ROOT, HomeError, Settings, load_settings
-from imageselector.fsutil import atomic_write_text, clean_home_tmp, pid_alive
+from imageselector.fsutil import atomic_write_text, clean_home_tmp, instance_lock, lock_holder, pid_alive
 from imageselector.logs import fmt_duration, setup_logging
 from imageselector.monitor import config as monitor_config
 from imageselector.monitor import qps_tuner
 from imageselector.monitor.config import MonitorConfig, StageSpec
 from imageselector.monitor.diskspace import DiskGuard
-from imageselector.status import figures as status
-from imageselector.status import health
+from imageselector.status import figures, health
 from imageselector.stopping import (
     EXIT_NO_SPACE,
     KILL,
@@ -49,6 +48,7 @@ from imageselector.stopping import (
     remove_kill_files,
     split_kill_files,
 )
+from imageselector.worker import Heartbeat
 
 log = logging.getLogger("pipeline")
 
@@ -58,8 +58,9 @@ DB_STAGES: dict[str, tuple[str, ...]] = {
     "bg": ("bg",),
     "embed": tuple(f"embed_{m}" for m in db.EMBED_MODELS),
 }
-STATE_FILE = "pipeline_monitor.json"  # under .run/: what the monitor is doing, for the demo, chaos bench, humans
-PID_FILE = "pipeline_monitor.pid"
+STATE_FILE = "pipeline_monitor.state.json"  # under .run/: what the monitor is doing, for the demo, chaos, humans
+OLD_STATE_FILE = "pipeline_monitor.json"  # its name before 2026-11 (clashed with the config file's)
+LOCK_NAME = "pipeline_monitor"  # .run/pipeline_monitor.lock: one monitor per data home
 
 
 def describe_exit(rc: int) -> str:
@@ -69,24 +70,6 @@ def describe_exit(rc: int) -> str:
         except ValueError:
             return f"killed by signal {-rc}"
     return f"exit code {rc}"
-
-
-def scan_heartbeats(run_dir: Path) -> list[dict[str, Any]]:
-    """Every readable heartbeat file, with its name added."""
-    out = []
-    try:
-        paths = list(run_dir.glob("*.heartbeat"))
-    except OSError:
-        return out
-    for p in paths:
-        try:
-            hb = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(hb, dict):
-            hb["_name"] = p.name[: -len(".heartbeat")]
-            out.append(hb)
-    return out
 
 
 @dataclass
@@ -389,25 +372,9 @@ class Monitor:
         self.next_disk_check = 0.0
         self.last_exit_at: float | None = None  # the previous monitor's exit (kill files older than it are stale)
         self.exited_at: float | None = None
+        self._qps_warned: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ start-up
-
-    def _claim_pid_file(self) -> bool:
-        pid_file = self.run_dir / PID_FILE
-        try:
-            other = int(pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            other = None
-        if other and other != os.getpid() and pid_alive(other):
-            log.error(
-                "another pipeline monitor is running (pid %d, from %s); stop it first (touch KILL), "
-                "or remove the file if that pid is not a monitor",
-                other,
-                pid_file,
-            )
-            return False
-        atomic_write_text(pid_file, f"{os.getpid()}\n")
-        return True
 
     def _stop_orphans(self) -> None:
         """Workers left running by a monitor that was killed hard would otherwise run twice."""
@@ -423,42 +390,78 @@ class Monitor:
             log.warning("%s: pid %d from an earlier monitor is still running; stopping it (SIGTERM)", r.name, pid)
             _terminate_pid(pid, self.cfg.kill_timeout_s)
 
+    def _read_qps(self) -> qps_config.QpsConfig | None:
+        """qps_config.json as sync will read it (clamped), warnings said once per change. None: missing or unreadable."""
+        q = self.cfg.qps
+        try:
+            cfg = qps_config.read(self.settings.qps_config_path, min_qps=q.min_qps, max_qps=q.max_qps)
+        except qps_config.QpsConfigError as exc:
+            cfg, warnings = None, (str(exc),)
+        else:
+            warnings = cfg.warnings if cfg is not None else ()
+        if warnings != self._qps_warned:
+            for w in warnings:
+                log.warning("%s: %s", qps_config.FILE_NAME, w)
+            self._qps_warned = warnings
+        return cfg
+
     def _init_qps(self) -> None:
         q = self.cfg.qps
-        path = self.settings.qps_config_path
-        cur = qps_tuner.read_config(path)
-        if isinstance(cur.get("qps"), int | float) and cur["qps"] > 0:
-            log.info("qps_config.json: qps %.2f (min %s, max %s)", cur["qps"], cur.get("min_qps"), cur.get("max_qps"))
+        cur = self._read_qps()
+        if cur is not None:
+            log.info("%s: qps %.2f (min %g, max %g)", qps_config.FILE_NAME, cur.qps, cur.min_qps, cur.max_qps)
             return
         try:
-            qps_tuner.write_config(path, q.initial_qps, q.min_qps, q.max_qps, "initial value", self.settings.tmp_dir)
+            qps_config.write(
+                self.settings.qps_config_path, q.initial_qps, q.min_qps, q.max_qps, "initial value", self.settings.tmp_dir
+            )
         except OSError as exc:
-            log.warning("could not write %s: %s", path.name, exc)
+            log.warning("could not write %s: %s", qps_config.FILE_NAME, exc)
             return
-        log.info("qps_config.json written: qps %.2f (min %.2f, max %.2f)", q.initial_qps, q.min_qps, q.max_qps)
+        log.info("%s written: qps %.2f (min %.2f, max %.2f)", qps_config.FILE_NAME, q.initial_qps, q.min_qps, q.max_qps)
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> int:
-        if not self._claim_pid_file():
-            return 1
-        self.last_exit_at = self._previous_exit()
-        try:
-            return self._run()
-        finally:
-            self.exited_at = time.time()
-            self._write_state(self.exited_at, final=True)  # its exit time tells the next start which KILL is new
+        """Exit code: 0 after a graceful stop, 2 when another monitor already runs on this data home."""
+        with instance_lock(self.run_dir, LOCK_NAME) as mine:
+            if not mine:
+                log.error(
+                    "another pipeline monitor is running on %s (pid %s, holds .run/%s.lock); "
+                    "stop it first (touch KILL)",
+                    self.home,
+                    lock_holder(self.run_dir, LOCK_NAME),
+                    LOCK_NAME,
+                )
+                return 2
+            self.last_exit_at = self._previous_exit()
             try:
-                (self.run_dir / PID_FILE).unlink()
-            except FileNotFoundError:
-                pass
-            if self.conn is not None:
-                self.conn.close()
+                return self._run()
+            finally:
+                self.exited_at = time.time()
+                self._write_state(self.exited_at, final=True)  # its exit time tells the next start which KILL is new
+                if self.conn is not None:
+                    self.conn.close()
+
+    def _drop_old_state_file(self) -> None:
+        """The state file used to be `.run/pipeline_monitor.json`, the config file's name too: retire it once."""
+        old = self.run_dir / OLD_STATE_FILE
+        try:
+            json.loads(old.read_text())["stages"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # absent, or not a state file we wrote: leave it alone
+        old.unlink(missing_ok=True)
+        log.info("state file renamed: .run/%s -> .run/%s", OLD_STATE_FILE, STATE_FILE)
 
     def _previous_exit(self) -> float | None:
-        try:
-            state = json.loads((self.run_dir / STATE_FILE).read_text())
-        except (OSError, ValueError):
+        """When the last monitor exited, from its state file (the old name once, for a monitor before the rename)."""
+        for name in (STATE_FILE, OLD_STATE_FILE):
+            try:
+                state = json.loads((self.run_dir / name).read_text())
+                break
+            except (OSError, ValueError):
+                continue
+        else:
             return None
         ts = state.get("exited_at") or state.get("last_exit_at") if isinstance(state, dict) else None
         return float(ts) if isinstance(ts, int | float) else None
@@ -493,13 +496,14 @@ class Monitor:
         names = ", ".join(r.name for r in self.runners) or "none"
         log.info("pipeline monitor started (pid %d) in %s; stages: %s", os.getpid(), self.home, names)
         self.conn = db.connect(self.settings.db_path)
-        warning = db.kv_get(self.conn, "status_warning")
+        warning = db.kv_get(self.conn, db.KV_STATUS_WARNING)
         for w in [warning, health.images_missing(self.settings, self.conn)]:
             if w:
                 log.warning("!" * 78)
                 log.warning("WARNING: %s", w)
                 log.warning("!" * 78)
         self._stop_orphans()
+        self._drop_old_state_file()
         self._write_state(time.time())  # replace the last run's state at once: readers must not see it as ours
         if self.cfg.qps.enabled and any(r.name == "sync" for r in self.runners):
             self._init_qps()
@@ -519,7 +523,7 @@ class Monitor:
         tune = self.cfg.qps.enabled and any(r.name == "sync" for r in self.runners)
         while not self.stopper.should_stop():
             now = time.time()
-            beats = scan_heartbeats(self.run_dir)
+            beats = Heartbeat.scan(self.run_dir)
             for r in self.runners:
                 try:
                     r.tick(now, beats)
@@ -606,22 +610,24 @@ class Monitor:
 
     def _tune_qps(self, now: float) -> None:
         try:
-            stats = qps_tuner.parse_stats(db.kv_get(self.conn, "sync_stats"))  # type: ignore[arg-type]
+            stats = qps_tuner.parse_stats(db.kv_get(self.conn, db.KV_SYNC_STATS))  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - a status read must never stop the monitor
             log.warning("qps tuning: could not read sync_stats: %s", exc)
             return
-        path = self.settings.qps_config_path
-        current = qps_tuner.read_config(path)
-        qps = current.get("qps")
-        if not isinstance(qps, int | float) or qps <= 0:
-            qps = self.cfg.qps.initial_qps
-        policy = qps_tuner.policy_from_file(current, self.cfg.qps)
+        current = self._read_qps()
+        qps = current.qps if current is not None else self.cfg.qps.initial_qps
+        policy = qps_tuner.policy_from_file(current, self.cfg.qps) if current is not None else self.cfg.qps
         decision = qps_tuner.decide(float(qps), self.qps_prev, stats, policy, now)
         if stats is not None:
             self.qps_prev = stats
         if decision.changed:
-            qps_tuner.write_config(
-                path, decision.qps, policy.min_qps, policy.max_qps, decision.reason, self.settings.tmp_dir
+            qps_config.write(
+                self.settings.qps_config_path,
+                decision.qps,
+                policy.min_qps,
+                policy.max_qps,
+                decision.reason,
+                self.settings.tmp_dir,
             )
             log.info("qps %.2f -> %.2f (%s)", qps, decision.qps, decision.reason)
         else:
@@ -631,7 +637,7 @@ class Monitor:
 
     def status_lines(self, now: float) -> list[str]:
         try:
-            data = status.collect(self.conn, now)  # type: ignore[arg-type]
+            data = figures.collect(self.conn, now)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001
             return [f"status unavailable: {exc}"]
         lines = []
@@ -643,8 +649,9 @@ class Monitor:
     def _stage_work(self, name: str, data: dict[str, Any], now: float) -> str:
         stages = data["stages"]
         if name == "sync":
-            stats = qps_tuner.parse_stats(db.kv_get(self.conn, "sync_stats"))  # type: ignore[arg-type]
-            qps = qps_tuner.read_config(self.settings.qps_config_path).get("qps", "?")
+            stats = qps_tuner.parse_stats(db.kv_get(self.conn, db.KV_SYNC_STATS))  # type: ignore[arg-type]
+            current = self._read_qps()
+            qps = f"{current.qps:g}" if current is not None else "?"
             if stats is None:
                 return f"no sync stats yet, qps {qps}, {data['total']:,} images known"
             rate = "?"

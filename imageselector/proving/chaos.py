@@ -8,6 +8,7 @@ and the run checks that the monitor and every worker exited within the kill boun
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -20,10 +21,11 @@ from typing import Any
 
 from imageselector import db
 from imageselector.config import PROJECT_ROOT, load_settings
+from imageselector.etsy.simulator import Faults, Simulator
 from imageselector.fsutil import pid_alive
 from imageselector.monitor.stage import STATE_FILE
 from imageselector.proving.verify import VerifyReport, verify
-from imageselector.status import figures as status
+from imageselector.status import figures
 
 API_FAULTS = "api_429=0.05,api_5xx=0.05,api_timeout=0.02,timeout_s=2"
 CDN_FAULTS = "cdn_404=0.03,cdn_truncated=0.05,cdn_not_image=0.03,cdn_5xx=0.03"
@@ -119,7 +121,6 @@ def _state(home: Path) -> dict[str, Any]:
 
 def prepare_models(home: Path) -> tuple[Path, Path]:
     """Stand-in embedding models and u2net, built once per home."""
-    import logging
 
     from imageselector.background.standins import build_standin_u2net
     from imageselector.embedding.standins import build_standins
@@ -174,12 +175,11 @@ def backlog_done(conn, home: Path) -> bool:  # type: ignore[no-untyped-def]
     st = _state(home).get("stages", {})
     if st.get("sync", {}).get("state") not in ("finished", "failed"):
         return False
-    data = status.collect(conn)
+    data = figures.collect(conn)
     return data["total"] > 0 and all(s["backlog"] == 0 and s["leased"] == 0 for s in data["stages"].values())
 
 
 def run(opts: ChaosOptions, log=print) -> ChaosResult:  # type: ignore[no-untyped-def]
-    from imageselector.etsy.simulator import Faults, Simulator
 
     t_start = time.time()
     home = opts.home.resolve()

@@ -25,7 +25,7 @@ from imageselector.config import PROJECT_ROOT, load_settings
 from imageselector.logs import fmt_duration, setup_logging
 from imageselector.monitor.stage import STATE_FILE
 from imageselector.proving import demo_models
-from imageselector.status import figures as status
+from imageselector.status import figures
 
 DEFAULT_HOME = PROJECT_ROOT / "demo_home"
 SIM_READY = "SIMULATOR READY"
@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         bar = "#" * 100
         for line in (bar, f"WARNING: {choice.warning}", bar):
             log.warning(line)
-        db.kv_set(conn, "status_warning", choice.warning)
+        db.kv_set(conn, db.KV_STATUS_WARNING, choice.warning)
     else:
-        db.kv_set(conn, "status_warning", "")
+        db.kv_set(conn, db.KV_STATUS_WARNING, "")
     set_home_env(
         home,
         {
@@ -279,7 +279,7 @@ def run_monitor(
     try:
         while mon.poll() is None:
             time.sleep(2.0)
-            data, state = status.collect(conn), monitor_state(home)
+            data, state = figures.collect(conn), monitor_state(home)
             if state.get("pid") != mon.pid:
                 continue
             if max_listings and stop_sync_at(conn, state, max_listings, log):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from imageselector import weights
 from imageselector.config import Settings
+from imageselector.embedding.registry import DEFAULT_REGISTRY, load_registry
 from imageselector.weights import FETCH_COMMAND
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,6 @@ def choose(settings: Settings, mode: str, standin_dir: Path) -> ModelChoice:
     real_embed = real_bg = mode == "real"
     u2net_home = _u2net_file(settings)
     if mode == "auto":
-        from imageselector.embedding.registry import DEFAULT_REGISTRY, load_registry
-
         specs = load_registry(DEFAULT_REGISTRY)  # the real five (a home .env may point at stand-ins)
         missing = [a.name for a in weights.availability(specs) if not a.present]  # a cached fallback counts
         if not missing:

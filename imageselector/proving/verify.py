@@ -31,6 +31,7 @@ from typing import Any
 from PIL import Image
 
 from imageselector import db, layout
+from imageselector.background.imaging import is_marked
 from imageselector.config import DatabaseUnreadable, HomeError, Settings, load_settings
 from imageselector.fsutil import pid_alive
 
@@ -86,7 +87,6 @@ def _decodes(path: Path) -> str | None:
 
 
 def _is_marked(path: Path) -> bool:
-    from imageselector.background.imaging import is_marked
 
     try:
         with Image.open(path) as im:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from imageselector import db
+from imageselector.layout import locate_image
 
 ETSY_LISTING_URL = "https://www.etsy.com/listing/{listing_id}"
 CHUNK = 500
@@ -109,7 +110,6 @@ def image_file(settings, conn: sqlite3.Connection, listing_id: int, image_id: in
 
     Paths come from the ids after a database lookup, never from a client.
     """
-    from imageselector.layout import locate_image
 
     row = conn.execute(
         "SELECT 1 FROM image_status WHERE listing_id=? AND image_id=?", (int(listing_id), int(image_id))

@@ -608,7 +608,7 @@ class SearchService:
         if standins:
             out.append(f"{STANDIN_WARNING} ({', '.join(standins)})")
         try:
-            sw = db.kv_get(self.conn(), "status_warning")
+            sw = db.kv_get(self.conn(), db.KV_STATUS_WARNING)
         except (SearchError, sqlite3.Error) as exc:
             sw = None
             out.append(str(exc) if isinstance(exc, SearchError) else f"database unreadable: {exc}")

@@ -13,8 +13,7 @@ import sys
 from imageselector import db
 from imageselector.config import DatabaseUnreadable, HomeReadOnly, load_settings
 from imageselector.entry import run
-from imageselector.status import figures as status
-from imageselector.status import health
+from imageselector.status import figures, health
 from imageselector.stopping import guarded_main
 
 
@@ -43,11 +42,11 @@ def _main(argv: list[str] | None = None) -> int:
     else:
         conn = db.connect(settings.db_path, readonly=True)
     try:
-        data = status.collect(conn)
+        data = figures.collect(conn)
         data["warnings"] = list(dict.fromkeys([*health.home_warnings(settings, conn), *data.get("warnings", [])]))
     finally:
         conn.close()
-    print(status.to_json(data) if args.json else status.render(data))
+    print(figures.to_json(data) if args.json else figures.render(data))
     return 0
 
 

@@ -30,9 +30,6 @@ GUIDE_LINES: tuple[tuple[str, str], ...] = (
     ("Embedded dino3b:", "embed_dinov3_base"),
 )
 
-# Which counter makes rows ready for each stage (its backlog's upper side).
-READY_COUNTER = {"download": "to_download", "bg": "download_done"}
-
 
 @dataclass
 class StageStatus:
@@ -45,10 +42,6 @@ class StageStatus:
     per_min_10m: float
     per_min_1h: float
     eta_s: float | None
-
-
-def counters(conn: sqlite3.Connection) -> dict[str, int]:
-    return {r["name"]: int(r["n"]) for r in conn.execute("SELECT name, n FROM counters")}
 
 
 def window_rate(conn: sqlite3.Connection, name: str, now: float, window: float) -> tuple[float, bool]:
@@ -87,9 +80,8 @@ def stage_status(conn: sqlite3.Connection, c: dict[str, int], name: str, now: fl
         f" WHERE {st.claim_col} IS NOT NULL AND {st.not_before_col} > ?",
         (now,),
     ).fetchone()[0]
-    ready = c.get(READY_COUNTER.get(name, "bg_removed"), 0)
     done = c.get(st.done_col, 0)
-    backlog = max(0, ready - done - parked)
+    backlog = db.backlog(conn, name, counts=c, parked=parked)
     rate = {label: window_rate(conn, name, now, window) for label, window in (("10m", 600.0), ("1h", 3600.0))}
     per_min = next((r for r, measured in (rate["10m"], rate["1h"]) if measured), None)
     if per_min is None:  # too few completions to measure a span: the lower bound over the window
@@ -101,13 +93,13 @@ def stage_status(conn: sqlite3.Connection, c: dict[str, int], name: str, now: fl
 
 def collect(conn: sqlite3.Connection, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
-    c = counters(conn)
+    c = db.counters(conn)
     data: dict[str, Any] = {key: c.get(key, 0) for _, key in GUIDE_LINES}
     data["stages"] = {name: asdict(stage_status(conn, c, name, now)) for name in db.STAGES}
     data["archived"] = conn.execute(
         "SELECT COUNT(*) FROM image_status INDEXED BY ix_image_archived WHERE archived_at IS NOT NULL"
     ).fetchone()[0]
-    data["warnings"] = [w for w in (db.kv_get(conn, "status_warning"),) if w]
+    data["warnings"] = [w for w in (db.kv_get(conn, db.KV_STATUS_WARNING),) if w]
     data["generated_at"] = now
     data["schema_version"] = db.schema_version(conn)
     return data

@@ -13,7 +13,7 @@ from typing import Any
 from imageselector.config import Settings
 from imageselector.fsutil import free_mb
 
-MONITOR_STATE = ".run/pipeline_monitor.json"  # written by imageselector/monitor/stage.py
+MONITOR_STATE = ".run/pipeline_monitor.state.json"  # monitor/stage.py STATE_FILE (status does not import the monitor)
 
 
 def downloaded_here(conn: sqlite3.Connection) -> int:

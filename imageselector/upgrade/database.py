@@ -51,7 +51,9 @@ class DbReport:
 
 
 def _tables(conn: sqlite3.Connection) -> list[str]:
-    return [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")]
+    return [
+        r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")
+    ]
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> list[tuple[str, str, int, Any]]:

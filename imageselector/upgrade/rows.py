@@ -40,8 +40,10 @@ class Rows:
         done_cols = [st.done_col for st in db.STAGES.values()]
         # flags, parked flags, archived and primary packed into one integer: 5 values a row cross into Python
         bits = [f"(CASE WHEN {c}=1 THEN 1 ELSE 0 END)" if c in cols else "0" for c in done_cols]
-        bits += [f"(CASE WHEN {db.STAGES[s].parked_col}=1 THEN 1 ELSE 0 END)" if db.STAGES[s].parked_col in cols
-                 else "0" for s in db.STAGES]
+        bits += [
+            f"(CASE WHEN {db.STAGES[s].parked_col}=1 THEN 1 ELSE 0 END)" if db.STAGES[s].parked_col in cols else "0"
+            for s in db.STAGES
+        ]
         bits.append("(archived_at IS NOT NULL)" if "archived_at" in cols else "0")
         bits.append("(CASE WHEN is_primary=1 THEN 1 ELSE 0 END)" if "is_primary" in cols else "0")
         packed = " | ".join(f"({b} << {k})" for k, b in enumerate(bits))

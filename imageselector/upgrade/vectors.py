@@ -307,7 +307,9 @@ def _plan_text(plan: ModelPlan, path: Path, rowmap: RowMap, table: Rows, dim: in
         n = min(step, tx.ntotal - start)
         block = tx.read(start, n)
         idx = np.arange(start, start + n)
-        others = [(k, first_of[int(lids[i])]) for k, i in enumerate(idx) if lids[i] >= 0 and first_of[int(lids[i])] != i]
+        others = [
+            (k, first_of[int(lids[i])]) for k, i in enumerate(idx) if lids[i] >= 0 and first_of[int(lids[i])] != i
+        ]
         if others:
             firsts = tx.get(np.asarray([f for _, f in others]))
             if not np.array_equal(block[[k for k, _ in others]], firsts):

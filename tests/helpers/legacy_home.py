@@ -61,8 +61,20 @@ CREATE TABLE reviews (shop_id INTEGER, listing_id INTEGER, buyer_user_id INTEGER
 CREATE INDEX idx_to_download ON image_status(to_download, download_done);
 """
 
-COLUMNS = ("listing_id", "image_id", "shop_id", "hex", "suffix", "is_primary", "when_made", "price", "to_download",
-           "download_done", "bg_removed", *(f"embed_{m}" for m in MODELS))
+COLUMNS = (
+    "listing_id",
+    "image_id",
+    "shop_id",
+    "hex",
+    "suffix",
+    "is_primary",
+    "when_made",
+    "price",
+    "to_download",
+    "download_done",
+    "bg_removed",
+    *(f"embed_{m}" for m in MODELS),
+)
 
 
 def tiny_image(seed: int, fmt: str = "JPEG", size: int = 8) -> bytes:
@@ -88,8 +100,10 @@ class Expect:
 
 
 def write_registry(path: Path, dims: dict[str, int]) -> Path:
-    doc = {"version": 1, "models": {m: {"library": "transformers", "source": f"legacy-{m}", "dim": d}
-                                    for m, d in dims.items()}}
+    doc = {
+        "version": 1,
+        "models": {m: {"library": "transformers", "source": f"legacy-{m}", "dim": d} for m, d in dims.items()},
+    }
     path.write_text(json.dumps(doc))
     return path
 
@@ -111,15 +125,31 @@ def build_legacy_home(home: Path, backup: Path, *, listings: int = 14, per_listi
     n_dl, n_bg = int(n * 0.85), int(n * 0.65)
     embed_order = list(range(n_bg))
     rng.shuffle(embed_order)  # the order images were embedded: image_index.json's row order
-    counts = {"clip_vitb32": int(n_bg * 0.7), "clip_vitl14": int(n_bg * 0.45), "dinov2_base": int(n_bg * 0.55),
-              "dinov2_large": 0, "dinov3_base": int(n_bg * 0.3)}
+    counts = {
+        "clip_vitb32": int(n_bg * 0.7),
+        "clip_vitl14": int(n_bg * 0.45),
+        "dinov2_base": int(n_bg * 0.55),
+        "dinov2_large": 0,
+        "dinov3_base": int(n_bg * 0.3),
+    }
     flagged = {m: set(embed_order[: counts[m]]) for m in MODELS}
     flagged["clip_vitb32"].discard(embed_order[counts["clip_vitb32"] - 1])  # a vector whose flag is 0
     flagged["dinov2_base"].add(embed_order[counts["dinov2_base"]])  # a flag of 1 without a vector
     for i, (lid, iid) in enumerate(pairs):
         primary = int((iid // 1009) % per_listing == 0)
-        row = [lid, iid, 90_000 + lid % 5, f"{i:04x}", "abc", primary, "2020_2024", 12.5 + i, 1,
-               int(i < n_dl), int(i < n_bg)]
+        row = [
+            lid,
+            iid,
+            90_000 + lid % 5,
+            f"{i:04x}",
+            "abc",
+            primary,
+            "2020_2024",
+            12.5 + i,
+            1,
+            int(i < n_dl),
+            int(i < n_bg),
+        ]
         row += [int(i in flagged[m]) for m in MODELS]
         ex.rows.append(tuple(row))
 
@@ -128,13 +158,27 @@ def build_legacy_home(home: Path, backup: Path, *, listings: int = 14, per_listi
     con.executescript(GUIDE_SCHEMA)
     con.executemany(f"INSERT INTO image_status ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})", ex.rows)
     for li, lid in enumerate(lids):
-        con.execute("INSERT INTO listings VALUES (?,?,?,?,?,?,?,?,?)",
-                    (lid, 90_000 + lid % 5, f"Vintage thing {li}", "desc", f"https://etsy.com/listing/{lid}",
-                     "vintage,brass", "brass", "2020_2024", "active"))
-        con.execute("INSERT INTO listings_dynamic VALUES (?,?,?,?,?,?,?)", (lid, 1_700_000_000 + li, "active", 1, 3, 10, 9.5))
+        con.execute(
+            "INSERT INTO listings VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                lid,
+                90_000 + lid % 5,
+                f"Vintage thing {li}",
+                "desc",
+                f"https://etsy.com/listing/{lid}",
+                "vintage,brass",
+                "brass",
+                "2020_2024",
+                "active",
+            ),
+        )
+        con.execute(
+            "INSERT INTO listings_dynamic VALUES (?,?,?,?,?,?,?)", (lid, 1_700_000_000 + li, "active", 1, 3, 10, 9.5)
+        )
     for s in range(5):
-        con.execute("INSERT INTO shops VALUES (?,?,?,?)", (90_000 + s, 1_500_000_000, f"https://etsy.com/shop/s{s}",
-                                                             f"shop{s}"))
+        con.execute(
+            "INSERT INTO shops VALUES (?,?,?,?)", (90_000 + s, 1_500_000_000, f"https://etsy.com/shop/s{s}", f"shop{s}")
+        )
         con.execute("INSERT INTO shops_dynamic VALUES (?,?,?,?,?)", (90_000 + s, 1_700_000_100, 40, 5, 7))
         con.execute("INSERT INTO reviews VALUES (?,?,?,?,?,?)", (90_000 + s, lids[s], 1, 5, "great", 1_600_000_000 + s))
     con.commit()
@@ -164,8 +208,12 @@ def build_legacy_home(home: Path, backup: Path, *, listings: int = 14, per_listi
         ex.files[(lid, iid)] = data
     # unplaceable: not a photo name, ids that are no row, a second file for an image already there
     lid0, iid0 = next(p for p in ex.files if p[0] != -1)
-    for name, data in (("notes.txt", b"hello"), ("123_456.jpg", tiny_image(999)), (f"{iid0}.png", tiny_image(998, "PNG")),
-                       ("thumb_small.jpg", tiny_image(997))):
+    for name, data in (
+        ("notes.txt", b"hello"),
+        ("123_456.jpg", tiny_image(999)),
+        (f"{iid0}.png", tiny_image(998, "PNG")),
+        ("thumb_small.jpg", tiny_image(997)),
+    ):
         (images / name).write_bytes(data)
         ex.unplaceable[str(images / name)] = data
     (backup / "999_1.jpg").write_bytes(tiny_image(996))
@@ -220,8 +268,9 @@ def build_legacy_home(home: Path, backup: Path, *, listings: int = 14, per_listi
     tx = {}
     for lid in lids:
         tx[lid] = nrs.standard_normal(DIMS["clip_vitb32"]).astype(np.float32)
-    rows_t = np.stack([tx[p[0]] if p[0] in tx else nrs.standard_normal(DIMS["clip_vitb32"]).astype(np.float32)
-                       for p in index_pairs])
+    rows_t = np.stack(
+        [tx[p[0]] if p[0] in tx else nrs.standard_normal(DIMS["clip_vitb32"]).astype(np.float32) for p in index_pairs]
+    )
     t = faiss.IndexFlatIP(DIMS["clip_vitb32"])
     t.add(rows_t)
     faiss.write_index(t, str(emb / "clip_vitb32_text.faiss"))

@@ -11,7 +11,7 @@ from typing import Any
 
 from imageselector.monitor import config as monitor_config
 from imageselector.monitor.config import MonitorConfig
-from imageselector.monitor.stage import Monitor
+from imageselector.monitor.stage import STATE_FILE, Monitor
 
 FAKE = str(Path(__file__).resolve().parent / "fake_worker.py")
 
@@ -103,4 +103,4 @@ def starts(home: Path, name: str) -> list[tuple[int, float]]:
 
 
 def read_state(home: Path) -> dict[str, Any]:
-    return json.loads((home / ".run" / "pipeline_monitor.json").read_text())
+    return json.loads((home / ".run" / STATE_FILE).read_text())

@@ -8,6 +8,8 @@ Everything is drawn from seeded hashes: identical bytes for identical (seed, ima
 
 from __future__ import annotations
 
+import colorsys
+import importlib.util
 import io
 import math
 import random
@@ -53,8 +55,6 @@ def data_dir() -> Path:
     """skimage's bundled data folder, found without importing skimage (slow, and its fetchers go online)."""
     global _DATA_DIR
     if _DATA_DIR is None:
-        import importlib.util
-
         spec = importlib.util.find_spec("skimage")
         if spec is None or not spec.submodule_search_locations:
             raise RuntimeError("scikit-image is not installed: the simulated CDN needs its bundled photos")
@@ -111,7 +111,6 @@ def _colour_matrix(hue_deg: float, sat: float, bright: float) -> tuple[float, ..
 
 
 def _hsv_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
-    import colorsys
 
     r, g, b = colorsys.hsv_to_rgb((h % 360) / 360.0, s, v)
     return round(r * 255), round(g * 255), round(b * 255)
