@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from imageselector import db  # noqa: E402
-from imageselector.etsy.cdn import build_image_url  # noqa: E402
+from imageselector.cdn import build_image_url  # noqa: E402
 from imageselector.etsy.simulator.catalogue import Catalogue  # noqa: E402
 from tests.helpers.download_setup import catalogue_rows  # noqa: E402
 

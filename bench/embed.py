@@ -35,12 +35,12 @@ from PIL import Image  # noqa: E402
 
 from imageselector import db  # noqa: E402
 from imageselector.config import load_settings  # noqa: E402
-from imageselector.embedding.encoders import load_encoder  # noqa: E402
-from imageselector.embedding.preprocess import decode, draft_scale, draft_side  # noqa: E402
-from imageselector.embedding.registry import ModelSpec, load_registry  # noqa: E402
 from imageselector.embedding.stage import EmbedStage, Options  # noqa: E402
-from imageselector.embedding.standins import build_standins  # noqa: E402
 from imageselector.layout import image_path  # noqa: E402
+from imageselector.models.encoders import load_encoder  # noqa: E402
+from imageselector.models.preprocess import decode, draft_scale, draft_side  # noqa: E402
+from imageselector.models.registry import ModelSpec, load_registry  # noqa: E402
+from imageselector.models.standins import build_standins  # noqa: E402
 from imageselector.stopping import Stopper  # noqa: E402
 from tests.helpers.embed_data import seed_embeddable  # noqa: E402
 

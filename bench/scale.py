@@ -64,9 +64,9 @@ def fresh(root: Path, name: str) -> Path:
 def run_local(home: Path, registry: Path, batch: int, threads: int, dtype: str) -> float:
     import torch
 
-    from imageselector.embedding.encoders import load_encoder
-    from imageselector.embedding.registry import load_registry
     from imageselector.embedding.stage import EmbedStage, Options
+    from imageselector.models.encoders import load_encoder
+    from imageselector.models.registry import load_registry
 
     torch.set_num_threads(threads)
     settings = load_settings(home)
@@ -85,10 +85,10 @@ def run_local(home: Path, registry: Path, batch: int, threads: int, dtype: str) 
 def run_ray(home: Path, registry: Path, address: str, actors: int, batch: int, dtype: str) -> float:
     import ray
 
-    from imageselector.embedding.encoders import load_encoder
-    from imageselector.embedding.registry import load_registry
     from imageselector.embedding.remote import run_remote
     from imageselector.embedding.stage import EmbedStage, Options
+    from imageselector.models.encoders import load_encoder
+    from imageselector.models.registry import load_registry
     from imageselector.scaleout import RayPool
 
     settings = load_settings(home)

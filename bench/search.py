@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from imageselector.search.ensemble import aggregate_max, rrf_fuse  # noqa: E402
+from imageselector.fusion import aggregate_max, rrf_fuse  # noqa: E402
 from imageselector.search.indexes import IndexPolicy, new_hnsw, set_ef_search  # noqa: E402
 
 DIMS = {"clip_vitb32": 512, "clip_vitl14": 768, "dinov2_base": 768, "dinov2_large": 1024, "dinov3_base": 768}

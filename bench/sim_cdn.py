@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from imageselector.etsy import cdn  # noqa: E402
+from imageselector import cdn  # noqa: E402
 from imageselector.etsy.simulator.catalogue import Catalogue  # noqa: E402
 
 SEED = 1

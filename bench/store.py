@@ -36,8 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from imageselector import db  # noqa: E402
-from imageselector.embedding.segments import Layout  # noqa: E402
-from imageselector.embedding.store import FORMAT, MANIFEST, CompactionPolicy, StoreWriter  # noqa: E402
+from imageselector.vectorstore.segments import Layout  # noqa: E402
+from imageselector.vectorstore.store import FORMAT, MANIFEST, CompactionPolicy, StoreWriter  # noqa: E402
 
 DIMS = {"clip_vitb32": 512, "clip_vitl14": 768, "dinov2_base": 768, "dinov2_large": 1024, "dinov3_base": 768}
 TEXT = ("clip_vitb32", "clip_vitl14")

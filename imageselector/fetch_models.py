@@ -24,8 +24,8 @@ from typing import Any
 
 from imageselector import weights
 from imageselector.config import Settings, load_settings
-from imageselector.embedding.registry import ModelSpec, RegistryError, load_registry
 from imageselector.logs import setup_logging
+from imageselector.models.registry import ModelSpec, RegistryError, load_registry
 
 log = logging.getLogger("fetch_models")
 
@@ -181,7 +181,7 @@ def verify_embedder(spec: ModelSpec) -> str:
     """Load from local files only (the hub off), embed one image, check the dimension."""
     from PIL import Image
 
-    from imageselector.embedding.encoders import load_encoder
+    from imageselector.models.encoders import load_encoder
 
     enc = load_encoder(spec, device="cpu", dtype="fp32")
     try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imageselector.embedding.registry import ModelSpec
+from imageselector.models.registry import ModelSpec
 
 FETCH_COMMAND = "venv/bin/python scripts/fetch_models.py"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")

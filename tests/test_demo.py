@@ -44,7 +44,7 @@ def test_offline_without_weights_chooses_standins_with_a_warning(settings, monke
         return p
 
     import imageselector.background.standins as bg_standin
-    import imageselector.embedding.standins as emb_standins
+    import imageselector.models.standins as emb_standins
 
     monkeypatch.setattr(emb_standins, "build_standins", fake_build)
     monkeypatch.setattr(bg_standin, "build_standin_u2net", fake_build)

@@ -13,7 +13,7 @@ import pytest
 
 from imageselector import db
 from imageselector.embedding.cli import main
-from imageselector.embedding.store import read_store_manifest
+from imageselector.vectorstore.store import read_store_manifest
 from tests.conftest import ROOT, venv_python
 from tests.helpers import embed_fixtures
 from tests.helpers.embed_checks import check_no_lies, check_store_files, check_texts

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from imageselector.db import EMBED_MODELS
-from imageselector.embedding import encoders as enc_mod
-from imageselector.embedding.registry import DEFAULT_REGISTRY, RegistryError, load_registry, registry_path
+from imageselector.models import encoders as enc_mod
+from imageselector.models.registry import DEFAULT_REGISTRY, RegistryError, load_registry, registry_path
 from tests.helpers import embed_fixtures
 
 standin_registry = embed_fixtures.standin_registry
@@ -83,7 +83,7 @@ def test_standins_are_the_real_architectures(standin_registry: Path, standin_enc
 
 
 def test_vectors_are_unit_float32_and_deterministic(standin_registry: Path, standin_encoders: dict, tmp_path) -> None:
-    from imageselector.embedding.standins import build_standins
+    from imageselector.models.standins import build_standins
 
     other = load_registry(build_standins(tmp_path / "again", ["dinov3_base", "clip_vitb32"]))
     imgs = [_img(1), _img(2)]

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from imageselector.embedding import preprocess as pp
-from imageselector.embedding.encoders import load_encoder
-from imageselector.embedding.registry import load_registry
 from imageselector.embedding.stage import EmbedStage, Options, Prefetcher
 from imageselector.layout import image_path
+from imageselector.models import preprocess as pp
+from imageselector.models.encoders import load_encoder
+from imageselector.models.registry import load_registry
 from imageselector.stopping import KILL_EMBED, Stopper
 from tests.helpers import embed_fixtures
 from tests.helpers.embed_data import seed_embeddable

@@ -10,9 +10,9 @@ import pytest
 
 from imageselector import db
 from imageselector.embedding.stage import EmbedStage, Options, decode
-from imageselector.embedding.store import StoreWriter, read_manifest
 from imageselector.layout import image_path
 from imageselector.stopping import KILL, KILL_EMBED, Stopper
+from imageselector.vectorstore.store import StoreWriter, read_manifest
 from tests.helpers import embed_fixtures
 from tests.helpers.embed_checks import check_no_lies, check_store_files, check_texts, flagged, ids_in, vector_of
 from tests.helpers.embed_data import seed_embeddable

@@ -15,15 +15,15 @@ import faiss
 import numpy as np
 import pytest
 
-from imageselector.embedding.export import export_faiss
-from imageselector.embedding.migrate import migrate_legacy_store
-from imageselector.embedding.store import (
+from imageselector.search.indexes import IndexPolicy, IndexSet
+from imageselector.vectorstore.export import export_faiss
+from imageselector.vectorstore.migrate import migrate_legacy_store
+from imageselector.vectorstore.store import (
     CompactionPolicy,
     StoreWriter,
     open_snapshot,
     read_store_manifest,
 )
-from imageselector.search.indexes import IndexPolicy, IndexSet
 from tests.conftest import ROOT
 from tests.helpers.store_writer_proc import DIM, NAME, durable_log, vec_of
 

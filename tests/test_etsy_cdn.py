@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imageselector.etsy import cdn
+from imageselector import cdn
 
 REAL = "https://i.etsystatic.com/19569591/r/il/6290b5/1884081600/il_fullxfull.1884081600_tg5r.jpg"
 

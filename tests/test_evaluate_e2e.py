@@ -11,7 +11,7 @@ from PIL import Image
 from imageselector import db
 from imageselector.evaluation import stage as evaluation
 from imageselector.evaluation.cli import main
-from imageselector.search.ensemble import load_weights
+from imageselector.fusion import load_weights
 from tests.helpers.embed_fixtures import standin_registry  # noqa: F401 - session fixture
 from tests.helpers.search_home import build_search_home
 

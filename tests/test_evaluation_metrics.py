@@ -11,7 +11,7 @@ import pytest
 
 from imageselector.evaluation import metrics
 from imageselector.evaluation import stage as evaluation
-from imageselector.search.ensemble import ListingHit
+from imageselector.fusion import ListingHit
 
 
 def test_recall_and_ap_by_hand():

@@ -17,7 +17,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import GatedRepoError
 
 from imageselector import fetch_models, weights
-from imageselector.embedding.registry import load_registry
+from imageselector.models.registry import load_registry
 from imageselector.proving import demo_models
 
 ROOT = Path(__file__).resolve().parent.parent

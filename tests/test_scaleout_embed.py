@@ -15,7 +15,7 @@ pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from imageselector import db  # noqa: E402
-from imageselector.embedding.store import open_snapshot  # noqa: E402
+from imageselector.vectorstore.store import open_snapshot  # noqa: E402
 from tests.helpers.embed_checks import check_no_lies, check_store_files, check_texts  # noqa: E402
 from tests.helpers.embed_data import seed_embeddable  # noqa: E402
 from tests.helpers.embed_fixtures import standin_registry  # noqa: E402, F401

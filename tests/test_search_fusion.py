@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
-from imageselector.search.ensemble import ListingHit, aggregate_max, load_weights, rrf_fuse, weight_for
+from imageselector.fusion import ListingHit, aggregate_max, load_weights, rrf_fuse, weight_for
 
 
 def _unit(v) -> np.ndarray:

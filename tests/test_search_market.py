@@ -13,13 +13,13 @@ import pytest
 from PIL import Image
 
 from imageselector.config import load_settings
-from imageselector.embedding.store import open_snapshot
 from imageselector.etsy.simulator import images as sim_images
 from imageselector.etsy.simulator.catalogue import Catalogue
 from imageselector.search import copies
 from imageselector.search.market import Converter, market_view, parse_rates
 from imageselector.search.stored import stored_vectors
 from imageselector.search.uploads import UploadCache
+from imageselector.vectorstore.store import open_snapshot
 from tests.helpers.embed_fixtures import standin_registry  # noqa: F401 - session fixture
 from tests.helpers.search_home import SearchHome, search_home  # noqa: F401
 

@@ -18,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from imageselector.etsy import cdn
+from imageselector import cdn
 from imageselector.etsy.pacing import Pacer
 from imageselector.etsy.simulator import Faults, Simulator
 from imageselector.etsy.simulator.catalogue import Catalogue, tokens

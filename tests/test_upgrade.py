@@ -22,11 +22,11 @@ import pytest
 
 from imageselector import db
 from imageselector.config import load_settings
-from imageselector.embedding.store import TEXT_SUFFIX, open_snapshot
 from imageselector.layout import image_path
 from imageselector.proving.verify import verify
 from imageselector.upgrade.cli import main as upgrade_main
 from imageselector.upgrade.state import DIE_ENV, OPS_ENV, SLEEP_ENV
+from imageselector.vectorstore.store import TEXT_SUFFIX, open_snapshot
 from tests.helpers.legacy_home import COLUMNS, MODELS, Expect, build_legacy_home
 
 faiss.omp_set_num_threads(1)  # no OpenMP pool in this process: the upgrade runs in forked children
@@ -136,7 +136,7 @@ def check_upgraded(home: Path, backup: Path, ex: Expect, legacy_files: dict[str,
     flat = {p.name for p in (home / "images").iterdir() if p.is_file()}
     assert flat == {Path(p).name for p in ex.unplaceable if Path(p).parent == home / "images"}
     emb = home / "embeddings"
-    for m in MODELS:  # the upgrade ends with the vectors in the segment store (embedding/migrate.py)
+    for m in MODELS:  # the upgrade ends with the vectors in the segment store (vectorstore/migrate.py)
         assert not (emb / f"{m}.faiss").exists()
         got = stored(emb, m)
         assert len(got) == len(ex.vectors[m])  # nothing duplicated (stored() checks), nothing lost

@@ -11,8 +11,8 @@ from PIL import Image
 
 from imageselector import layout
 from imageselector.background.imaging import encode_jpeg, marker_text
-from imageselector.embedding.store import new_index, write_index
 from imageselector.proving.verify import verify
+from imageselector.vectorstore.store import new_index, write_index
 from tests.helpers.rows import seed_images
 
 
@@ -124,7 +124,7 @@ def test_the_vector_of_a_row_parked_for_its_model_is_an_orphan(settings, conn):
 
 def test_segment_store_home_verifies_and_a_missing_vector_is_found(settings, conn):
     """The same checks over the segment store: honest, then one gid deleted from the store."""
-    from imageselector.embedding.store import StoreWriter
+    from imageselector.vectorstore.store import StoreWriter
 
     rows = _honest_home(settings, conn, n=5)
     (settings.embeddings_dir / "clip_vitb32.faiss").unlink()

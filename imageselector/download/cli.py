@@ -13,10 +13,10 @@ import sys
 from collections.abc import Iterator
 
 from imageselector import db
+from imageselector.cdn import SIZES
 from imageselector.config import PROJECT_ROOT, HomeError, load_settings
 from imageselector.download.engines import DONE, ENGINES, PARK, RELEASE, RETRY, EngineOptions, make_engine
 from imageselector.download.stage import SCRIPT, STAGE, DownloadStage, images_gone, log, log_waiting, reconcile
-from imageselector.etsy.cdn import SIZES
 from imageselector.fsutil import is_disk_full
 from imageselector.imagecheck import DEFAULT_MAX_PIXELS
 from imageselector.logs import Progress

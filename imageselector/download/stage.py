@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imageselector import db, layout
+from imageselector.cdn import build_image_url, parse_image_url
 from imageselector.download.engines import DONE, PARK, RETRY, Engine, Job, Outcome
-from imageselector.etsy.cdn import build_image_url, parse_image_url
 from imageselector.imagecheck import DEFAULT_MAX_PIXELS, decode_error
 from imageselector.logs import Progress
 from imageselector.stopping import Stopper

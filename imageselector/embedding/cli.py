@@ -18,10 +18,8 @@ from typing import Any
 
 from imageselector import db, weights
 from imageselector.config import load_settings
-from imageselector.embedding.export import export_faiss, export_image_index
-from imageselector.embedding.migrate import migrate_legacy_store
-from imageselector.embedding.registry import RegistryError, load_registry
 from imageselector.logs import setup_logging
+from imageselector.models.registry import RegistryError, load_registry
 from imageselector.scaleout import (
     RayUnavailable,
     add_ray_arguments,
@@ -31,6 +29,8 @@ from imageselector.scaleout import (
 )
 from imageselector.stage_entry import Context, Entry, StageJob, UsageError, run_stage
 from imageselector.stopping import KILL, KILL_EMBED, guarded_main
+from imageselector.vectorstore.export import export_faiss, export_image_index
+from imageselector.vectorstore.migrate import migrate_legacy_store
 
 FACTORY = "imageselector.embedding.remote:make_embed_compute"
 
@@ -80,8 +80,8 @@ class EmbedJob(StageJob):
         # a second (exit 2) without paying for torch's import
         import torch
 
-        from imageselector.embedding.encoders import load_encoder
         from imageselector.embedding.stage import EmbedStage, Options
+        from imageselector.models.encoders import load_encoder
 
         log, settings = ctx.log, ctx.settings
         logging.getLogger("faiss").setLevel(logging.WARNING)

@@ -22,10 +22,10 @@ from PIL import Image, UnidentifiedImageError
 
 from imageselector import db
 from imageselector.config import load_settings
-from imageselector.embedding.encoders import load_encoder
-from imageselector.embedding.preprocess import DEFAULT_MODE, decode, draft_side
-from imageselector.embedding.registry import load_registry
 from imageselector.embedding.stage import EmbedStage, find_image, log
+from imageselector.models.encoders import load_encoder
+from imageselector.models.preprocess import DEFAULT_MODE, decode, draft_side
+from imageselector.models.registry import load_registry
 from imageselector.scaleout import RemoteStageRunner
 from imageselector.worker import ClaimedBatch, run_loop
 

@@ -42,12 +42,12 @@ from PIL import Image, UnidentifiedImageError
 
 from imageselector import db
 from imageselector.config import Settings
-from imageselector.embedding.encoders import Encoder
-from imageselector.embedding.migrate import UNKNOWN_SOURCE, drop_image_index, migrate_index
-from imageselector.embedding.preprocess import decode, draft_side
-from imageselector.embedding.store import TEXT_SUFFIX, CompactionPolicy, StoreWriter, read_store_manifest
 from imageselector.layout import image_path, locate_image
 from imageselector.logs import Progress
+from imageselector.models.encoders import Encoder
+from imageselector.models.preprocess import decode, draft_side
+from imageselector.vectorstore.migrate import UNKNOWN_SOURCE, drop_image_index, migrate_index
+from imageselector.vectorstore.store import TEXT_SUFFIX, CompactionPolicy, StoreWriter, read_store_manifest
 from imageselector.worker import ClaimedBatch, Heartbeat, run_loop
 
 log = logging.getLogger("embed")

@@ -16,21 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imageselector import db
-from imageselector.etsy.cdn import parse_image_url
+from imageselector.cdn import parse_image_url
+from imageselector.money import money
 
 log = logging.getLogger(__name__)
 
 IMAGE_URL_KEYS = ("url_fullxfull", "url_570xN")  # the sizes hex/suffix are parsed from, best first
-
-
-def money(price: Any) -> float | None:
-    """Etsy Money {"amount": 1500, "divisor": 100} -> 15.0 (currency units)."""
-    if not isinstance(price, dict):
-        return None
-    amount, divisor = price.get("amount"), price.get("divisor")
-    if not isinstance(amount, int | float) or not isinstance(divisor, int | float) or divisor == 0:
-        return None
-    return amount / divisor
 
 
 def _currency(price: Any) -> str | None:

@@ -12,8 +12,8 @@ from imageselector.config import load_settings
 from imageselector.db import EMBED_MODELS
 from imageselector.evaluation import report
 from imageselector.evaluation import stage as evaluation
+from imageselector.fusion import DEFAULT_RRF_K
 from imageselector.logs import setup_logging
-from imageselector.search.ensemble import DEFAULT_RRF_K
 from imageselector.stopping import guarded_main
 
 SCRIPT = "evaluate"

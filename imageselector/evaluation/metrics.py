@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from imageselector.search.ensemble import DEFAULT_RRF_K, Fused, ListingHit, aggregate_max, rrf_fuse
+from imageselector.fusion import DEFAULT_RRF_K, Fused, ListingHit, aggregate_max, rrf_fuse
 
 AP_K = 10
 METRICS: tuple[str, ...] = ("listing_r1", "listing_r10", "listing_map10", "image_r1", "image_r10", "image_map10")

@@ -21,12 +21,12 @@ import numpy as np
 from imageselector import db
 from imageselector.config import Settings
 from imageselector.db import EMBED_MODELS
-from imageselector.embedding.store import open_snapshot
 from imageselector.evaluation import metrics
 from imageselector.fsutil import atomic_write_text
+from imageselector.fusion import DEFAULT_RRF_K, WEIGHTS_FILE, load_weights
 from imageselector.layout import locate_image
-from imageselector.search.ensemble import DEFAULT_RRF_K, WEIGHTS_FILE, load_weights
 from imageselector.search.indexes import TEXT_INDEXES, read_manifest
+from imageselector.vectorstore.store import open_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,8 @@ def measure_costs(
     """Seconds per image per model, measured here: load each encoder, warm up, time `image_paths`."""
     from PIL import Image
 
-    from imageselector.embedding.encoders import load_encoder
-    from imageselector.embedding.registry import load_registry
+    from imageselector.models.encoders import load_encoder
+    from imageselector.models.registry import load_registry
 
     specs = load_registry(settings=settings)
     images = [Image.open(p).convert("RGB") for p in image_paths]
@@ -409,7 +409,7 @@ def _costs(
 
 
 def write_weights(settings: Settings, results: Mapping[str, Any], method: str = "rrf") -> Path:
-    """Write `<home>/embeddings/fusion_weights.json`, the file the search reads (search/ensemble.py)."""
+    """Write `<home>/embeddings/fusion_weights.json`, the file the search reads (fusion.py)."""
 
     fitted_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     n = results["weights"]["fitted_on"]

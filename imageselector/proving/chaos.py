@@ -123,7 +123,7 @@ def prepare_models(home: Path) -> tuple[Path, Path]:
     """Stand-in embedding models and u2net, built once per home."""
 
     from imageselector.background.standins import build_standin_u2net
-    from imageselector.embedding.standins import build_standins
+    from imageselector.models.standins import build_standins
 
     out = home / "models" / "standin"
     root = logging.getLogger()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from imageselector import weights
 from imageselector.config import Settings
-from imageselector.embedding.registry import DEFAULT_REGISTRY, load_registry
+from imageselector.models.registry import DEFAULT_REGISTRY, load_registry
 from imageselector.weights import FETCH_COMMAND
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def choose(settings: Settings, mode: str, standin_dir: Path) -> ModelChoice:
             why.append("no u2net.onnx and GitHub unreachable")
     registry = bg_model = None
     if not real_embed:
-        from imageselector.embedding.standins import build_standins
+        from imageselector.models.standins import build_standins
 
         root = logging.getLogger()
         level = root.level

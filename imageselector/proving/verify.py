@@ -97,7 +97,7 @@ def _is_marked(path: Path) -> bool:
 
 def _index_ids(embeddings_dir: Path, name: str) -> list[int] | None:
     """Every key one snapshot of the store yields (a duplicate would show twice); None if no vectors."""
-    from imageselector.embedding.store import open_snapshot
+    from imageselector.vectorstore.store import open_snapshot
 
     snap = open_snapshot(embeddings_dir, name)
     if snap is None:

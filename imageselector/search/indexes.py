@@ -33,8 +33,8 @@ import faiss
 import numpy as np
 
 from imageselector.db import EMBED_MODELS
-from imageselector.embedding.store import MANIFEST, MMAP_FLAGS, TEXT_SUFFIX, index_ids, open_snapshot, write_index
 from imageselector.fsutil import atomic_write_text
+from imageselector.vectorstore.store import MANIFEST, MMAP_FLAGS, TEXT_SUFFIX, index_ids, open_snapshot, write_index
 
 log = logging.getLogger(__name__)
 

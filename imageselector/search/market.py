@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from imageselector.etsy.store import money
+from imageselector.money import money
 
 # Units of each currency per 1 USD (rounded reference rates, 2025). Edit with SEARCH_FX_RATES, not here.
 FX_PER_USD: dict[str, float] = {

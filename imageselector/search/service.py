@@ -27,11 +27,11 @@ from PIL import Image
 from imageselector import db
 from imageselector.config import HomeError, Settings
 from imageselector.db import EMBED_MODELS
+from imageselector.fusion import DEFAULT_RRF_K, Fused, aggregate_max, load_weights, rrf_fuse, weight_for
 from imageselector.imagecheck import check_image
 from imageselector.search import copies
 from imageselector.search import listings as catalog
 from imageselector.search.detail import listing_detail
-from imageselector.search.ensemble import DEFAULT_RRF_K, Fused, aggregate_max, load_weights, rrf_fuse, weight_for
 from imageselector.search.files import read_image_file
 from imageselector.search.indexes import TEXT_INDEXES, IndexPolicy, IndexSet
 from imageselector.search.market import Converter, market_view, parse_rates
@@ -95,7 +95,7 @@ def open_query_image(data: bytes, limits: Limits) -> Image.Image:
                 img.thumbnail((DECODE_SIDE, DECODE_SIDE), Image.BILINEAR, reducing_gap=2.0)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise SearchError(f"not a readable image: {exc}") from None
-    from imageselector.embedding.encoders import to_rgb
+    from imageselector.models.encoders import to_rgb
 
     return to_rgb(img)
 
@@ -184,7 +184,7 @@ class SearchService:
 
     def registry(self) -> dict:
         if self._registry is None:
-            from imageselector.embedding.registry import RegistryError, load_registry
+            from imageselector.models.registry import RegistryError, load_registry
 
             try:
                 self._registry = load_registry(self.models_file, self.settings)
@@ -198,7 +198,7 @@ class SearchService:
             spec = self.registry().get(name)
             if spec is None:
                 raise SearchError(f"model {name} is not in the model registry", 500)
-            from imageselector.embedding.encoders import load_encoder
+            from imageselector.models.encoders import load_encoder
 
             t0 = time.monotonic()
             enc = self._encoders[name] = load_encoder(spec, self.device, self.dtype)

@@ -1,7 +1,7 @@
 """An image's stored vectors, read back from the embedding store (no re-embedding).
 
 `stored_vectors()` is the ONE place the search reads vectors by gid. It uses the store's read contract
-(`imageselector.embedding.store.open_snapshot(dir, model).get(gids)`, issue 15) when the store has it,
+(`imageselector.vectorstore.store.open_snapshot(dir, model).get(gids)`, issue 15) when the store has it,
 and otherwise an adapter over today's format: `embeddings/{model}.faiss`, an IndexIDMap2 keyed by gid,
 whose vectors are reconstructed at the gids' storage positions. The integrator can drop the adapter
 once the segment store lands.
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imageselector.embedding import store as _store
 from imageselector.search.indexes import file_sig, read_index, reconstruct_positions
+from imageselector.vectorstore import store as _store
 
 _open_snapshot = getattr(_store, "open_snapshot", None)
 _cache: dict[Path, tuple[tuple | None, object, np.ndarray, np.ndarray]] = {}

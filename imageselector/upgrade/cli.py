@@ -24,15 +24,15 @@ import numpy as np
 
 from imageselector import db
 from imageselector.config import SHARED_SECRET_MISSING, Settings, load_settings
-from imageselector.embedding.migrate import legacy_names, migrate_legacy_store
-from imageselector.embedding.registry import RegistryError, load_registry
-from imageselector.embedding.store import IMAGE_INDEX, TEXT_SUFFIX
 from imageselector.fsutil import clean_tmp, file_lock
 from imageselector.layout import DEFAULT_DEST, KV_DEST_HISTORY
 from imageselector.logs import fmt_duration, setup_logging
+from imageselector.models.registry import RegistryError, load_registry
 from imageselector.upgrade import database, images, vectors
 from imageselector.upgrade.rows import Rows
 from imageselector.upgrade.state import Ops, read_marker, write_marker
+from imageselector.vectorstore.migrate import legacy_names, migrate_legacy_store
+from imageselector.vectorstore.store import IMAGE_INDEX, TEXT_SUFFIX
 
 SCRIPT = "upgrade_home"
 SHOW = 20

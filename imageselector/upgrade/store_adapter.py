@@ -1,6 +1,6 @@
 """Writing adopted vectors into the embedding store: the one module that knows the store's file format.
 
-Today's store (embedding/store.py): `{model}.faiss` = IndexIDMap2(IndexFlatIP) keyed by gid,
+Today's store (vectorstore/store.py): `{model}.faiss` = IndexIDMap2(IndexFlatIP) keyed by gid,
 `{model}_text.faiss` the same keyed by listing_id, `image_index.json` (gid -> [listing_id, image_id]) and
 `manifest.json`. The index files are written here by streaming FAISS's own serialisation (two headers,
 the float32 codes, the ids) chunk by chunk, so adopting a model never holds its whole index in memory;
@@ -24,8 +24,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from imageselector.embedding.store import IMAGE_INDEX, MANIFEST, TEXT_SUFFIX, read_image_index, read_manifest
 from imageselector.fsutil import atomic_write_text, atomic_writer, file_lock
+from imageselector.vectorstore.store import IMAGE_INDEX, MANIFEST, TEXT_SUFFIX, read_image_index, read_manifest
 
 Chunks = Iterable[tuple[np.ndarray, np.ndarray]]  # (int64 keys, float32 [n, dim])
 

@@ -37,11 +37,11 @@ import faiss
 import numpy as np
 
 from imageselector import db
-from imageselector.embedding.store import IMAGE_INDEX, TEXT_SUFFIX
 from imageselector.fsutil import fsync_dir
 from imageselector.upgrade.rows import MISSING, Rows
 from imageselector.upgrade.state import write_marker
 from imageselector.upgrade.store_adapter import adopt_vectors_into_store, write_id_entries
+from imageselector.vectorstore.store import IMAGE_INDEX, TEXT_SUFFIX
 
 LEGACY_DIR = "legacy"
 TEXT_MODELS = ("clip_vitb32", "clip_vitl14")

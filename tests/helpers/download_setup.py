@@ -7,7 +7,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from imageselector import layout
-from imageselector.etsy.cdn import build_image_url
+from imageselector.cdn import build_image_url
 from imageselector.imagecheck import check_image
 
 

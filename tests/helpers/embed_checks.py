@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imageselector.embedding.store import open_snapshot
+from imageselector.vectorstore.store import open_snapshot
 
 
 def ids_in(emb: Path, name: str) -> np.ndarray:
@@ -57,7 +57,7 @@ def check_texts(conn: sqlite3.Connection, emb: Path, models) -> None:
 
 def check_store_files(emb: Path, models) -> None:
     """Every segment a manifest names exists; no old-format file or image_index.json is left behind."""
-    from imageselector.embedding.store import read_store_manifest
+    from imageselector.vectorstore.store import read_store_manifest
 
     for m in models:
         doc = read_store_manifest(emb, m)

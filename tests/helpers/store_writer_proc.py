@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imageselector.embedding.store import CompactionPolicy, StoreWriter
+from imageselector.vectorstore.store import CompactionPolicy, StoreWriter
 
 DIM = 8
 NAME = "dinov2_base"
@@ -65,7 +65,7 @@ def run(emb: Path, tmp: Path, log: Path) -> None:
 if __name__ == "__main__":
     emb, tmp, log = (Path(a) for a in sys.argv[1:4])
     if "--migrate" in sys.argv:
-        from imageselector.embedding import migrate
+        from imageselector.vectorstore import migrate
 
         migrate.SEGMENT_ROWS = 64
         migrate.COPY_ROWS = 16

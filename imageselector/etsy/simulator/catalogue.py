@@ -15,7 +15,7 @@ from threading import Lock
 
 import numpy as np
 
-from imageselector.etsy import cdn
+from imageselector import cdn
 from imageselector.etsy.simulator import vocab
 
 SIM_NOW = 1795000000  # 2026-11-18: the catalogue's fixed "now", so two instances with one seed agree

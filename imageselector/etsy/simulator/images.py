@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageDraw, ImageOps
 
-from imageselector.etsy import cdn
+from imageselector import cdn
 from imageselector.etsy.simulator import vocab
 from imageselector.etsy.simulator.catalogue import Catalogue, stable_hash
 

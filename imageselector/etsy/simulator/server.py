@@ -15,7 +15,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from imageselector.etsy import cdn
+from imageselector import cdn
 from imageselector.etsy.simulator.catalogue import Catalogue
 from imageselector.etsy.simulator.faults import Dice, Faults
 from imageselector.etsy.simulator.images import JpegCache

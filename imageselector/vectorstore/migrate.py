@@ -27,9 +27,16 @@ from typing import Any
 
 import numpy as np
 
-from imageselector.embedding.legacy import IMAGE_INDEX, flat_vectors, index_ids, legacy_path, legacy_record, read_index
-from imageselector.embedding.store import TEXT_SUFFIX, StoreWriter, read_store_manifest
 from imageselector.fsutil import fsync_dir
+from imageselector.vectorstore.legacy import (
+    IMAGE_INDEX,
+    flat_vectors,
+    index_ids,
+    legacy_path,
+    legacy_record,
+    read_index,
+)
+from imageselector.vectorstore.store import TEXT_SUFFIX, StoreWriter, read_store_manifest
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from imageselector.db import EMBED_MODELS
-from imageselector.embedding.registry import ModelSpec, write_registry
+from imageselector.models.registry import ModelSpec, write_registry
 
 REGISTRY_NAME = "standin_models.json"
 
@@ -143,7 +143,7 @@ def build_standins(directory: str | Path, models: Iterable[str] = EMBED_MODELS, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m imageselector.embedding.standins DIR [--models a,b]`: build stand-ins, print the registry path."""
+    """`python -m imageselector.models.standins DIR [--models a,b]`: build stand-ins, print the registry path."""
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("dir")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imageselector.embedding.store import open_snapshot
 from imageselector.fsutil import atomic_writer
+from imageselector.vectorstore.store import open_snapshot
 
 _DUMMY = 1 << 20
 METRIC_INNER_PRODUCT = 0

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imageselector.embedding import preprocess as pp
-from imageselector.embedding.registry import ModelSpec
+from imageselector.models import preprocess as pp
+from imageselector.models.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 

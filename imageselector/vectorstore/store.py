@@ -50,7 +50,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from imageselector.embedding.legacy import (
+from imageselector.fsutil import atomic_write_text, atomic_writer, file_lock, fsync_dir
+from imageselector.vectorstore.legacy import (
     IMAGE_INDEX,
     MMAP_FLAGS,
     LegacySnapshot,
@@ -61,8 +62,7 @@ from imageselector.embedding.legacy import (
     read_index,
     read_summary,
 )
-from imageselector.embedding.segments import SegmentFile, SegmentReader, member, write_segment
-from imageselector.fsutil import atomic_write_text, atomic_writer, file_lock, fsync_dir
+from imageselector.vectorstore.segments import SegmentFile, SegmentReader, member, write_segment
 
 log = logging.getLogger(__name__)
 
