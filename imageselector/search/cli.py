@@ -74,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--rebuild", action="store_true", help="with --build-index: delete the compressed indexes and build afresh"
     )
-    ap.add_argument("--no-build", action="store_true", help="with --serve: do not build the compressed indexes in the background")
+    ap.add_argument(
+        "--no-build", action="store_true", help="with --serve: do not build the compressed indexes in the background"
+    )
     return ap
 
 

@@ -244,6 +244,7 @@ def build(
     nbits = 8 if len(sample) >= 256 * 39 else max(4, min(8, int(np.log2(max(16, len(sample) // 39)))))
     index = faiss.IndexIVFPQ(quantizer, d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
     index.cp.verbose = False
+    index.do_polysemous_training = False  # polysemous codes are not used; their training costs minutes
     index.train(sample)  # the quantizer is trained already: this trains the PQ on residuals
     del sample
     work = cache_dir / f".{name}.building-{os.getpid()}-{uuid.uuid4().hex[:6]}"
