@@ -48,7 +48,7 @@ PCA_DIM = 128
 
 @dataclass(frozen=True)
 class BuildParams:
-    """How to build. nlist 0: chosen from the size (about 2*sqrt(n), a power of two)."""
+    """How to build. nlist 0: chosen from the size (about 2*sqrt(n), a power of two, at most 4096)."""
 
     nlist: int = 0
     m: int = 64
@@ -60,7 +60,7 @@ class BuildParams:
 def auto_nlist(n: int) -> int:
     target = 2.0 * np.sqrt(max(n, 1))
     nlist = int(2 ** round(np.log2(max(target, 16))))
-    return int(max(16, min(8192, nlist, max(16, n // 39))))
+    return int(max(16, min(4096, nlist, max(16, n // 39))))  # 4096: k-means stays minutes on 2 cores
 
 
 def pq_m(dim: int, wanted: int) -> int:
