@@ -55,7 +55,7 @@ class IndexPolicy:
     index_min: int = 50_000
     nlist: int = 0  # 0: about 2*sqrt(n) lists
     pq_m: int = 64  # PQ bytes per vector
-    nprobe: int = 128  # measured: the synthetic topics need ~1/8 of the lists for coarse recall (docs/search.md)
+    nprobe: int = 256  # many lists: the synthetic topics spread neighbours over cells; fast-scan makes it cheap
     rerank: int = 1000  # candidates re-scored exactly (at least the k asked for)
     train_sample: int = 131_072
     tail_merge: int = 20_000

@@ -2,9 +2,11 @@
 
 Why this shape (issue 15: 10M images x 5 models on a 16-32 GB Mac):
 - In memory only what every query touches: the coarse centroids, and per vector `m` PQ bytes + an 8-byte
-  row id in its inverted list (FAISS IndexIVFPQ, inner product): m=64 -> ~72 B/vector instead of 2 KB (fp16
-  1024-d) for an HNSW copy. This is the IVF-PQ layout of FAISS/LanceDB; like DiskANN, the full-precision
-  vectors stay on disk.
+  row id in its inverted list (FAISS IndexIVFPQFastScan, inner product, 2m four-bit sub-quantizers):
+  m=64 -> ~72 B/vector instead of 2 KB (fp16 1024-d) for an HNSW copy. This is the IVF-PQ layout of
+  FAISS/LanceDB; like DiskANN, the full-precision vectors stay on disk. 4-bit codes scanned with SIMD
+  (fast-scan) were measured ~5-17x faster than 8-bit IVFPQ at the same nprobe, at the same candidate recall
+  once re-ranked, which lets a query probe many lists cheaply.
 - The PQ scores only pick candidates: the best `rerank` of them are re-scored EXACTLY against the vectors in
   `vec16.bin` (fp16 rows, memory-mapped: the page cache holds the hot part, the process owns none of it),
   which is FAISS's IndexRefine idea with the refinement vectors on disk. The exact re-ranking is what
@@ -44,6 +46,7 @@ FORMAT = "ivfpq-rerank-1"
 ASSIGN_CHUNK = 8192
 SHORTLIST = 8  # centroids re-checked exactly after the PCA shortlist
 PCA_DIM = 128
+NBITS = 4  # PQ fast-scan: 16 centroids per sub-quantizer, scanned with SIMD lookups
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,9 @@ class BuildParams:
     """How to build. nlist 0: chosen from the size (about 2*sqrt(n), a power of two, at most 4096)."""
 
     nlist: int = 0
-    m: int = 64
+    m: int = 64  # PQ bytes per vector (2 x m four-bit sub-quantizers)
     train_sample: int = 131_072
-    kmeans_iters: int = 10
+    kmeans_iters: int = 8
     seed: int = 1234
 
 
@@ -64,11 +67,11 @@ def auto_nlist(n: int) -> int:
 
 
 def pq_m(dim: int, wanted: int) -> int:
-    """The largest sub-quantizer count <= wanted that divides dim."""
-    for m in range(min(wanted, dim), 0, -1):
+    """The largest even sub-quantizer count <= wanted that divides dim (fast-scan packs them in pairs)."""
+    for m in range(min(wanted, dim) // 2 * 2, 0, -2):
         if dim % m == 0:
             return m
-    return 1
+    raise ValueError(f"no even number of sub-quantizers divides dim {dim}")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -240,9 +243,8 @@ def build(
     t_km = time.monotonic() - t0
     quantizer = faiss.IndexFlatIP(d)
     quantizer.add(centroids)
-    m = pq_m(d, params.m)
-    nbits = 8 if len(sample) >= 256 * 39 else max(4, min(8, int(np.log2(max(16, len(sample) // 39)))))
-    index = faiss.IndexIVFPQ(quantizer, d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    sub = pq_m(d, 2 * params.m)  # 4-bit sub-quantizers: two per byte
+    index = faiss.IndexIVFPQ(quantizer, d, nlist, sub, NBITS, faiss.METRIC_INNER_PRODUCT)
     index.cp.verbose = False
     index.do_polysemous_training = False  # polysemous codes are not used; their training costs minutes
     index.train(sample)  # the quantizer is trained already: this trains the PQ on residuals
@@ -267,6 +269,7 @@ def build(
             f.flush()
             os.fsync(f.fileno())
     all_gids = np.concatenate(gid_parts) if gid_parts else np.empty(0, np.int64)
+    index = faiss.IndexIVFPQFastScan(index)  # same codes, laid out for SIMD scanning (~5x faster here)
     _write_faiss(index, work / "ivf.1.faiss")
     _write_npy(np.sort(all_gids), work / "sorted.1.npy")
     _fsync_dir(work)
@@ -281,8 +284,9 @@ def build(
         "dim": d,
         "rows": rows,
         "nlist": nlist,
-        "m": m,
-        "nbits": nbits,
+        "m": sub * NBITS // 8,
+        "sub": sub,
+        "nbits": NBITS,
         "dir": final.name,
         "ivf": "ivf.1.faiss",
         "sorted": "sorted.1.npy",
@@ -293,7 +297,14 @@ def build(
     }
     _commit_stamp(cache_dir, name, stamp, tmp_dir)
     collect_garbage(cache_dir, name)
-    log.info("%s: IVF-PQ index of %d vectors built in %.0f s (nlist %d, m %d)", name, rows, stamp["build_s"], nlist, m)
+    log.info(
+        "%s: IVF-PQ index of %d vectors built in %.0f s (nlist %d, %d x 4 bits)",
+        name,
+        rows,
+        stamp["build_s"],
+        nlist,
+        sub,
+    )
     return stamp
 
 
@@ -310,15 +321,11 @@ def append(cache_dir: Path, name: str, gids: np.ndarray, vecs: np.ndarray, gener
         raise FileNotFoundError(f"{name}: no index to append to")
     d = Path(cache_dir) / stamp["dir"]
     index = faiss.read_index(str(d / stamp["ivf"]))
-    centroids = (
-        faiss.rev_swig_ptr(faiss.downcast_index(index.quantizer).get_xb(), index.nlist * index.d)
-        .reshape(index.nlist, index.d)
-        .copy()
-    )
     x = np.ascontiguousarray(vecs, dtype=np.float32)
     gids = np.ascontiguousarray(gids, dtype=np.int64)
     rows = int(stamp["rows"])
-    _add(index, Assigner(centroids, None), x, rows)  # a tail is small: exact assignment
+    # a tail is small: faiss assigns it to the trained centroids and encodes it, no retraining
+    index.add_with_ids(x, np.arange(rows, rows + len(x), dtype=np.int64))
     for fname, data, width in (("vec16.bin", x.astype(np.float16), 2 * index.d), ("gids.bin", gids, 8)):
         with open(d / fname, "r+b") as f:
             f.truncate(rows * width)  # drop rows an interrupted append left beyond the stamp
