@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import shutil
 import time
@@ -348,6 +349,17 @@ def append(cache_dir: Path, name: str, gids: np.ndarray, vecs: np.ndarray, gener
 
 
 # ------------------------------------------------------------------------------------------------ search
+def _random_access(arr: np.memmap) -> None:
+    """Re-ranking reads ~1000 scattered rows: without MADV_RANDOM every page fault also reads its neighbours
+    (measured: 150 queries at 2M x 1024-d mapped 3.9 of the file's 4.1 GB into the process)."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            mm.madvise(mmap.MADV_RANDOM)
+        except OSError:
+            pass
+
+
 class CompressedIndex:
     """An opened IVF-PQ index: search returns (scores, gids) with exact inner products for the top k."""
 
@@ -360,6 +372,7 @@ class CompressedIndex:
         if int(self.ivf.ntotal) != self.rows:
             raise RuntimeError(f"{d / stamp['ivf']} holds {self.ivf.ntotal} vectors, the stamp says {self.rows}")
         self.vec = np.memmap(d / "vec16.bin", dtype=np.float16, mode="r", shape=(self.rows, self.dim))
+        _random_access(self.vec)
         self.gids = np.memmap(d / "gids.bin", dtype=np.int64, mode="r", shape=(self.rows,))
         self.sorted = np.load(d / stamp["sorted"], mmap_mode="r")
         self.nprobe = int(nprobe)
