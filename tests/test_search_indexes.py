@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 import pytest
 
+from imageselector.embedding.store import StoreWriter
 from imageselector.fsutil import atomic_write_bytes
 from imageselector.search import ivfpq
 from imageselector.search.indexes import IndexPolicy, IndexSet, cache_dir, update_index
@@ -216,3 +217,29 @@ def test_full_vectors_stay_on_disk_only_the_codes_are_in_memory(tmp_path: Path) 
     m = s.get("dinov2_base")
     assert m.kind == "ivfpq" and m.search(x[:20], 5)[1][:, 0].tolist() == list(range(20))
     assert _rss_anon_mb() - before < 10  # codes+ids ~0.5 MB; a copy of the vectors would add 24-48 MB
+
+
+def test_segment_store_commit_is_searchable_at_once_and_folded_in_later(tmp_path: Path) -> None:
+    """The same through the segment store's writer: since_generation yields only the new rows."""
+    emb = tmp_path / "emb"
+    w = StoreWriter(emb, tmp_path / ".tmp", background=False)
+    w.open_model("dinov2_base", DIM, text=False, source="s", standin=False)
+    x = clustered(3000)
+    w.append("dinov2_base", np.arange(3000), x)
+    w.commit()
+    s = IndexSet(emb, POLICY)
+    s.refresh(force=True)
+    assert s.build_caches() == {"dinov2_base": 3000}
+    new = clustered(40, seed=12)
+    w.append("dinov2_base", np.arange(5000, 5040), new)
+    w.commit()
+    assert s.refresh(check_s=0) == ["dinov2_base"]
+    m = s.get("dinov2_base")
+    assert m.kind == "ivfpq" and m.describe()["tail"] == 40 and m.search(new[3], 1)[1][0, 0] == 5003
+    w.remove("dinov2_base", np.arange(10))
+    w.commit()
+    s.refresh(check_s=0)
+    assert s.get("dinov2_base").needs_build  # removals: a rebuild is queued
+    assert s.build_caches() == {"dinov2_base": 3030}
+    assert s.get("dinov2_base").describe()["tail"] == 0
+    w.close()

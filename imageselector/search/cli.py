@@ -23,7 +23,8 @@ import threading
 from imageselector.config import load_settings
 from imageselector.logs import setup_logging
 from imageselector.search.indexes import remove_index
-from imageselector.search.service import SearchError, SearchService, read_path_image
+from imageselector.search.service import SearchError, SearchService, parse_image_ref, read_path_image
+from imageselector.stopping import guarded_main
 
 log = logging.getLogger("search")
 # ANSI/VT escape sequences (CSI, OSC, single-character) and every control character:

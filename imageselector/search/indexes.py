@@ -86,37 +86,6 @@ def file_sig(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def store_sig(embeddings_dir: Path, name: str) -> tuple[int, int, int] | None:
-    """Identity of a store's current version: its manifest (or, not yet migrated, its old .faiss file)."""
-    return file_sig(Path(embeddings_dir) / name / MANIFEST) or file_sig(Path(embeddings_dir) / f"{name}.faiss")
-
-
-class SnapshotIndex:
-    """A store snapshot with the faiss surface the search side uses (d, ntotal, search; ids via keys/get)."""
-
-    def __init__(self, snap) -> None:  # type: ignore[no-untyped-def]
-        self.snap = snap
-        self.d = int(snap.dim)
-        self.ntotal = int(snap.count)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.snap.search(queries, k)
-
-    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.snap.get(ids)
-
-
-class NoVectors(RuntimeError):
-    """The store exists but holds no vectors (yet, or any more)."""
-
-
-def open_canonical(embeddings_dir: Path, name: str) -> SnapshotIndex:
-    snap = open_snapshot(Path(embeddings_dir), name)
-    if snap is None:
-        raise NoVectors(f"{name}: no vectors")
-    return SnapshotIndex(snap)
-
-
 def read_index(path: Path, mmap: bool = True) -> faiss.Index:
     """Read a FAISS file, memory-mapped where the index type allows it."""
     if mmap:
@@ -185,15 +154,15 @@ class ModelIndex:
     key: tuple  # (generation, source, count, stamp) this state was opened at
     main: faiss.Index | ivfpq.CompressedIndex | None = None
     tail: faiss.Index | None = None
-    snapshot: object | None = None  # for "scan"
+    snapshot: object | None = None  # searched exactly ("exact" from the store, "scan")
     needs_build: bool = False
     rebuild: bool = False  # stale: build afresh rather than append the tail
     note: str = ""
 
     @property
     def count(self) -> int:
-        if self.kind == "scan":
-            return int(self.snapshot.count)  # type: ignore[union-attr]
+        if self.snapshot is not None:
+            return int(self.snapshot.count)  # type: ignore[attr-defined]
         main = int(self.main.rows if isinstance(self.main, ivfpq.CompressedIndex) else self.main.ntotal)  # type: ignore[union-attr]
         return main + self.tail_count
 
@@ -205,7 +174,9 @@ class ModelIndex:
         """Top-k (scores, ids) per query row; ids are -1 where fewer than k exist."""
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         k = max(1, int(k))
-        if self.kind == "scan":
+        if self.snapshot is not None:  # exact, by the store (in place) or streamed
+            if hasattr(self.snapshot, "search"):
+                return self.snapshot.search(q, k)
             return _scan(self.snapshot, q, k)
         res = self.main.search(q, k)  # type: ignore[union-attr]
         if self.tail is None or self.tail.ntotal == 0:
@@ -251,10 +222,14 @@ def open_model(name: str, embeddings_dir: Path, policy: IndexPolicy, snap=None) 
         return None
     cdir = cache_dir(embeddings_dir)
     stamp = ivfpq.read_stamp(cdir, name)
-    key = (snap.generation, snap.source, snap.count, json.dumps(stamp, sort_keys=True) if stamp else None)
+    stamp_key = json.dumps(stamp, sort_keys=True) if stamp else None
+    key = (snap.generation, snap.source, snap.count, stamp_key, getattr(snap, "version", None))
     if snap.count < policy.index_min:
+        note = f"exact ({snap.count} < {policy.index_min})"
+        if hasattr(snap, "search"):  # the store searches its own mappings: nothing copied
+            return ModelIndex(name, "exact", int(snap.dim), key, snapshot=snap, note=note)
         main = _load_tail(snap, None, lambda g: np.zeros(len(g), bool))
-        return ModelIndex(name, "exact", int(snap.dim), key, main, note=f"exact ({main.ntotal} < {policy.index_min})")
+        return ModelIndex(name, "exact", int(snap.dim), key, main, note=note)
     if stamp is None:
         return ModelIndex(
             name,
@@ -284,7 +259,7 @@ def open_model(name: str, embeddings_dir: Path, policy: IndexPolicy, snap=None) 
 def _with_tail(m: ModelIndex, snap, stamp: dict, policy: IndexPolicy) -> ModelIndex:  # type: ignore[no-untyped-def]
     main: ivfpq.CompressedIndex = m.main  # type: ignore[assignment]
     tail = _load_tail(snap, int(stamp["generation"]), main.contains)
-    removed = main.rows + int(tail.ntotal) - int(snap.count)
+    removed = _removed(snap, int(stamp["generation"]), main.rows + int(tail.ntotal))
     note = f"IVF-PQ nlist={stamp['nlist']} m={stamp['m']} nprobe={policy.nprobe} rerank={policy.rerank}"
     if tail.ntotal:
         note += f" + {tail.ntotal} exact (not yet in the index)"
@@ -296,8 +271,15 @@ def _with_tail(m: ModelIndex, snap, stamp: dict, policy: IndexPolicy) -> ModelIn
         needs_build=removed > 0 or tail.ntotal >= policy.tail_merge,
         rebuild=removed > 0,
         note=note,
-        key=(snap.generation, snap.source, snap.count, m.key[3]),
+        key=(snap.generation, snap.source, snap.count, m.key[3], getattr(snap, "version", None)),
     )
+
+
+def _removed(snap, generation: int, held: int) -> int:  # type: ignore[no-untyped-def]
+    """How many indexed vectors the store no longer has: its tombstones when it knows, else by count."""
+    gone = snap.removed_since(generation) if hasattr(snap, "removed_since") else None
+    by_count = held - int(snap.count)
+    return max(len(gone), by_count) if gone is not None else by_count
 
 
 def update_index(
@@ -323,7 +305,7 @@ def update_index(
     if not rebuild and stamp is not None and stamp.get("source") == snap.source and stamp["dim"] == snap.dim:
         main = ivfpq.CompressedIndex(cdir, stamp, policy.nprobe, policy.rerank)
         tail = _load_tail(snap, int(stamp["generation"]), main.contains)
-        if main.rows + tail.ntotal <= snap.count:  # nothing removed: fold the tail in
+        if _removed(snap, int(stamp["generation"]), main.rows + int(tail.ntotal)) <= 0:  # fold the tail in
             if tail.ntotal == 0:
                 return 0
             vecs = tail.index.reconstruct_n(0, tail.ntotal) if tail.ntotal else None
@@ -368,7 +350,7 @@ class IndexSet:
                 return True
             return False
         stamp_key = self._stamp_key(name)
-        key = (snap.generation, snap.source, snap.count, stamp_key)
+        key = (snap.generation, snap.source, snap.count, stamp_key, getattr(snap, "version", None))
         if cur is not None and cur.key == key and not force:
             return False
         if (
