@@ -1,246 +1,404 @@
 #!/usr/bin/env python3
-"""Ensemble search at a million images: HNSW (fp16) vs exact flat search, per model and fused.
+"""Search at catalogue scale, measured for real: 1M x 5 models through the search service, and 10M x 1.
 
-Data: for each of the five models, at its real dimension, `--n` clustered unit vectors with the shape
-of a catalogue: topics (clusters) -> listings (4 images each, near one listing centre) -> images.
-Uniform random vectors would make HNSW recall meaningless (ENVIRONMENT_NOTES), so none are used.
-Queries are new photos of existing listings (listing centre + noise), the same listings in every model.
+(a) 1M x 5: for each of the five models at its real dimension (512, 768, 768, 1024, 768), synthetic unit
+    vectors shaped like a catalogue: a few thousand zipf-sized topics -> listings (4 photos each, close to
+    the listing's centre: near-duplicate neighbours) -> photos; variation mostly in a 64-dim subspace plus
+    isotropic noise. The compressed indexes are built by the real build code (indexes.update_index) from a
+    snapshot of that data, then a SEPARATE search process opens them through SearchService (the code the
+    page and the CLI use, with a real status database of 1M images) and answers ensemble queries (new photos
+    of existing listings) with `_rank` (search 5 indexes + gid->listing lookups + fusion + cards).
+    Reported: p50/p95 ms per ensemble query, fused recall@10 (the top-10 listings against reciprocal-rank
+    fusion of EXACT per-model top-200s), and the search process's memory from /proc (VmRSS, VmHWM, and
+    RssAnon/RssFile: file pages are the memory-mapped fp16 re-rank vectors the queries touched).
+(b) 10M x 1 (dinov2_large, 1024-d): generated chunk by chunk (deterministic per chunk, so never held whole),
+    exact ground truth by streaming, index built the same way; p50 per query (k=200, what the service asks),
+    recall@10, index memory per vector (the RssAnon growth of opening it / n), and a projection for 10M x 5.
 
-Models are generated, indexed and measured ONE AT A TIME (1M x 1024 fp32 alone is 4 GB) and freed;
-per-query times are kept, so the ensemble latency of query j is the sum of the five models' times for
-query j plus the measured fusion time: what one search does, run sequentially as the service runs it.
-Recall@10: per model, HNSW top-10 image ids vs exact top-10; fused, the top-10 listings of RRF over
-HNSW results vs RRF over exact results.
+The store is synthetic (a snapshot object regenerating each chunk), the index and search code is the real
+one. Generated data and indexes live under --work and are deleted at the end (--keep keeps them).
 
-    venv/bin/python bench/search.py                 # 1M per model, all five (about 15-25 min on 2 cores)
-    venv/bin/python bench/search.py --n 100000      # quick
+    venv/bin/python bench/search.py                          # both parts (about an hour on 2 busy cores)
+    venv/bin/python bench/search.py --n 200000 --big-n 0     # a quick check of part (a) only
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import os
-import resource
+import shutil
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
+from imageselector import db  # noqa: E402
 from imageselector.fusion import aggregate_max, rrf_fuse  # noqa: E402
-from imageselector.search.indexes import IndexPolicy, new_hnsw, set_ef_search  # noqa: E402
+from imageselector.search import snapshots  # noqa: E402
+from imageselector.search.indexes import IndexPolicy, update_index  # noqa: E402
 
 DIMS = {"clip_vitb32": 512, "clip_vitl14": 768, "dinov2_base": 768, "dinov2_large": 1024, "dinov3_base": 768}
-IMAGES_PER_LISTING = 4
-CHUNK = 50_000
-TIE = 0.01  # cosine: 'as similar as the exact 10th' for the near-tie recall
+PER_LISTING = 4
+CHUNK = 65536  # multiple of PER_LISTING
+GT_K = 200
+RANK = int(os.environ.get("BENCH_RANK", 64))
+LISTING_SPREAD = float(os.environ.get("BENCH_LISTING_SPREAD", 1.0))  # cos(listing, topic) ~ 0.7
+PHOTO_SPREAD = float(os.environ.get("BENCH_PHOTO_SPREAD", 0.6))  # cos(photo, listing) ~ 0.86
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
+def _unit(x: np.ndarray) -> np.ndarray:
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 
 
-class Noise:
-    """Variation around a centre: mostly inside a low-rank subspace (real embeddings have a low intrinsic
-    dimension, tens not hundreds), plus a small isotropic part. `rank=0` gives isotropic full-dim noise,
-    a worst case for any graph index. cos(centre + noise, centre) ~ 1/sqrt(1 + radius^2)."""
+class SyntheticSnapshot:
+    """A store snapshot (the read contract of snapshots.py) whose chunks are regenerated on demand."""
 
-    def __init__(self, rng: np.random.Generator, dim: int, rank: int, iso: float = 0.15) -> None:
-        self.rng, self.dim, self.rank, self.iso = rng, dim, rank, iso
-        self.basis = rng.standard_normal((rank, dim), dtype=np.float32) / np.float32(np.sqrt(dim)) if rank else None
+    def __init__(self, model: str, dim: int, n: int, seed: int, generation: int = 1) -> None:
+        self.model, self.dim, self.count, self.seed = model, dim, n, seed
+        self.generation, self.source = generation, f"bench:{model}:{seed}"
+        rng = np.random.default_rng([seed, 0])
+        n_topics = int(min(8000, max(10, n // 250)))
+        self.topics = _unit(rng.standard_normal((n_topics, dim), dtype=np.float32))
+        p = rng.zipf(1.3, n_topics).astype(np.float64)  # many mugs, few anvils
+        self.p = p / p.sum()
+        self.basis = rng.standard_normal((RANK, dim), dtype=np.float32) / np.float32(np.sqrt(dim))
+        self.observer = None  # called with (gids, x) for each chunk of a full pass (ground truth)
 
-    def __call__(self, m: int, radius: float) -> np.ndarray:
-        if self.basis is None:
-            return self.rng.standard_normal((m, self.dim), dtype=np.float32) * np.float32(radius / np.sqrt(self.dim))
-        z = self.rng.standard_normal((m, self.rank), dtype=np.float32) * np.float32(radius / np.sqrt(self.rank))
-        iso = self.rng.standard_normal((m, self.dim), dtype=np.float32) * np.float32(
-            self.iso * radius / np.sqrt(self.dim)
-        )
+    def _noise(self, rng: np.random.Generator, m: int, radius: float) -> np.ndarray:
+        z = rng.standard_normal((m, RANK), dtype=np.float32) * np.float32(radius / np.sqrt(RANK))
+        iso = rng.standard_normal((m, self.dim), dtype=np.float32) * np.float32(0.15 * radius / np.sqrt(self.dim))
         return z @ self.basis + iso
 
+    def _centres(self, c: int, rng: np.random.Generator) -> np.ndarray:
+        m = (min(self.count, (c + 1) * CHUNK) - c * CHUNK + PER_LISTING - 1) // PER_LISTING
+        topic_of = rng.choice(len(self.topics), m, p=self.p)
+        return _unit(self.topics[topic_of] + self._noise(rng, m, LISTING_SPREAD))
 
-def make_model_data(
-    n: int, dim: int, n_topics: int, seed: int, query_listings: np.ndarray, rank: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(database [n, dim], queries [len(query_listings), dim]); gid // 4 is the listing."""
-    rng = np.random.default_rng(seed)
-    noise = Noise(rng, dim, rank)
-    n_listings = (n + IMAGES_PER_LISTING - 1) // IMAGES_PER_LISTING
-    topics = _unit_rows(rng.standard_normal((n_topics, dim), dtype=np.float32))
-    # topic sizes are skewed, as real catalogues are (many mugs, few anvils)
-    p = rng.zipf(1.3, n_topics).astype(np.float64)
-    topic_of = rng.choice(n_topics, n_listings, p=p / p.sum())
-    centres = np.empty((n_listings, dim), np.float32)
-    for s in range(0, n_listings, CHUNK):
-        e = min(s + CHUNK, n_listings)
-        centres[s:e] = _unit_rows(topics[topic_of[s:e]] + noise(e - s, 1.0))  # cos ~0.7 to topic
-    xb = np.empty((n, dim), np.float32)
-    for s in range(0, n, CHUNK):
-        e = min(s + CHUNK, n)
-        xb[s:e] = _unit_rows(centres[np.arange(s, e) // IMAGES_PER_LISTING] + noise(e - s, 0.6))
-    xq = _unit_rows(centres[query_listings] + noise(len(query_listings), 0.6))
-    del centres
-    return xb, xq
+    def chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, c + 1])
+        centres = self._centres(c, rng)
+        s, e = c * CHUNK, min(self.count, (c + 1) * CHUNK)
+        x = _unit(centres[(np.arange(s, e) - s) // PER_LISTING] + self._noise(rng, e - s, PHOTO_SPREAD))
+        return np.arange(s, e, dtype=np.int64), x
+
+    def queries(self, listings: np.ndarray, seed: int) -> np.ndarray:
+        """New photos of these listings (listing l holds gids 4l..4l+3)."""
+        out = np.empty((len(listings), self.dim), np.float32)
+        per = CHUNK // PER_LISTING
+        for c in np.unique(listings // per):
+            centres = self._centres(int(c), np.random.default_rng([self.seed, int(c) + 1]))
+            sel = np.flatnonzero(listings // per == c)
+            out[sel] = centres[listings[sel] - c * per]
+        return _unit(out + self._noise(np.random.default_rng(seed), len(listings), PHOTO_SPREAD))
+
+    def iter_chunks(self, chunk: int = CHUNK, since_generation: int | None = None) -> Iterator:
+        if since_generation is not None and since_generation >= self.generation:
+            return
+        for c in range((self.count + CHUNK - 1) // CHUNK):
+            gids, x = self.chunk(c)
+            if self.observer is not None:
+                self.observer(gids, x)
+            yield gids, x
+
+    def get(self, gids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError("not used by the search")
 
 
-def rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+class TopK:
+    """Exact top-k inner products of a few queries, streamed over chunks."""
+
+    def __init__(self, q: np.ndarray, k: int) -> None:
+        self.q, self.k = q, k
+        self.s = np.full((len(q), k), -np.inf, np.float32)
+        self.i = np.full((len(q), k), -1, np.int64)
+        self.seen: set[int] = set()
+
+    def __call__(self, gids: np.ndarray, x: np.ndarray) -> None:
+        if int(gids[0]) in self.seen:  # a second pass over the same data
+            return
+        self.seen.add(int(gids[0]))
+        s = self.q @ x.T
+        top = np.argpartition(-s, self.k - 1, axis=1)[:, : self.k]
+        s2 = np.concatenate([self.s, np.take_along_axis(s, top, 1)], axis=1)
+        i2 = np.concatenate([self.i, gids[top]], axis=1)
+        o = np.argsort(-s2, axis=1, kind="stable")[:, : self.k]
+        self.s, self.i = np.take_along_axis(s2, o, 1), np.take_along_axis(i2, o, 1)
 
 
-def bench_model(name: str, dim: int, args: argparse.Namespace, query_listings: np.ndarray, seed: int) -> dict:
-    t0 = time.perf_counter()
-    xb, xq = make_model_data(args.n, dim, args.topics, seed, query_listings, args.rank)
-    t_gen = time.perf_counter() - t0
-    nq, kk = len(xq), args.per_model_k
-
-    t0 = time.perf_counter()
-    gt_scores, gt_ids = faiss.knn(xq, xb, kk, metric=faiss.METRIC_INNER_PRODUCT)
-    t_gt = time.perf_counter() - t0
-    flat_times = []
-    for j in range(min(args.flat_queries, nq)):
-        t = time.perf_counter()
-        faiss.knn(xq[j : j + 1], xb, kk, metric=faiss.METRIC_INNER_PRODUCT)
-        flat_times.append(time.perf_counter() - t)
-
-    policy = IndexPolicy(m=args.m, ef_construction=args.efc, fp16=not args.fp32)
-    index = new_hnsw(dim, policy)
-    t0 = time.perf_counter()
-    for s in range(0, args.n, CHUNK):
-        e = min(s + CHUNK, args.n)
-        index.add_with_ids(xb[s:e], np.arange(s, e, dtype=np.int64))
-    t_build = time.perf_counter() - t0
-    del xb
-    gc.collect()
-
-    out = {
-        "name": name,
-        "dim": dim,
-        "gen_s": t_gen,
-        "gt_s": t_gt,
-        "build_s": t_build,
-        "flat_times": flat_times,
-        "gt_ids": gt_ids,
-        "gt_scores": gt_scores,
-        "ef": {},
-    }
-    for ef in args.ef:
-        set_ef_search(index, ef)
-        index.search(xq[:5], kk)  # warm
-        times, ids_all, sc_all = [], np.empty((nq, kk), np.int64), np.empty((nq, kk), np.float32)
-        for j in range(nq):
-            t = time.perf_counter()
-            s_, i_ = index.search(xq[j : j + 1], kk)
-            times.append(time.perf_counter() - t)
-            ids_all[j], sc_all[j] = i_[0], s_[0]
-        rec = np.mean([len(set(ids_all[j, :10]) & set(gt_ids[j, :10])) / 10 for j in range(nq)])
-        # misses among near-ties: HNSW top-10 items whose similarity is within TIE of the exact 10th
-        tie = np.mean(np.minimum(10, (sc_all[:, :10] >= gt_scores[:, 9:10] - TIE).sum(axis=1)) / 10)
-        out["ef"][ef] = {
-            "times": np.array(times),
-            "ids": ids_all,
-            "scores": sc_all,
-            "recall10": float(rec),
-            "tie10": float(tie),
-        }
-    out["peak_rss_gb"] = rss_gb()
-    del index, xq
-    gc.collect()
+def status_kb() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key = line.split(":")[0]
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(line.split()[1])
     return out
 
 
-def fuse_top(per_model: dict[str, tuple[np.ndarray, np.ndarray]], k: int = 10) -> tuple[list[int], float]:
-    t = time.perf_counter()
-    lists = {m: aggregate_max(ids, sc, lambda g: int(g) // IMAGES_PER_LISTING) for m, (ids, sc) in per_model.items()}
-    top = [f.listing_id for f in rrf_fuse(lists)[:k]]
-    return top, time.perf_counter() - t
+def install_snapshots(specs: dict[str, dict]) -> None:
+    """Make the search read the synthetic store: the one swap point, snapshots.open_snapshot."""
+    snaps = {m: SyntheticSnapshot(m, s["dim"], s["n"], s["seed"]) for m, s in specs.items()}
+    snapshots.open_snapshot = lambda _dir, model: snaps.get(model)  # type: ignore[assignment]
 
 
-def pct(a, q) -> float:  # type: ignore[no-untyped-def]
+def policy_from(args: argparse.Namespace) -> IndexPolicy:
+    return IndexPolicy(
+        index_min=1000,
+        nlist=args.nlist,
+        pq_m=args.m,
+        nprobe=args.nprobe,
+        rerank=args.rerank,
+        train_sample=args.train_sample,
+    )
+
+
+def build(specs: dict[str, dict], home: Path, policy: IndexPolicy, q_of: dict[str, np.ndarray]) -> dict:
+    """Build each model's index with the real code; the first (sampling) pass also computes the exact top-k."""
+    install_snapshots(specs)
+    truth = {}
+    for model, spec in specs.items():
+        snap = snapshots.open_snapshot(home / "embeddings", model)
+        gt = TopK(q_of[model], GT_K)
+        snap.observer = gt  # type: ignore[union-attr]
+        t0 = time.perf_counter()
+        assert update_index(model, home / "embeddings", policy, home / ".tmp") == spec["n"]
+        stamp = json.loads((home / "embeddings/search_cache" / f"{model}.ivf.json").read_text())
+        truth[model] = (gt.s, gt.i)
+        print(
+            f"  {model:13s} d={spec['dim']:4d} n={spec['n']:,}: built in {time.perf_counter() - t0:.0f} s "
+            f"(k-means {stamp['train_s']:.0f} s; nlist {stamp['nlist']}, PQ {stamp['m']} x {stamp['nbits']} bits); "
+            f"load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+    return truth
+
+
+def make_db(path: Path, n: int) -> None:
+    conn = db.connect(path)
+    with conn:
+        for s in range(0, n, 200_000):
+            e = min(n, s + 200_000)
+            conn.executemany(
+                "INSERT INTO image_status (listing_id, image_id, gid, to_download, download_done) VALUES (?,?,?,0,1)",
+                ((g // PER_LISTING + 1, g, g) for g in range(s, e)),
+            )
+    conn.close()
+
+
+def fuse_exact(truth: dict[str, tuple[np.ndarray, np.ndarray]], j: int, k: int = 10) -> list[int]:
+    lists = {m: aggregate_max(i[j], s[j], lambda g: int(g) // PER_LISTING + 1) for m, (s, i) in truth.items()}
+    return [f.listing_id for f in rrf_fuse(lists)[:k]]
+
+
+# ------------------------------------------------------------------------------------------ search processes
+def serve_ensemble(spec_path: Path) -> int:
+    """The search process of part (a): SearchService over the built home, ensemble queries, /proc figures."""
+    job = json.loads(spec_path.read_text())
+    install_snapshots(job["specs"])
+    faiss.omp_set_num_threads(1)
+    os.environ["IMAGESELECTOR_HOME"] = job["home"]
+    from imageselector.config import load_settings
+    from imageselector.search.service import SearchService
+
+    data = np.load(job["queries"])
+    base = status_kb()
+    service = SearchService(load_settings(job["home"]), policy=IndexPolicy(**job["policy"]))
+    service.refresh()
+    assert all(service.indexes.get(m).kind == "ivfpq" for m in job["specs"]), service.indexes.errors
+    opened = status_kb()
+    times, tops = [], []
+    nq = data[next(iter(job["specs"]))].shape[0]
+    for j in [0, 1, 2, *range(nq)]:  # 3 warm-up queries, not counted
+        vecs = {m: data[m][j : j + 1] for m in job["specs"]}
+        t = time.perf_counter()
+        with service._lock:
+            res = service._rank(vecs, 20, {"type": "image"}, 0.0, [])
+        times.append(time.perf_counter() - t)
+        tops.append([r["listing_id"] for r in res["results"][:10]])
+    out = {"times": times[3:], "tops": tops[3:], "base": base, "opened": opened, "end": status_kb()}
+    Path(job["out"]).write_text(json.dumps(out))
+    return 0
+
+
+def serve_single(spec_path: Path) -> int:
+    """The search process of part (b): one model's index, k=200 per query (what the service asks)."""
+    job = json.loads(spec_path.read_text())
+    install_snapshots(job["specs"])
+    faiss.omp_set_num_threads(1)
+    from imageselector.search.indexes import IndexSet
+
+    (model,) = job["specs"]
+    q = np.load(job["queries"])[model]
+    base = status_kb()
+    s = IndexSet(Path(job["home"]) / "embeddings", IndexPolicy(**job["policy"]), names=[model])
+    s.refresh(force=True)
+    m = s.get(model)
+    assert m.kind == "ivfpq", m.note
+    opened = status_kb()
+    times, ids = [], []
+    for j in [0, 1, 2, *range(len(q))]:
+        t = time.perf_counter()
+        _, i = m.search(q[j : j + 1], GT_K)
+        times.append(time.perf_counter() - t)
+        ids.append(i[0, :10].tolist())
+    out = {"times": times[3:], "ids": ids[3:], "base": base, "opened": opened, "end": status_kb()}
+    Path(job["out"]).write_text(json.dumps(out))
+    return 0
+
+
+def run_search_process(mode: str, job: dict, work: Path) -> dict:
+    spec = work / f"{mode}.json"
+    spec.write_text(json.dumps(job))
+    subprocess.run([sys.executable, __file__, f"--{mode}", str(spec)], check=True)
+    return json.loads(Path(job["out"]).read_text())
+
+
+def pct(a: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(a) * 1000, q))
+
+
+# ------------------------------------------------------------------------------------------ the two parts
+def part_a(args: argparse.Namespace, work: Path) -> tuple[str, dict]:
+    models = [m for m in args.models.split(",") if m]
+    home = work / "a"
+    (home / "embeddings").mkdir(parents=True, exist_ok=True)
+    specs = {m: {"dim": DIMS[m], "n": args.n, "seed": 1000 + i} for i, m in enumerate(models)}
+    rng = np.random.default_rng(12345)
+    listings = rng.choice(args.n // PER_LISTING, args.queries, replace=False)
+    q_of = {
+        m: SyntheticSnapshot(m, s["dim"], s["n"], s["seed"]).queries(listings, 7 + i)
+        for i, (m, s) in enumerate(specs.items())
+    }
+    policy = policy_from(args)
+    print(f"(a) {len(models)} models x {args.n:,} vectors, {args.queries} queries; {policy}", flush=True)
+    t0 = time.perf_counter()
+    truth = build(specs, home, policy, q_of)
+    make_db(home / "etsy_data.db", args.n)
+    print(f"  built all in {time.perf_counter() - t0:.0f} s", flush=True)
+    np.savez(work / "qa.npz", **q_of)
+    job = {
+        "specs": specs,
+        "home": str(home),
+        "queries": str(work / "qa.npz"),
+        "out": str(work / "a_out.json"),
+        "policy": policy.__dict__,
+    }
+    r = run_search_process("serve-ensemble", job, work)
+    exact = [fuse_exact(truth, j) for j in range(args.queries)]
+    fused = float(np.mean([len(set(t) & set(e)) / 10 for t, e in zip(r["tops"], exact, strict=True)]))
+    gb = r["end"]["VmRSS"] / 1024**2
+    print(
+        f"  search process: VmRSS {gb:.2f} GB (RssAnon {r['end']['RssAnon'] / 1024**2:.2f} GB, RssFile "
+        f"{r['end']['RssFile'] / 1024**2:.2f} GB = mapped re-rank vectors + libraries), VmHWM "
+        f"{r['end']['VmHWM'] / 1024**2:.2f} GB; before opening the indexes {r['base']['VmRSS'] / 1024**2:.2f} GB, "
+        f"after {r['opened']['VmRSS'] / 1024**2:.2f} GB; load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    line = (
+        f"1M x 5: p50 {pct(r['times'], 50):.1f} ms, p95 {pct(r['times'], 95):.1f} ms, fused recall@10 {fused:.3f}, "
+        f"search RSS {gb:.2f} GB"
+    )
+    if args.n != 1_000_000 or len(models) != 5:
+        line += f" (measured at {args.n:,} x {len(models)})"
+    return line, {"anon_kb": r["end"]["RssAnon"] - r["base"]["RssAnon"], "base_kb": r["base"]["VmRSS"]}
+
+
+def part_b(args: argparse.Namespace, work: Path) -> tuple[str, float, float]:
+    model, n = "dinov2_large", args.big_n
+    home = work / "b"
+    (home / "embeddings").mkdir(parents=True, exist_ok=True)
+    specs = {model: {"dim": DIMS[model], "n": n, "seed": 77}}
+    rng = np.random.default_rng(54321)
+    listings = rng.choice(n // PER_LISTING, args.big_queries, replace=False)
+    q = {model: SyntheticSnapshot(model, DIMS[model], n, 77).queries(listings, 3)}
+    policy = policy_from(args)
+    print(f"(b) {model} x {n:,} vectors, {args.big_queries} queries; {policy}", flush=True)
+    t0 = time.perf_counter()
+    truth = build(specs, home, policy, q)
+    print(f"  built in {time.perf_counter() - t0:.0f} s", flush=True)
+    np.savez(work / "qb.npz", **q)
+    job = {
+        "specs": specs,
+        "home": str(home),
+        "queries": str(work / "qb.npz"),
+        "out": str(work / "b_out.json"),
+        "policy": policy.__dict__,
+    }
+    r = run_search_process("serve-single", job, work)
+    gt = truth[model][1][:, :10]
+    rec = float(np.mean([len(set(a) & set(b.tolist())) / 10 for a, b in zip(r["ids"], gt, strict=True)]))
+    bpv = (r["opened"]["RssAnon"] - r["base"]["RssAnon"]) * 1024 / n
+    stamp = json.loads((home / "embeddings/search_cache" / f"{model}.ivf.json").read_text())
+    files = home / "embeddings/search_cache" / stamp["dir"]
+    print(
+        f"  index in memory: {bpv:.1f} B/vector (RssAnon growth on opening; ivf file "
+        f"{(files / stamp['ivf']).stat().st_size / n:.1f} B/vector); on disk fp16 re-rank vectors "
+        f"{(files / 'vec16.bin').stat().st_size / 1e9:.1f} GB; process VmRSS {r['end']['VmRSS'] / 1024**2:.2f} GB "
+        f"(RssFile {r['end']['RssFile'] / 1024**2:.2f} GB), p95 {pct(r['times'], 95):.1f} ms; load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    return f"p50 {pct(r['times'], 50):.1f} ms, recall@10 {rec:.3f}, {bpv:.0f} bytes/vector", bpv, r["base"]["VmRSS"]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=1_000_000, help="vectors per model (default 1M)")
-    ap.add_argument("--models", default=",".join(DIMS), help="comma-separated subset of the five")
+    ap.add_argument("--n", type=int, default=1_000_000, help="part (a): vectors per model (0 skips it)")
+    ap.add_argument("--models", default=",".join(DIMS), help="part (a): comma-separated subset of the five")
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--flat-queries", type=int, default=10, help="single queries timed with exact search")
-    ap.add_argument("--topics", type=int, default=0, help="clusters (default n/250)")
-    ap.add_argument("--rank", type=int, default=64, help="intrinsic dimension of the variation (0: isotropic)")
-    ap.add_argument("--m", type=int, default=IndexPolicy.m)
-    ap.add_argument("--efc", type=int, default=IndexPolicy.ef_construction)
-    ap.add_argument("--ef", default="64,128,256", help="efSearch values to measure")
-    ap.add_argument("--per-model-k", type=int, default=200, help="hits per model (the service uses max(100, 10k))")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--fp32", action="store_true", help="HNSWFlat instead of fp16 storage")
+    ap.add_argument("--big-n", type=int, default=10_000_000, help="part (b): dinov2_large vectors (0 skips it)")
+    ap.add_argument("--big-queries", type=int, default=150)
+    d = IndexPolicy()
+    ap.add_argument("--nlist", type=int, default=d.nlist, help="IVF lists (0: auto)")
+    ap.add_argument("--m", type=int, default=d.pq_m, help="PQ bytes per vector")
+    ap.add_argument("--nprobe", type=int, default=d.nprobe)
+    ap.add_argument("--rerank", type=int, default=d.rerank)
+    ap.add_argument("--train-sample", type=int, default=d.train_sample)
+    ap.add_argument("--threads", type=int, default=2, help="build threads (search runs single-threaded)")
+    ap.add_argument("--work", default=str(ROOT / ".bench_search"), help="scratch directory (deleted at the end)")
+    ap.add_argument("--keep", action="store_true", help="keep --work")
+    ap.add_argument("--serve-ensemble", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-single", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.ef = [int(x) for x in args.ef.split(",")]
-    args.topics = args.topics or max(10, args.n // 250)
-    models = [m for m in args.models.split(",") if m]
+    if args.serve_ensemble:
+        return serve_ensemble(Path(args.serve_ensemble))
+    if args.serve_single:
+        return serve_single(Path(args.serve_single))
     faiss.omp_set_num_threads(args.threads)
-    rng = np.random.default_rng(12345)
-    n_listings = args.n // IMAGES_PER_LISTING
-    query_listings = rng.choice(n_listings, args.queries, replace=False)
-    print(
-        f"bench/search.py: n={args.n:,} per model, models={','.join(models)}, {args.queries} queries, "
-        f"{args.topics} topics, variation rank {args.rank or 'full (isotropic)'}, HNSW M={args.m} efC={args.efc} {'fp32' if args.fp32 else 'fp16'}, "
-        f"per-model k={args.per_model_k}, {args.threads} threads; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
-        flush=True,
-    )
-    results = {}
-    for i, name in enumerate(models):
-        r = bench_model(name, DIMS[name], args, query_listings, seed=1000 + i)
-        results[name] = r
-        line = " ".join(
-            f"ef{ef}: p50 {pct(v['times'], 50):.2f} ms recall@10 {v['recall10']:.3f} (tie {v['tie10']:.3f})"
-            for ef, v in r["ef"].items()
-        )
-        print(
-            f"  {name:13s} d={r['dim']:4d} gen {r['gen_s']:.0f}s build {r['build_s']:.0f}s "
-            f"({args.n / r['build_s']:.0f}/s) load {os.getloadavg()[0]:.1f} exact p50 {pct(r['flat_times'], 50):.1f} ms | {line} | peak RSS {r['peak_rss_gb']:.1f} GB",
-            flush=True,
-        )
-    nq = args.queries
-    # exact ensemble: per-query sum of per-model exact times (fewer samples) + fusion
-    flat_sum = np.sum([np.array(r["flat_times"]) for r in results.values()], axis=0)
-    exact_top, fuse_s = [], []
-    for j in range(nq):
-        top, dt = fuse_top({m: (r["gt_ids"][j], r["gt_scores"][j]) for m, r in results.items()})
-        exact_top.append(top)
-        fuse_s.append(dt)
-    print(
-        f"\nensemble of {len(results)} models ({', '.join(results)}), {nq} queries; fusion p50 {pct(fuse_s, 50):.2f} ms"
-    )
-    print(
-        f"  exact flat : p50 {pct(flat_sum, 50) + pct(fuse_s, 50):8.1f} ms  (sum of per-model exact searches + fusion)"
-    )
-    best = None
-    for ef in args.ef:
-        total = np.sum([r["ef"][ef]["times"] for r in results.values()], axis=0)
-        fused_rec, fuse_t = [], []
-        for j in range(nq):
-            top, dt = fuse_top({m: (r["ef"][ef]["ids"][j], r["ef"][ef]["scores"][j]) for m, r in results.items()})
-            fuse_t.append(dt)
-            fused_rec.append(len(set(top) & set(exact_top[j])) / 10)
-        total = total + np.array(fuse_t)
-        per_model = np.mean([r["ef"][ef]["recall10"] for r in results.values()])
-        print(
-            f"  HNSW ef={ef:<4d}: p50 {pct(total, 50):8.1f} ms  p95 {pct(total, 95):8.1f} ms  "
-            f"recall@10 per model {per_model:.3f} (min {min(r['ef'][ef]['recall10'] for r in results.values()):.3f}, "
-            f"near-tie {np.mean([r['ef'][ef]['tie10'] for r in results.values()]):.3f}), "
-            f"fused listings {np.mean(fused_rec):.3f}"
-        )
-        if best is None and per_model >= 0.95:
-            best = (ef, pct(total, 50))
-    if best is None:
-        best = (args.ef[-1], pct(np.sum([r["ef"][args.ef[-1]]["times"] for r in results.values()], axis=0), 50))
-    exact_p50 = pct(flat_sum, 50) + pct(fuse_s, 50)
-    print(f"\nratio exact/HNSW ensemble p50 latency at ef={best[0]}: {exact_p50 / best[1]:.0f}x")
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    print(f"bench/search.py: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    try:
+        line_a, a = part_a(args, work) if args.n else (None, None)
+        if args.big_n:
+            shutil.rmtree(work / "a", ignore_errors=True)
+            body, bpv, base_kb = part_b(args, work)
+            # 10M x 5: PQ codes + ids cost the same bytes per vector at every dim (only the centroids grow
+            # with it), so dinov2_large's measured figure (the widest model) is used for all five, plus a full
+            # exact tail per model (tail_merge x dim x 4 bytes) and the search process's own baseline once.
+            tail = sum(IndexPolicy().tail_merge * dim * 4 for dim in DIMS.values())
+            total = len(DIMS) * bpv * 10_000_000 + tail + base_kb * 1024
+            line_b = f"10M x 1 (dinov2_large): {body}; projected 10M x 5: {total / 1e9:.1f} GB resident"
+            if args.big_n != 10_000_000:
+                line_b += f" (measured at {args.big_n:,}, not 10M)"
+        else:
+            line_b = None
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    if line_a:
+        print(line_a)
+    if line_b:
+        print(line_b)
     return 0
 
 

@@ -284,7 +284,7 @@ def test_search_reads_the_segment_store_and_sees_a_new_commit(tmp_path: Path) ->
     x = np.eye(4, dtype=np.float32)
     w.append("dinov2_base", np.array([10, 11]), x[:2])
     w.commit()
-    s = IndexSet(tmp_path / "emb", IndexPolicy(hnsw_min=1000))
+    s = IndexSet(tmp_path / "emb", IndexPolicy(index_min=1000))
     assert s.refresh(force=True) == ["dinov2_base"] and s.get("dinov2_base").count == 2
     w.append("dinov2_base", np.array([12]), x[2:3])
     w.remove("dinov2_base", np.array([10]))

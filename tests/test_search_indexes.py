@@ -1,8 +1,9 @@
-"""Index choice (flat vs HNSW fp16), the derived HNSW cache with its exact tail, and reloading on change."""
+"""Index choice (exact vs compressed IVF-PQ + re-rank), the stamp, the exact tail of new vectors, rebuilds."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import faiss
@@ -10,15 +11,17 @@ import numpy as np
 import pytest
 
 from imageselector.fsutil import atomic_write_bytes
-from imageselector.search.indexes import IndexPolicy, IndexSet, cache_path, index_ids, update_cache
+from imageselector.search import ivfpq
+from imageselector.search.indexes import IndexPolicy, IndexSet, cache_dir, update_index
+from imageselector.vectorstore.store import StoreWriter
 
-DIM = 16
+DIM = 32
 
 
-def clustered(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
+def clustered(n: int, seed: int = 0, dim: int = DIM, centres: int = 40) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(20, dim)).astype(np.float32)
-    x = centres[rng.integers(0, 20, n)] + 0.3 * rng.normal(size=(n, dim)).astype(np.float32)
+    c = np.random.default_rng(99).normal(size=(centres, dim)).astype(np.float32)
+    x = c[rng.integers(0, centres, n)] + 0.35 * rng.normal(size=(n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -31,98 +34,147 @@ def write_store(
     index.add_with_ids(vecs, ids.astype(np.int64))
     atomic_write_bytes(d / f"{name}.faiss", faiss.serialize_index(index).tobytes())
     rec = {"dim": vecs.shape[1], "count": len(ids), "standin": False, "source": source}
-    manifest = {"models": {name: rec}, "version": version}
-    atomic_write_bytes(d / "manifest.json", json.dumps(manifest).encode())
+    atomic_write_bytes(d / "manifest.json", json.dumps({"models": {name: rec}, "version": version}).encode())
 
 
-def recall_at_10(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean([len(set(x[:10]) & set(y[:10])) / 10 for x, y in zip(a, b, strict=True)]))
+def exact_top(x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)
+    return ids[flat.search(q, k)[1]]
 
 
-POLICY = IndexPolicy(hnsw_min=1000, m=16, ef_construction=40, ef_search=64)
+def recall(got: np.ndarray, want: np.ndarray) -> float:
+    k = want.shape[1]
+    return float(np.mean([len(set(a[:k]) & set(b)) / k for a, b in zip(got, want, strict=True)]))
 
 
-def test_small_index_is_exact_and_memory_mapped(tmp_path: Path) -> None:
+POLICY = IndexPolicy(index_min=1000, nlist=32, pq_m=8, nprobe=8, rerank=100, train_sample=4000, tail_merge=500)
+
+
+def built(tmp_path: Path, n: int = 3000) -> tuple[IndexSet, np.ndarray]:
+    x = clustered(n)
+    write_store(tmp_path, x, np.arange(n))
+    s = IndexSet(tmp_path, POLICY)
+    s.refresh(force=True)
+    assert s.build_caches() == {"dinov2_base": n}
+    return s, x
+
+
+def test_small_store_is_searched_exactly(tmp_path: Path) -> None:
     x = clustered(300)
     write_store(tmp_path, x, np.arange(300) * 3)
     s = IndexSet(tmp_path, POLICY)
     assert s.refresh(force=True) == ["dinov2_base"]
     m = s.get("dinov2_base")
-    assert m.kind == "flat" and not m.needs_build and m.count == 300
+    assert m.kind == "exact" and not m.needs_build and m.count == 300
     scores, ids = m.search(x[7], 5)
     assert ids[0, 0] == 21 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
-    assert s.get("clip_vitb32") is None  # absent files are simply not there
+    assert s.get("clip_vitb32") is None  # absent models are simply not there
 
 
-def test_big_index_gets_an_hnsw_cache_with_high_recall(tmp_path: Path) -> None:
+def test_big_store_is_scanned_exactly_until_its_compressed_index_is_built(tmp_path: Path) -> None:
     x = clustered(3000)
     ids = np.arange(3000) + 10
     write_store(tmp_path, x, ids)
     s = IndexSet(tmp_path, POLICY)
     s.refresh(force=True)
-    assert s.get("dinov2_base").kind == "flat" and s.needing_build() == ["dinov2_base"]
+    m = s.get("dinov2_base")
+    assert m.kind == "scan" and s.needing_build() == ["dinov2_base"]
+    q = clustered(60, seed=9)
+    want = exact_top(x, ids, q, 10)
+    assert (m.search(q, 10)[1] == want).all()  # the scan is exact
     assert s.build_caches() == {"dinov2_base": 3000}
     m = s.get("dinov2_base")
-    assert m.kind == "hnsw" and not m.needs_build and cache_path(tmp_path, "dinov2_base").exists()
-    assert isinstance(faiss.downcast_index(m.main.index), faiss.IndexHNSWSQ)  # fp16 storage
-    q = clustered(50, seed=9)
-    exact = faiss.IndexFlatIP(DIM)
-    exact.add(x)
-    _, gt = exact.search(q, 10)
-    _, got = m.search(q, 10)
-    assert recall_at_10(got, ids[gt]) >= 0.9
-    assert update_cache("dinov2_base", tmp_path, POLICY) == 0  # nothing new: no rewrite
+    assert m.kind == "ivfpq" and not m.needs_build and m.count == 3000
+    scores, got = m.search(q, 10)
+    assert recall(got, want) >= 0.95
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(x)
+    exact_scores = flat.search(q, 10)[0]
+    assert np.allclose(scores[:, 0], exact_scores[:, 0], atol=2e-3)  # re-ranked: exact (fp16) scores
+    stamp = ivfpq.read_stamp(cache_dir(tmp_path), "dinov2_base")
+    assert stamp["source"] == "hf:a" and stamp["generation"] == 1 and stamp["rows"] == 3000
+    assert update_index("dinov2_base", tmp_path, POLICY) == 0  # current: nothing to do
 
 
-def test_new_vectors_are_searched_exactly_until_the_graph_catches_up(tmp_path: Path) -> None:
-    x = clustered(2000)
-    write_store(tmp_path, x, np.arange(2000))
-    s = IndexSet(tmp_path, POLICY)
-    s.refresh(force=True)
-    s.build_caches()
+def test_a_freshly_flushed_vector_is_found_without_a_rebuild(tmp_path: Path) -> None:
+    s, x = built(tmp_path)
+    stamp_before = ivfpq.read_stamp(cache_dir(tmp_path), "dinov2_base")
     new = clustered(150, seed=5)
-    write_store(tmp_path, np.vstack([x, new]), np.arange(2150), version=2)  # embed.py appended
-    assert s.refresh(force=True) == ["dinov2_base"]
+    write_store(tmp_path, np.vstack([x, new]), np.arange(3150), version=2)  # embed.py flushed 150 more
+    assert s.refresh(check_s=0) == ["dinov2_base"]
     m = s.get("dinov2_base")
-    assert m.kind == "hnsw" and m.describe()["tail"] == 150 and m.needs_build and m.count == 2150
+    assert m.kind == "ivfpq" and m.describe()["tail"] == 150 and m.count == 3150 and not m.needs_build
     _, ids = m.search(new[42], 3)
-    assert ids[0, 0] == 2042  # found in the exact tail
-    assert s.build_caches() == {"dinov2_base": 150}
-    assert s.get("dinov2_base").describe()["tail"] == 0
+    assert ids[0, 0] == 3042  # found, from the exact tail
+    assert ivfpq.read_stamp(cache_dir(tmp_path), "dinov2_base") == stamp_before  # no rebuild happened
 
 
-def test_cache_with_dropped_ids_is_not_trusted(tmp_path: Path) -> None:
-    x = clustered(1500)
-    write_store(tmp_path, x, np.arange(1500))
-    update_cache("dinov2_base", tmp_path, POLICY)
-    write_store(tmp_path, x[100:], np.arange(100, 1500), version=2)  # ids 0..99 gone
-    s = IndexSet(tmp_path, POLICY)
-    s.refresh(force=True)
+def test_a_big_tail_is_folded_into_the_index_without_retraining(tmp_path: Path) -> None:
+    s, x = built(tmp_path)
+    new = clustered(600, seed=6)
+    write_store(tmp_path, np.vstack([x, new]), np.arange(3600), version=2)
+    s.refresh(check_s=0)
+    assert s.needing_build() == ["dinov2_base"]  # 600 >= tail_merge
+    assert s.build_caches() == {"dinov2_base": 600}
     m = s.get("dinov2_base")
-    assert m.kind == "flat" and m.needs_build and "stale" in m.note
-    s.build_caches()
-    cache = faiss.read_index(str(cache_path(tmp_path, "dinov2_base")))
-    assert sorted(index_ids(cache).tolist()) == list(range(100, 1500))
+    stamp = ivfpq.read_stamp(cache_dir(tmp_path), "dinov2_base")
+    assert m.describe()["tail"] == 0 and m.count == 3600 and stamp["version"] == 2 and stamp["generation"] == 2
+    q = clustered(40, seed=11)
+    assert recall(m.search(q, 10)[1], exact_top(np.vstack([x, new]), np.arange(3600), q, 10)) >= 0.95
+    assert m.search(new[7], 1)[1][0, 0] == 3007
+    names = {p.name for p in (cache_dir(tmp_path) / stamp["dir"]).iterdir()}
+    assert names == {"ivf.2.faiss", "sorted.2.npy", "vec16.bin", "gids.bin"}  # old versions collected
 
 
-def test_cache_built_from_another_models_vectors_is_rebuilt(tmp_path: Path) -> None:
+def test_index_built_from_another_models_vectors_is_not_used(tmp_path: Path) -> None:
     """Re-embedding with other weights keeps every id but changes every vector: the source stamp catches it."""
-    ids = np.arange(1500)
-    old, new = clustered(1500, seed=1), clustered(1500, seed=2)
-    write_store(tmp_path, old, ids, source="hf:old-weights")
-    update_cache("dinov2_base", tmp_path, POLICY)
-    write_store(tmp_path, new, ids, version=2, source="hf:new-weights")  # same ids, other vectors
-    s = IndexSet(tmp_path, POLICY)
-    s.refresh(force=True)
+    ids = np.arange(3000)
+    s, _ = built(tmp_path)
+    new = clustered(3000, seed=2)
+    write_store(tmp_path, new, ids, version=2, source="hf:new-weights")
+    s.refresh(check_s=0)
     m = s.get("dinov2_base")
-    assert m.kind == "flat" and m.needs_build and "another model" in m.note
-    assert s.build_caches() == {"dinov2_base": 1500}  # rebuilt whole, not "nothing new"
+    assert m.kind == "scan" and m.needs_build and "another model" in m.note
+    assert m.search(new[:5], 1)[1][:, 0].tolist() == [0, 1, 2, 3, 4]  # the scan answers from the new vectors
+    assert s.build_caches() == {"dinov2_base": 3000}
     m = s.get("dinov2_base")
-    assert m.kind == "hnsw" and m.describe()["tail"] == 0
-    _, got = m.search(new[:20], 1)
-    assert np.mean(got[:, 0] == ids[:20]) >= 0.9  # answers from the new vectors
-    write_store(tmp_path, new, ids, version=3, source="hf:new-weights")
-    assert update_cache("dinov2_base", tmp_path, POLICY) == 0  # same source again: nothing to do
+    assert m.kind == "ivfpq" and ivfpq.read_stamp(cache_dir(tmp_path), "dinov2_base")["source"] == "hf:new-weights"
+    assert np.mean(m.search(new[:50], 1)[1][:, 0] == ids[:50]) >= 0.95
+
+
+def test_vectors_removed_from_the_store_trigger_a_rebuild(tmp_path: Path) -> None:
+    s, x = built(tmp_path)
+    write_store(tmp_path, x[100:], np.arange(100, 3000), version=2)  # ids 0..99 gone
+    s.refresh(check_s=0)
+    m = s.get("dinov2_base")
+    assert m.needs_build and "left the store" in m.note
+    assert s.build_caches() == {"dinov2_base": 2900}
+    m = s.get("dinov2_base")
+    assert m.count == 2900 and not m.needs_build
+    assert m.search(x[5], 1)[1][0, 0] >= 100
+
+
+def test_interrupted_builds_and_appends_leave_the_committed_index_whole(tmp_path: Path) -> None:
+    s, x = built(tmp_path)
+    cdir = cache_dir(tmp_path)
+    stamp = ivfpq.read_stamp(cdir, "dinov2_base")
+    # a builder killed mid-way left its work directory; an append killed before its stamp left extra rows
+    dead = cdir / ".dinov2_base.building-999999-abcdef"
+    dead.mkdir()
+    with open(cdir / stamp["dir"] / "vec16.bin", "ab") as f:
+        f.write(b"\0" * DIM * 2 * 7)
+    s2 = IndexSet(tmp_path, POLICY)
+    s2.refresh(force=True)
+    m = s2.get("dinov2_base")
+    assert m.kind == "ivfpq" and m.count == 3000 and m.search(x[3], 1)[1][0, 0] == 3
+    new = clustered(600, seed=8)
+    write_store(tmp_path, np.vstack([x, new]), np.arange(3600), version=2)
+    s2.refresh(check_s=0)
+    assert s2.build_caches() == {"dinov2_base": 600}
+    assert not dead.exists()
+    assert os.path.getsize(cdir / stamp["dir"] / "vec16.bin") == 3600 * DIM * 2  # the stray rows were cut
+    assert s2.get("dinov2_base").search(new[9], 1)[1][0, 0] == 3009
 
 
 def test_refresh_is_cheap_and_a_corrupt_file_keeps_the_old_index(tmp_path: Path) -> None:
@@ -132,6 +184,8 @@ def test_refresh_is_cheap_and_a_corrupt_file_keeps_the_old_index(tmp_path: Path)
     s.refresh(force=True)
     assert s.refresh(check_s=0) == []  # nothing changed
     atomic_write_bytes(tmp_path / "dinov2_base.faiss", b"not a faiss file")
+    write_store(tmp_path / "other", x[:1], np.arange(1))  # a manifest for 'count': the file must be read
+    atomic_write_bytes(tmp_path / "manifest.json", json.dumps({"models": {}, "version": 2}).encode())
     assert s.refresh(check_s=0) == []
     assert "cannot read dinov2_base.faiss" in s.errors["dinov2_base"]
     assert s.get("dinov2_base").count == 200
@@ -150,13 +204,42 @@ def _rss_anon_mb() -> float | None:
     return None
 
 
-def test_vectors_are_memory_mapped_not_copied(tmp_path: Path) -> None:
+def test_full_vectors_stay_on_disk_only_the_codes_are_in_memory(tmp_path: Path) -> None:
     if _rss_anon_mb() is None:
         pytest.skip("needs /proc/self/status (Linux) to tell mapped from private memory")
-    x = clustered(8000, dim=1024)  # 32 MB of vectors
-    write_store(tmp_path, x, np.arange(8000))
+    x = clustered(12000, dim=1024)  # 48 MB fp32, 24 MB fp16 on disk
+    write_store(tmp_path, x, np.arange(12000))
+    policy = IndexPolicy(index_min=1000, nlist=64, pq_m=32, nprobe=8, rerank=100, train_sample=3000)
+    assert update_index("dinov2_base", tmp_path, policy) == 12000
     before = _rss_anon_mb()
-    s = IndexSet(tmp_path, POLICY)
+    s = IndexSet(tmp_path, policy)
     s.refresh(force=True)
-    s.get("dinov2_base").search(x[:1], 5)
-    assert _rss_anon_mb() - before < 16  # a copy would add 32 MB of private memory
+    m = s.get("dinov2_base")
+    assert m.kind == "ivfpq" and m.search(x[:20], 5)[1][:, 0].tolist() == list(range(20))
+    assert _rss_anon_mb() - before < 10  # codes+ids ~0.5 MB; a copy of the vectors would add 24-48 MB
+
+
+def test_segment_store_commit_is_searchable_at_once_and_folded_in_later(tmp_path: Path) -> None:
+    """The same through the segment store's writer: since_generation yields only the new rows."""
+    emb = tmp_path / "emb"
+    w = StoreWriter(emb, tmp_path / ".tmp", background=False)
+    w.open_model("dinov2_base", DIM, text=False, source="s", standin=False)
+    x = clustered(3000)
+    w.append("dinov2_base", np.arange(3000), x)
+    w.commit()
+    s = IndexSet(emb, POLICY)
+    s.refresh(force=True)
+    assert s.build_caches() == {"dinov2_base": 3000}
+    new = clustered(40, seed=12)
+    w.append("dinov2_base", np.arange(5000, 5040), new)
+    w.commit()
+    assert s.refresh(check_s=0) == ["dinov2_base"]
+    m = s.get("dinov2_base")
+    assert m.kind == "ivfpq" and m.describe()["tail"] == 40 and m.search(new[3], 1)[1][0, 0] == 5003
+    w.remove("dinov2_base", np.arange(10))
+    w.commit()
+    s.refresh(check_s=0)
+    assert s.get("dinov2_base").needs_build  # removals: a rebuild is queued
+    assert s.build_caches() == {"dinov2_base": 3030}
+    assert s.get("dinov2_base").describe()["tail"] == 0
+    w.close()

@@ -1,11 +1,11 @@
-"""`image_search_v2/search.py`: query by image or text, serve the web page, or build the HNSW caches.
+"""`image_search_v2/search.py`: query by image or text, serve the web page, or build the compressed indexes.
 
     venv/bin/python image_search_v2/search.py --image PATH [--k 20] [--models clip_vitb32 dinov2_base] [--json]
     venv/bin/python image_search_v2/search.py --text "blue ceramic mug" [--k 20] [--json]
     venv/bin/python image_search_v2/search.py --similar-to LISTING_ID:IMAGE_ID [--json]   # stored vectors
     venv/bin/python image_search_v2/search.py --copies --image PATH | --similar-to L:I [--json]
     venv/bin/python image_search_v2/search.py --serve [--host 127.0.0.1] [--port 8765]
-    venv/bin/python image_search_v2/search.py --build-index      # HNSW caches for indexes above SEARCH_HNSW_MIN
+    venv/bin/python image_search_v2/search.py --build-index      # compressed indexes above SEARCH_INDEX_MIN
 
 Exit codes: 0 done; 2 bad usage or a query the search cannot answer (the message says why).
 """
@@ -22,7 +22,7 @@ import threading
 
 from imageselector.config import load_settings
 from imageselector.logs import setup_logging
-from imageselector.search.indexes import cache_meta_path, cache_path
+from imageselector.search.indexes import remove_index
 from imageselector.search.service import SearchError, SearchService, parse_image_ref, read_path_image
 from imageselector.stopping import guarded_main
 
@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     what.add_argument("--serve", action="store_true", help="run the web page")
     what.add_argument(
-        "--build-index", action="store_true", help="build/update the HNSW caches of big indexes, then exit"
+        "--build-index", action="store_true", help="build/update the compressed indexes of big models, then exit"
     )
     what.add_argument("--status", action="store_true", help="print the indexes, fusion weights and warnings as JSON")
     ap.add_argument("--k", type=int, default=20, help="listings to return (default 20, at most 200)")
@@ -73,9 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help="auto|cpu|mps|cuda for the query encoders")
     ap.add_argument("--dtype", default="auto", help="auto|fp32|fp16|bf16 for the query encoders")
     ap.add_argument(
-        "--rebuild", action="store_true", help="with --build-index: delete the HNSW caches and build afresh"
+        "--rebuild", action="store_true", help="with --build-index: delete the compressed indexes and build afresh"
     )
-    ap.add_argument("--no-build", action="store_true", help="with --serve: do not build HNSW caches in the background")
+    ap.add_argument(
+        "--no-build", action="store_true", help="with --serve: do not build the compressed indexes in the background"
+    )
     return ap
 
 
@@ -176,8 +178,7 @@ def _main(argv: list[str] | None = None) -> int:
             names = _models(args.models) or list(service.indexes.models)
             if args.rebuild:
                 for name in names:
-                    cache_path(settings.embeddings_dir, name).unlink(missing_ok=True)
-                    cache_meta_path(settings.embeddings_dir, name).unlink(missing_ok=True)
+                    remove_index(settings.embeddings_dir, name)
                 service.indexes.refresh(force=True)
             done = service.indexes.build_caches(names, tmp_dir=settings.tmp_dir)
             for name, m in service.indexes.models.items():

@@ -1,21 +1,20 @@
-"""The search side of the FAISS store: open each index once, pick exact or HNSW by size, reload on change.
+"""The search side of the embedding store: one index per model, exact when small, compressed when big.
 
-- The canonical vectors are the embedding store (embeddings/{name}/, segments + manifest, written by
-  embed.py), read through `store.open_snapshot`: the segments are memory-mapped, so a million vectors
-  cost page cache, not private memory, and exact search runs on the mappings. The HNSW caches are mapped
-  (their fp16 vectors; the graph links are read into memory).
-- Under `SEARCH_HNSW_MIN` vectors an index is searched exactly (flat). Above it, an HNSW graph with fp16
-  vector storage (IndexHNSWSQ, QT_fp16) is DERIVED from the canonical file into
-  `embeddings/search_cache/{name}.hnsw.faiss` (`search.py --build-index`, or the web server in the
-  background). The canonical file stays the truth; the cache is disposable.
-- Vectors embedded after the cache was built (ids in the canonical file but not in the cache) form a
-  small exact "tail" searched beside the graph, so results are complete before the cache catches up.
-  A cache holding ids the canonical file no longer has is stale: it is ignored (exact search) until rebuilt.
-  So is one built from another model's vectors: beside each cache, `{name}.hnsw.json` records the manifest's
-  `source` of the vectors it was built from; when a model is re-embedded with other weights (same ids, new
-  vectors), the manifest's source changes and the cache is rebuilt, which the ids alone could not tell.
-- A snapshot stays readable while embed.py commits and compacts (store.py); `IndexSet.refresh()` notices a
-  new store manifest and reopens what changed.
+- Vectors are read through the store's READ contract (`snapshots.open_snapshot`: generation, source,
+  `iter_chunks`), never by opening the store's files directly, so the store can change underneath.
+- Under `SEARCH_INDEX_MIN` vectors (default 50,000) a model is searched EXACTLY from an in-memory copy.
+- Above it, through a compressed index DERIVED from a snapshot (ivfpq.py: IVF-PQ codes in memory, exact
+  re-ranking of the best candidates from fp16 vectors on disk), built by `search.py --build-index` or by
+  the web server in the background, stored in `embeddings/search_cache/` and stamped with the source and
+  generation of the snapshot it was built from.
+- Vectors flushed since the index's generation (the snapshot has them, the index does not) form an exact
+  in-memory "tail" searched beside it: a flushed vector is searchable at the next refresh (<= 1 s after the
+  flush is seen), without any rebuild. When the tail reaches `SEARCH_TAIL_MERGE` vectors, the builder folds
+  it into the index's lists (no retraining). A re-embed with other weights (the source changes) or vectors
+  removed from the store make the index stale: it is rebuilt whole; meanwhile the model is searched by an
+  exact scan of the snapshot (slow but right, memory-bounded), never from other vectors.
+- `IndexSet.refresh()` reopens what changed; swaps are whole ModelIndex objects, so a concurrent query sees
+  the old or the new state, never half.
 """
 
 from __future__ import annotations
@@ -26,49 +25,58 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from imageselector.db import EMBED_MODELS
-from imageselector.fsutil import atomic_write_text
-from imageselector.vectorstore.store import MANIFEST, MMAP_FLAGS, TEXT_SUFFIX, index_ids, open_snapshot, write_index
+from imageselector.search import ivfpq, snapshots
+from imageselector.vectorstore.store import MMAP_FLAGS, index_ids
 
 log = logging.getLogger(__name__)
 
 TEXT_INDEXES: tuple[str, ...] = ("clip_vitb32_text", "clip_vitl14_text")
 ALL_INDEXES: tuple[str, ...] = (*EMBED_MODELS, *TEXT_INDEXES)
 CACHE_DIR = "search_cache"
-# One definition of the mmap flags (see store.MMAP_FLAGS): they also map IndexScalarQuantizer inside HNSWSQ.
-ADD_CHUNK = 20_000
+CHUNK = 65536
 
 # Single queries never reach BLAS; batched ones (tail, bench ground truth) are far faster with it low.
 faiss.cvar.distance_compute_blas_threshold = 20
 
+__all__ = ["ALL_INDEXES", "TEXT_INDEXES", "IndexPolicy", "IndexSet", "ModelIndex", "index_ids", "read_index"]
+
 
 @dataclass(frozen=True)
 class IndexPolicy:
-    """When to use HNSW and how to build/search it. Defaults measured by bench/search.py."""
+    """When to build a compressed index and how to build/search it. Defaults measured by bench/search.py."""
 
-    hnsw_min: int = 50_000
-    m: int = 48
-    ef_construction: int = 160
-    ef_search: int = 256
-    fp16: bool = True
+    index_min: int = 50_000
+    nlist: int = 0  # 0: about 2*sqrt(n) lists
+    pq_m: int = 64  # PQ bytes per vector
+    nprobe: int = 256  # many lists: the synthetic topics spread neighbours over cells; fast-scan makes it cheap
+    rerank: int = 1000  # candidates re-scored exactly (at least the k asked for)
+    train_sample: int = 131_072
+    tail_merge: int = 20_000
 
     @classmethod
     def from_settings(cls, settings) -> IndexPolicy:  # type: ignore[no-untyped-def]
         return cls(
-            hnsw_min=settings.get_int("SEARCH_HNSW_MIN", cls.hnsw_min),
-            m=settings.get_int("SEARCH_HNSW_M", cls.m),
-            ef_construction=settings.get_int("SEARCH_HNSW_EF_CONSTRUCTION", cls.ef_construction),
-            ef_search=settings.get_int("SEARCH_HNSW_EF_SEARCH", cls.ef_search),
-            fp16=(settings.get("SEARCH_HNSW_FP16", "1") or "1") not in ("0", "false", "no"),
+            index_min=settings.get_int("SEARCH_INDEX_MIN", settings.get_int("SEARCH_HNSW_MIN", cls.index_min)),
+            nlist=settings.get_int("SEARCH_IVF_NLIST", cls.nlist),
+            pq_m=settings.get_int("SEARCH_PQ_M", cls.pq_m),
+            nprobe=settings.get_int("SEARCH_NPROBE", cls.nprobe),
+            rerank=settings.get_int("SEARCH_RERANK", cls.rerank),
+            train_sample=settings.get_int("SEARCH_TRAIN_SAMPLE", cls.train_sample),
+            tail_merge=settings.get_int("SEARCH_TAIL_MERGE", cls.tail_merge),
         )
 
+    def build_params(self) -> ivfpq.BuildParams:
+        return ivfpq.BuildParams(nlist=self.nlist, m=self.pq_m, train_sample=self.train_sample)
 
+
+# ------------------------------------------------------------------------------------ helpers kept for readers
 def file_sig(path: Path) -> tuple[int, int, int] | None:
     """Identity of a file version: a rename-replaced file gets a new inode/mtime."""
     try:
@@ -76,37 +84,6 @@ def file_sig(path: Path) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def store_sig(embeddings_dir: Path, name: str) -> tuple[int, int, int] | None:
-    """Identity of a store's current version: its manifest (or, not yet migrated, its old .faiss file)."""
-    return file_sig(Path(embeddings_dir) / name / MANIFEST) or file_sig(Path(embeddings_dir) / f"{name}.faiss")
-
-
-class SnapshotIndex:
-    """A store snapshot with the faiss surface the search side uses (d, ntotal, search; ids via keys/get)."""
-
-    def __init__(self, snap) -> None:  # type: ignore[no-untyped-def]
-        self.snap = snap
-        self.d = int(snap.dim)
-        self.ntotal = int(snap.count)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.snap.search(queries, k)
-
-    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.snap.get(ids)
-
-
-class NoVectors(RuntimeError):
-    """The store exists but holds no vectors (yet, or any more)."""
-
-
-def open_canonical(embeddings_dir: Path, name: str) -> SnapshotIndex:
-    snap = open_snapshot(Path(embeddings_dir), name)
-    if snap is None:
-        raise NoVectors(f"{name}: no vectors")
-    return SnapshotIndex(snap)
 
 
 def read_index(path: Path, mmap: bool = True) -> faiss.Index:
@@ -137,174 +114,6 @@ def reconstruct_positions(index: faiss.Index, positions: np.ndarray) -> np.ndarr
     return out
 
 
-def new_hnsw(dim: int, policy: IndexPolicy) -> faiss.Index:
-    """An empty ID-mapped HNSW index (fp16 storage unless policy.fp16 is off)."""
-    if policy.fp16:
-        graph = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, policy.m, faiss.METRIC_INNER_PRODUCT)
-    else:
-        graph = faiss.IndexHNSWFlat(dim, policy.m, faiss.METRIC_INNER_PRODUCT)
-    graph.hnsw.efConstruction = policy.ef_construction
-    return faiss.IndexIDMap(graph)
-
-
-def set_ef_search(index: faiss.Index, ef: int) -> None:
-    graph = inner(index)
-    if hasattr(graph, "hnsw"):
-        graph.hnsw.efSearch = ef
-
-
-def cache_path(embeddings_dir: Path, name: str) -> Path:
-    return Path(embeddings_dir) / CACHE_DIR / f"{name}.hnsw.faiss"
-
-
-def cache_meta_path(embeddings_dir: Path, name: str) -> Path:
-    return Path(embeddings_dir) / CACHE_DIR / f"{name}.hnsw.json"
-
-
-def canonical_source(embeddings_dir: Path, name: str) -> str | None:
-    """The manifest's `source` of an index's vectors (a text index shares its CLIP model's)."""
-    model = name.removesuffix(TEXT_SUFFIX)
-    rec = (read_manifest(embeddings_dir).get("models") or {}).get(model)
-    return rec.get("source") if isinstance(rec, dict) else None
-
-
-def cache_source(embeddings_dir: Path, name: str) -> str | None:
-    """The source the HNSW cache was built from (None: unknown, e.g. no stamp yet)."""
-    try:
-        doc = json.loads(cache_meta_path(embeddings_dir, name).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError, OSError):
-        return None
-    return doc.get("source") if isinstance(doc, dict) else None
-
-
-@dataclass
-class ModelIndex:
-    """One opened index: the main structure (flat canonical or HNSW cache) plus an exact tail."""
-
-    name: str
-    path: Path
-    sig: tuple[int, int, int] | None
-    kind: str  # "flat" | "hnsw"
-    main: faiss.Index
-    tail: faiss.Index | None = None
-    needs_build: bool = False
-    note: str = ""
-
-    @property
-    def dim(self) -> int:
-        return int(self.main.d)
-
-    @property
-    def count(self) -> int:
-        return int(self.main.ntotal) + (int(self.tail.ntotal) if self.tail is not None else 0)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) per query row; ids are -1 where fewer than k exist."""
-        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        k = max(1, int(k))
-        scores, ids = self.main.search(q, k)
-        if self.tail is None or self.tail.ntotal == 0:
-            return scores, ids
-        ts, ti = self.tail.search(q, k)
-        s = np.concatenate([scores, ts], axis=1)
-        i = np.concatenate([ids, ti], axis=1)
-        s = np.where(i < 0, -np.inf, s)
-        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
-
-    def describe(self) -> dict:
-        return {
-            "kind": self.kind,
-            "count": self.count,
-            "dim": self.dim,
-            "tail": int(self.tail.ntotal) if self.tail is not None else 0,
-            "needs_build": self.needs_build,
-            "note": self.note,
-        }
-
-
-def _tail_index(canonical: SnapshotIndex, ids: np.ndarray) -> faiss.Index:
-    tail = faiss.IndexIDMap(faiss.IndexFlatIP(canonical.d))
-    if len(ids):
-        found, vecs = canonical.vectors(ids)
-        tail.add_with_ids(vecs, found)
-    return tail
-
-
-def open_model(name: str, path: Path, policy: IndexPolicy, embeddings_dir: Path) -> ModelIndex:
-    """Open one store, choosing exact search or the HNSW cache (+ tail) by size."""
-    sig = store_sig(embeddings_dir, name)
-    canonical = open_canonical(embeddings_dir, name)
-    n = int(canonical.ntotal)
-    if n < policy.hnsw_min:
-        return ModelIndex(name, path, sig, "flat", canonical, note=f"exact search ({n} < {policy.hnsw_min})")
-    cpath = cache_path(embeddings_dir, name)
-    if not cpath.exists():
-        return ModelIndex(name, path, sig, "flat", canonical, needs_build=True, note="exact search; HNSW not built")
-    cache = read_index(cpath)
-    if cache.d != canonical.d:
-        return ModelIndex(name, path, sig, "flat", canonical, needs_build=True, note="HNSW cache has another dim")
-    if cache_source(embeddings_dir, name) != canonical_source(embeddings_dir, name):
-        note = "HNSW cache built from another model's vectors; exact search"
-        return ModelIndex(name, path, sig, "flat", canonical, needs_build=True, note=note)
-    canon_ids, cache_ids = canonical.snap.keys(), index_ids(cache)
-    if not np.isin(cache_ids, canon_ids).all():
-        return ModelIndex(name, path, sig, "flat", canonical, needs_build=True, note="HNSW cache stale; exact search")
-    set_ef_search(cache, policy.ef_search)
-    missing = canon_ids[~np.isin(canon_ids, cache_ids)]
-    tail = _tail_index(canonical, missing)
-    note = f"HNSW M={policy.m} ef={policy.ef_search} {'fp16' if policy.fp16 else 'fp32'}"
-    if len(missing):
-        note += f" + {len(missing)} exact (not yet in the graph)"
-    return ModelIndex(name, path, sig, "hnsw", cache, tail=tail, needs_build=len(missing) > 0, note=note)
-
-
-def update_cache(
-    name: str,
-    embeddings_dir: Path,
-    policy: IndexPolicy,
-    tmp_dir: Path | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> int:
-    """Bring the HNSW cache of one index up to its canonical file. Returns vectors added (-1: stopped).
-
-    Adds only the ids the cache lacks (embed.py appends); rebuilds from scratch when the cache holds ids
-    the canonical file dropped, was built from another source's vectors or with another dim/policy.
-    """
-    source = canonical_source(embeddings_dir, name)  # read before the vectors: a later change only makes it stale
-    canonical = open_canonical(embeddings_dir, name)
-    canon_ids = canonical.snap.keys()
-    cpath = cache_path(embeddings_dir, name)
-    cache = None
-    if cpath.exists():
-        cache = read_index(cpath, mmap=False)
-        same_kind = isinstance(inner(cache), faiss.IndexHNSWSQ) == policy.fp16
-        same_source = cache_source(embeddings_dir, name) == source
-        if cache.d != canonical.d or not same_kind or not same_source or not np.isin(index_ids(cache), canon_ids).all():
-            log.info("%s: HNSW cache does not match the canonical index; rebuilding it", name)
-            cache = None
-    if cache is None:
-        cache = new_hnsw(canonical.d, policy)
-        missing = canon_ids
-    else:
-        missing = canon_ids[~np.isin(canon_ids, index_ids(cache))]
-    if len(missing) == 0:
-        return 0
-    log.info("%s: adding %d vectors to the HNSW graph (%d there)", name, len(missing), cache.ntotal)
-    t0 = time.monotonic()
-    for start in range(0, len(missing), ADD_CHUNK):
-        if should_stop():
-            return -1
-        found, vecs = canonical.vectors(missing[start : start + ADD_CHUNK])
-        cache.add_with_ids(vecs, found)
-    tmp = tmp_dir or Path(embeddings_dir).parent / ".tmp"  # the data home's .tmp
-    write_index(cache, cpath, tmp)
-    # The stamp goes second: a crash between the two leaves an old or missing stamp, i.e. a rebuild, never a lie.
-    atomic_write_text(cache_meta_path(embeddings_dir, name), json.dumps({"source": source, "dim": cache.d}), tmp)
-    log.info("%s: HNSW cache has %d vectors (%.1f s)", name, cache.ntotal, time.monotonic() - t0)
-    return len(missing)
-
-
 def read_manifest(embeddings_dir: Path) -> dict:
     try:
         doc = json.loads((Path(embeddings_dir) / "manifest.json").read_text(encoding="utf-8"))
@@ -313,12 +122,206 @@ def read_manifest(embeddings_dir: Path) -> dict:
         return {}
 
 
-class IndexSet:
-    """Every index of the store, opened once and reopened when embed.py replaces a file.
+def cache_dir(embeddings_dir: Path) -> Path:
+    return Path(embeddings_dir) / CACHE_DIR
 
-    `refresh()` is cheap (a stat of manifest.json and of each file, at most every `check_s`) and runs
-    before each query.
-    Swaps are whole ModelIndex objects, so a concurrent query sees the old or the new index, never half.
+
+def remove_index(embeddings_dir: Path, name: str) -> None:
+    """Forget a model's compressed index (search.py --build-index --rebuild)."""
+    ivfpq.remove(cache_dir(embeddings_dir), name)
+
+
+# ------------------------------------------------------------------------------------ one model
+def _flat(dim: int) -> faiss.Index:
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def _merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    s = np.concatenate([a[0], b[0]], axis=1)
+    i = np.concatenate([a[1], b[1]], axis=1)
+    s = np.where(i < 0, -np.inf, s)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+
+
+@dataclass
+class ModelIndex:
+    """One model as searched now: exact (in memory), ivfpq (+ exact tail) or scan (exact, streamed)."""
+
+    name: str
+    kind: str  # "exact" | "ivfpq" | "scan"
+    dim: int
+    key: tuple  # (generation, source, count, stamp) this state was opened at
+    main: faiss.Index | ivfpq.CompressedIndex | None = None
+    tail: faiss.Index | None = None
+    snapshot: object | None = None  # searched exactly ("exact" from the store, "scan")
+    needs_build: bool = False
+    rebuild: bool = False  # stale: build afresh rather than append the tail
+    note: str = ""
+
+    @property
+    def count(self) -> int:
+        if self.snapshot is not None:
+            return int(self.snapshot.count)  # type: ignore[attr-defined]
+        main = int(self.main.rows if isinstance(self.main, ivfpq.CompressedIndex) else self.main.ntotal)  # type: ignore[union-attr]
+        return main + self.tail_count
+
+    @property
+    def tail_count(self) -> int:
+        return int(self.tail.ntotal) if self.tail is not None else 0
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query row; ids are -1 where fewer than k exist."""
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        k = max(1, int(k))
+        if self.snapshot is not None:  # exact, by the store (in place) or streamed
+            if hasattr(self.snapshot, "search"):
+                return self.snapshot.search(q, k)
+            return _scan(self.snapshot, q, k)
+        res = self.main.search(q, k)  # type: ignore[union-attr]
+        if self.tail is None or self.tail.ntotal == 0:
+            return res
+        return _merge(res, self.tail.search(q, k), k)
+
+    def describe(self) -> dict:
+        return {
+            "kind": self.kind,
+            "count": self.count,
+            "dim": self.dim,
+            "tail": self.tail_count,
+            "needs_build": self.needs_build,
+            "note": self.note,
+        }
+
+
+def _scan(snap, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    best = (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
+    for gids, x in snap.iter_chunks(CHUNK):
+        s = q @ np.asarray(x, dtype=np.float32).T
+        kk = min(k, s.shape[1])
+        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        best = _merge(best, (np.take_along_axis(s, top, 1), np.asarray(gids)[top]), k)
+    return best
+
+
+def _load_tail(snap, since: int | None, held: Callable[[np.ndarray], np.ndarray]) -> faiss.Index:  # type: ignore[no-untyped-def]
+    """An exact in-memory index of the snapshot's vectors that `held` says the index lacks."""
+    tail = _flat(int(snap.dim))
+    for gids, x in snap.iter_chunks(CHUNK, since_generation=since):
+        gids = np.asarray(gids, dtype=np.int64)
+        new = ~held(gids)
+        if new.any():
+            tail.add_with_ids(np.ascontiguousarray(np.asarray(x, dtype=np.float32)[new]), gids[new])
+    return tail
+
+
+def open_model(name: str, embeddings_dir: Path, policy: IndexPolicy, snap=None) -> ModelIndex | None:  # type: ignore[no-untyped-def]
+    """Open one model's current state: exact when small, the compressed index + tail when big and current."""
+    snap = snap if snap is not None else snapshots.open_snapshot(embeddings_dir, name)
+    if snap is None:
+        return None
+    cdir = cache_dir(embeddings_dir)
+    stamp = ivfpq.read_stamp(cdir, name)
+    stamp_key = json.dumps(stamp, sort_keys=True) if stamp else None
+    key = (snap.generation, snap.source, snap.count, stamp_key, getattr(snap, "version", None))
+    if snap.count < policy.index_min:
+        note = f"exact ({snap.count} < {policy.index_min})"
+        if hasattr(snap, "search"):  # the store searches its own mappings: nothing copied
+            return ModelIndex(name, "exact", int(snap.dim), key, snapshot=snap, note=note)
+        main = _load_tail(snap, None, lambda g: np.zeros(len(g), bool))
+        return ModelIndex(name, "exact", int(snap.dim), key, main, note=note)
+    if stamp is None:
+        return ModelIndex(
+            name,
+            "scan",
+            int(snap.dim),
+            key,
+            snapshot=snap,
+            needs_build=True,
+            rebuild=True,
+            note="exact scan (slow); compressed index not built yet",
+        )
+    if stamp.get("source") != snap.source or int(stamp.get("dim", -1)) != int(snap.dim):
+        return ModelIndex(
+            name,
+            "scan",
+            int(snap.dim),
+            key,
+            snapshot=snap,
+            needs_build=True,
+            rebuild=True,
+            note="exact scan (slow); the index was built from another model's vectors, rebuilding",
+        )
+    main = ivfpq.CompressedIndex(cdir, stamp, policy.nprobe, policy.rerank)
+    return _with_tail(ModelIndex(name, "ivfpq", main.dim, key, main), snap, stamp, policy)
+
+
+def _with_tail(m: ModelIndex, snap, stamp: dict, policy: IndexPolicy) -> ModelIndex:  # type: ignore[no-untyped-def]
+    main: ivfpq.CompressedIndex = m.main  # type: ignore[assignment]
+    tail = _load_tail(snap, int(stamp["generation"]), main.contains)
+    removed = _removed(snap, int(stamp["generation"]), main.rows + int(tail.ntotal))
+    note = f"IVF-PQ nlist={stamp['nlist']} m={stamp['m']} nprobe={policy.nprobe} rerank={policy.rerank}"
+    if tail.ntotal:
+        note += f" + {tail.ntotal} exact (not yet in the index)"
+    if removed > 0:
+        note += f"; {removed} vectors left the store since the build: rebuilding"
+    return replace(
+        m,
+        tail=tail,
+        needs_build=removed > 0 or tail.ntotal >= policy.tail_merge,
+        rebuild=removed > 0,
+        note=note,
+        key=(snap.generation, snap.source, snap.count, m.key[3], getattr(snap, "version", None)),
+    )
+
+
+def _removed(snap, generation: int, held: int) -> int:  # type: ignore[no-untyped-def]
+    """How many indexed vectors the store no longer has: its tombstones when it knows, else by count."""
+    gone = snap.removed_since(generation) if hasattr(snap, "removed_since") else None
+    by_count = held - int(snap.count)
+    return max(len(gone), by_count) if gone is not None else by_count
+
+
+def update_index(
+    name: str,
+    embeddings_dir: Path,
+    policy: IndexPolicy,
+    tmp_dir: Path | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    rebuild: bool = False,
+) -> int:
+    """Bring one model's compressed index up to its snapshot. Returns vectors added (-1: stopped, 0: current).
+
+    Appends the vectors the index lacks (no retraining) when the index is current otherwise; builds afresh
+    when there is none, it is stale (other source/dim, vectors removed) or `rebuild` is asked.
+    """
+    snap = snapshots.open_snapshot(embeddings_dir, name)
+    if snap is None or snap.count < policy.index_min:
+        return 0
+    cdir = cache_dir(embeddings_dir)
+    tmp = tmp_dir or Path(embeddings_dir).parent / ".tmp"  # the data home's .tmp
+    tmp.mkdir(parents=True, exist_ok=True)
+    stamp = ivfpq.read_stamp(cdir, name)
+    if not rebuild and stamp is not None and stamp.get("source") == snap.source and stamp["dim"] == snap.dim:
+        main = ivfpq.CompressedIndex(cdir, stamp, policy.nprobe, policy.rerank)
+        tail = _load_tail(snap, int(stamp["generation"]), main.contains)
+        if _removed(snap, int(stamp["generation"]), main.rows + int(tail.ntotal)) <= 0:  # fold the tail in
+            if tail.ntotal == 0:
+                return 0
+            vecs = tail.index.reconstruct_n(0, tail.ntotal) if tail.ntotal else None
+            ivfpq.append(cdir, name, index_ids(tail), vecs, snap.generation, tmp)
+            log.info("%s: %d new vectors added to the compressed index", name, tail.ntotal)
+            return int(tail.ntotal)
+    log.info("%s: building the compressed index from %d vectors", name, snap.count)
+    stamp = ivfpq.build(snap, name, cdir, policy.build_params(), tmp, should_stop)
+    return -1 if stamp is None else int(stamp["rows"])
+
+
+class IndexSet:
+    """Every index of the store, opened once and brought up to date as the store's generation moves.
+
+    `refresh()` is cheap when nothing changed (opening a snapshot reads the manifest; at most every `check_s`)
+    and runs before each query.
     """
 
     def __init__(
@@ -330,44 +333,61 @@ class IndexSet:
         self.models: dict[str, ModelIndex] = {}
         self.manifest: dict = {}
         self.errors: dict[str, str] = {}
-        self._manifest_sig: tuple | None = ("never",)  # type: ignore[assignment]
         self._checked = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.version = 0  # bumps whenever something was reopened
 
+    def _stamp_key(self, name: str) -> str | None:
+        stamp = ivfpq.read_stamp(cache_dir(self.dir), name)
+        return json.dumps(stamp, sort_keys=True) if stamp else None
+
+    def _refresh_one(self, name: str, force: bool) -> bool:
+        snap = snapshots.open_snapshot(self.dir, name)
+        cur = self.models.get(name)
+        if snap is None:
+            if cur is not None:
+                del self.models[name]
+                return True
+            return False
+        stamp_key = self._stamp_key(name)
+        key = (snap.generation, snap.source, snap.count, stamp_key, getattr(snap, "version", None))
+        if cur is not None and cur.key == key and not force:
+            return False
+        if (
+            cur is not None
+            and not force
+            and cur.kind == "ivfpq"
+            and cur.key[1] == snap.source
+            and cur.key[3] == stamp_key
+            and snap.count >= self.policy.index_min
+        ):  # only new vectors: extend the tail, keep the index
+            stamp = json.loads(stamp_key) if stamp_key else {}
+            self.models[name] = _with_tail(cur, snap, stamp, self.policy)
+            return True
+        m = open_model(name, self.dir, self.policy, snap)
+        if m is None:
+            self.models.pop(name, None)
+        else:
+            self.models[name] = m
+        return True
+
     def refresh(self, force: bool = False, check_s: float = 1.0) -> list[str]:
-        """Reopen indexes whose files changed. Returns the names reopened (or dropped)."""
+        """Reopen or extend indexes whose snapshot or stamp changed. Returns the names changed (or dropped)."""
         now = time.monotonic()
         if not force and now - self._checked < check_s:
             return []
         with self._lock:
             self._checked = now
-            msig = file_sig(self.dir / "manifest.json")
-            if force or msig != self._manifest_sig:
-                self._manifest_sig = msig
-                self.manifest = read_manifest(self.dir)
+            self.manifest = read_manifest(self.dir)
             changed = []
             for name in self.names:
-                path = self.dir / name
-                sig = store_sig(self.dir, name)
-                cur = self.models.get(name)
-                if sig is None:
-                    if cur is not None:
-                        del self.models[name]
-                        changed.append(name)
-                    continue
-                if cur is not None and cur.sig == sig and not force:
-                    continue
                 try:
-                    self.models[name] = open_model(name, path, self.policy, self.dir)
-                    self.errors.pop(name, None)
-                    changed.append(name)
-                except NoVectors:
-                    if self.models.pop(name, None) is not None:
+                    if self._refresh_one(name, force):
                         changed.append(name)
-                except (RuntimeError, ValueError) as exc:  # a corrupt/partial store: keep the old one, say why
-                    what = name if (self.dir / name / MANIFEST).exists() else f"{name}.faiss"
-                    self.errors[name] = f"cannot read {what}: {str(exc).splitlines()[0][:200]}"
+                    self.errors.pop(name, None)
+                except (RuntimeError, OSError, ValueError) as exc:  # a corrupt/partial file: keep the old state
+                    msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                    self.errors[name] = f"cannot read {name}.faiss: {msg}"
                     log.warning("%s", self.errors[name])
             if changed:
                 self.version += 1
@@ -381,9 +401,12 @@ class IndexSet:
 
     def reopen(self, name: str) -> None:
         with self._lock:
-            if store_sig(self.dir, name) is not None:
-                self.models[name] = open_model(name, self.dir / name, self.policy, self.dir)
-                self.version += 1
+            m = open_model(name, self.dir, self.policy)
+            if m is None:
+                self.models.pop(name, None)
+            else:
+                self.models[name] = m
+            self.version += 1
 
     def needing_build(self) -> list[str]:
         return [n for n, m in self.models.items() if m.needs_build]
@@ -394,16 +417,13 @@ class IndexSet:
         tmp_dir: Path | None = None,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> dict[str, int]:
-        """Build/update the HNSW caches of big indexes, then reopen them. Returns vectors added per index."""
+        """Build or update the compressed indexes of big models, then reopen them. Returns vectors added."""
         done: dict[str, int] = {}
         for name in names if names is not None else self.needing_build():
-            snap = open_snapshot(self.dir, name)
-            if snap is None:
-                continue
-            n = int(snap.count)
-            if n < self.policy.hnsw_min:
-                continue
-            done[name] = update_cache(name, self.dir, self.policy, tmp_dir, should_stop)
+            cur = self.models.get(name)
+            done[name] = update_index(
+                name, self.dir, self.policy, tmp_dir, should_stop, rebuild=bool(cur and cur.rebuild)
+            )
             if done[name] < 0:
                 break
             self.reopen(name)

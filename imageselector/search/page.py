@@ -215,7 +215,7 @@ async function loadStatus() {
     STATUS = data;
     MAX_BYTES = (data.limits.max_upload_mb || 20) * 1024 * 1024;
     const n = data.image_models.length;
-    const counts = data.image_models.map((m) => `${m} ${data.indexes[m].count.toLocaleString()} (${data.indexes[m].kind === "hnsw" ? "HNSW" : "exact"})`);
+    const counts = data.image_models.map((m) => `${m} ${data.indexes[m].count.toLocaleString()} (${data.indexes[m].kind === "ivfpq" ? "compressed" : data.indexes[m].kind})`);
     $("summary").textContent = n ? `${n} image model${n > 1 ? "s" : ""}: ${counts.join(" · ")}` : "No image index yet: run image_search_v2/embed.py first.";
     const box = $("models");
     box.replaceChildren(el("legend", null, "Models and weights"));

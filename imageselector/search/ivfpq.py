@@ -1,0 +1,413 @@
+"""The compressed search index of one model: IVF-PQ codes in memory, exact re-ranking from fp16 vectors on disk.
+
+Why this shape (issue 15: 10M images x 5 models on a 16-32 GB Mac):
+- In memory only what every query touches: the coarse centroids, and per vector `m` PQ bytes + an 8-byte
+  row id in its inverted list (FAISS IndexIVFPQFastScan, inner product, 2m four-bit sub-quantizers):
+  m=64 -> ~72 B/vector instead of 2 KB (fp16 1024-d) for an HNSW copy. This is the IVF-PQ layout of
+  FAISS/LanceDB; like DiskANN, the full-precision vectors stay on disk. 4-bit codes scanned with SIMD
+  (fast-scan) were measured 3.5-17x faster than the same codes scanned by plain IndexIVFPQ (nprobe 64-256), which lets a query probe many lists cheaply.
+- The PQ scores only pick candidates: the best `rerank` of them are re-scored EXACTLY against the vectors in
+  `vec16.bin` (fp16 rows, memory-mapped: the page cache holds the hot part, the process owns none of it),
+  which is FAISS's IndexRefine idea with the refinement vectors on disk. The exact re-ranking is what
+  makes recall independent of PQ's coarseness.
+- Training is k-means on a sample (2 cores: numpy's BLAS is ~4x faster than faiss's bundled one here), so a
+  build costs two passes over the snapshot; the assignment of vectors to lists uses a PCA shortlist when
+  the exact product (n x nlist x dim) would be too slow.
+
+Files, all under `search_cache/`: `{name}.ivf.json` (the stamp: source + generation + rows + which files),
+and the directory it names, `{name}.<token>/` with `ivf.<v>.faiss`, `vec16.bin`, `gids.bin` (row -> gid),
+`sorted.<v>.npy` (the gids sorted, for membership tests). A build writes a fresh hidden directory, renames it
+into place, then replaces the stamp: the stamp is the commit, so a kill -9 at any instant leaves the old
+index or the new one. An incremental update appends rows to `vec16.bin`/`gids.bin` (beyond the stamp's
+`rows`, which readers never look past), writes a new `ivf.<v+1>`/`sorted.<v+1>`, then the stamp.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from imageselector.fsutil import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ivfpq-rerank-1"
+ASSIGN_CHUNK = 8192
+SHORTLIST = 8  # centroids re-checked exactly after the PCA shortlist
+PCA_DIM = 128
+PQ_TRAIN = 32768
+NBITS = 4  # PQ fast-scan: 16 centroids per sub-quantizer, scanned with SIMD lookups
+
+
+@dataclass(frozen=True)
+class BuildParams:
+    """How to build. nlist 0: chosen from the size (about 2*sqrt(n), a power of two, at most 4096)."""
+
+    nlist: int = 0
+    m: int = 64  # PQ bytes per vector (2 x m four-bit sub-quantizers)
+    train_sample: int = 131_072
+    kmeans_iters: int = 8
+    seed: int = 1234
+
+
+def auto_nlist(n: int) -> int:
+    target = 2.0 * np.sqrt(max(n, 1))
+    nlist = int(2 ** round(np.log2(max(target, 16))))
+    return int(max(16, min(4096, nlist, max(16, n // 39))))  # 4096: k-means stays minutes on 2 cores
+
+
+def pq_m(dim: int, wanted: int) -> int:
+    """The largest even sub-quantizer count <= wanted that divides dim (fast-scan packs them in pairs)."""
+    for m in range(min(wanted, dim) // 2 * 2, 0, -2):
+        if dim % m == 0:
+            return m
+    raise ValueError(f"no even number of sub-quantizers divides dim {dim}")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+def spherical_kmeans(x: np.ndarray, k: int, iters: int, rng: np.random.Generator) -> np.ndarray:
+    """Unit centroids maximising inner product (numpy matmul; empty clusters re-seeded from random points)."""
+    c = _unit(x[rng.choice(len(x), k, replace=False)].astype(np.float32))
+    for _ in range(iters):
+        a = _argmax_dot(x, c)
+        order = np.argsort(a, kind="stable")
+        counts = np.bincount(a, minlength=k)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        nonempty = counts > 0
+        sums = np.zeros_like(c)
+        sums[nonempty] = np.add.reduceat(x[order], starts[nonempty], axis=0)
+        empty = np.flatnonzero(~nonempty)
+        if len(empty):
+            sums[empty] = x[rng.choice(len(x), len(empty), replace=False)]
+        c = _unit(sums)
+    return c
+
+
+def _argmax_dot(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    out = np.empty(len(x), np.int64)
+    for s in range(0, len(x), ASSIGN_CHUNK):
+        out[s : s + ASSIGN_CHUNK] = np.argmax(x[s : s + ASSIGN_CHUNK] @ c.T, axis=1)
+    return out
+
+
+class Assigner:
+    """Vector -> nearest centroid by inner product. Exact by matmul when that is cheap; otherwise a PCA-128
+    shortlist of SHORTLIST centroids re-scored exactly (measured equal to exact on clustered data, 8x cheaper
+    at 1024-d x 8192 lists)."""
+
+    def __init__(self, centroids: np.ndarray, sample: np.ndarray | None) -> None:
+        self.c = np.ascontiguousarray(centroids, dtype=np.float32)
+        k, d = self.c.shape
+        self.proj: np.ndarray | None = None
+        if sample is not None and d > 2 * PCA_DIM and k >= 1024:
+            mean = sample.mean(axis=0)
+            _, _, vt = np.linalg.svd(sample[: min(len(sample), 65536)] - mean, full_matrices=False)
+            self.proj = np.ascontiguousarray(vt[:PCA_DIM].T, dtype=np.float32)
+            self.cp = self.c @ self.proj
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.proj is None:
+            return _argmax_dot(x, self.c)
+        out = np.empty(len(x), np.int64)
+        for s in range(0, len(x), ASSIGN_CHUNK):
+            xs = x[s : s + ASSIGN_CHUNK]
+            short = np.argpartition(-((xs @ self.proj) @ self.cp.T), SHORTLIST, axis=1)[:, :SHORTLIST]
+            exact = np.einsum("nd,nkd->nk", xs, self.c[short])
+            out[s : s + len(xs)] = short[np.arange(len(xs)), np.argmax(exact, axis=1)]
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ stamp / files
+def stamp_path(cache_dir: Path, name: str) -> Path:
+    return Path(cache_dir) / f"{name}.ivf.json"
+
+
+def read_stamp(cache_dir: Path, name: str) -> dict | None:
+    try:
+        doc = json.loads(stamp_path(cache_dir, name).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        return None
+    return doc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_faiss(index: faiss.Index, path: Path) -> None:
+    with open(path, "wb") as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_npy(arr: np.ndarray, path: Path) -> None:
+    with open(path, "wb") as f:
+        np.save(f, arr)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _commit_stamp(cache_dir: Path, name: str, stamp: dict, tmp_dir: Path) -> None:
+    atomic_write_text(stamp_path(cache_dir, name), json.dumps(stamp, indent=1), tmp_dir)
+
+
+def collect_garbage(cache_dir: Path, name: str) -> None:
+    """Remove this index's directories and file versions the stamp does not name (open readers keep theirs)."""
+    stamp = read_stamp(cache_dir, name)
+    keep = stamp["dir"] if stamp else None
+    for p in Path(cache_dir).glob(f"{name}.*"):
+        if p.is_dir() and p.name != keep and (p.name.startswith(f"{name}.") and p.suffix != ".json"):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in Path(cache_dir).glob(f".{name}.building-*"):
+        if not _alive(p.name.rsplit("-", 2)[-2]):  # another live builder's work is not garbage
+            shutil.rmtree(p, ignore_errors=True)
+    for legacy in (f"{name}.hnsw.faiss", f"{name}.hnsw.json"):  # the HNSW caches this index replaces
+        (Path(cache_dir) / legacy).unlink(missing_ok=True)
+    if stamp:
+        live = {stamp["ivf"], stamp["sorted"], "vec16.bin", "gids.bin"}
+        for p in (Path(cache_dir) / keep).iterdir():
+            if p.name not in live:
+                p.unlink(missing_ok=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove(cache_dir: Path, name: str) -> None:
+    """Forget this index (the stamp first, so no reader opens a half-removed one)."""
+    stamp_path(cache_dir, name).unlink(missing_ok=True)
+    collect_garbage(cache_dir, name)
+
+
+# ------------------------------------------------------------------------------------------------ build
+def _sample(snap, want: int, rng: np.random.Generator, chunk: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    p = min(1.0, want / max(1, snap.count))
+    parts = []
+    for _, x in snap.iter_chunks(chunk):
+        keep = rng.random(len(x)) < p
+        parts.append(np.ascontiguousarray(x[keep], dtype=np.float32))
+    return np.concatenate(parts) if parts else np.empty((0, snap.dim), np.float32)
+
+
+def build(
+    snap,  # type: ignore[no-untyped-def]  # a Snapshot (see snapshots.py)
+    name: str,
+    cache_dir: Path,
+    params: BuildParams,
+    tmp_dir: Path,
+    should_stop: Callable[[], bool] = lambda: False,
+    chunk: int = 65536,
+) -> dict | None:
+    """Build the whole index from a snapshot and commit it. Returns the new stamp (None: stopped)."""
+    t0 = time.monotonic()
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(params.seed)
+    d, n = int(snap.dim), int(snap.count)
+    generation, source = int(snap.generation), snap.source
+    sample = _sample(snap, params.train_sample, rng, chunk)
+    if should_stop():
+        return None
+    nlist = params.nlist or auto_nlist(n)
+    nlist = max(1, min(nlist, len(sample)))
+    centroids = spherical_kmeans(sample, nlist, params.kmeans_iters, rng)
+    assigner = Assigner(centroids, sample)
+    t_km = time.monotonic() - t0
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(centroids)
+    sub = pq_m(d, 2 * params.m)  # 4-bit sub-quantizers: two per byte
+    index = faiss.IndexIVFPQ(quantizer, d, nlist, sub, NBITS, faiss.METRIC_INNER_PRODUCT)
+    index.cp.verbose = False
+    index.do_polysemous_training = False  # polysemous codes are not used; their training costs minutes
+    # The quantizer is trained already: this trains the PQ on residuals. faiss keeps at most 256 points per
+    # code (16 x 256 for 4 bits), so a 32k slice loses nothing and spares assigning the whole sample again.
+    index.train(sample[:PQ_TRAIN])
+    del sample
+    work = cache_dir / f".{name}.building-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    work.mkdir()
+    rows = 0
+    gid_parts: list[np.ndarray] = []
+    with open(work / "vec16.bin", "wb") as fv, open(work / "gids.bin", "wb") as fg:
+        for gids, x in snap.iter_chunks(chunk):
+            if should_stop():
+                shutil.rmtree(work, ignore_errors=True)
+                return None
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            gids = np.ascontiguousarray(gids, dtype=np.int64)
+            _add(index, assigner, x, rows)
+            fv.write(x.astype(np.float16).tobytes())
+            fg.write(gids.tobytes())
+            gid_parts.append(gids)
+            rows += len(x)
+        for f in (fv, fg):
+            f.flush()
+            os.fsync(f.fileno())
+    all_gids = np.concatenate(gid_parts) if gid_parts else np.empty(0, np.int64)
+    index = faiss.IndexIVFPQFastScan(index)  # same codes, laid out for SIMD scanning (~5x faster here)
+    _write_faiss(index, work / "ivf.1.faiss")
+    _write_npy(np.sort(all_gids), work / "sorted.1.npy")
+    _fsync_dir(work)
+    final = cache_dir / f"{name}.{uuid.uuid4().hex[:12]}"
+    os.rename(work, final)
+    _fsync_dir(cache_dir)
+    stamp = {
+        "format": FORMAT,
+        "name": name,
+        "source": source,
+        "generation": generation,
+        "dim": d,
+        "rows": rows,
+        "nlist": nlist,
+        "m": sub * NBITS // 8,
+        "sub": sub,
+        "nbits": NBITS,
+        "dir": final.name,
+        "ivf": "ivf.1.faiss",
+        "sorted": "sorted.1.npy",
+        "version": 1,
+        "built_at": time.time(),
+        "build_s": round(time.monotonic() - t0, 1),
+        "train_s": round(t_km, 1),
+    }
+    _commit_stamp(cache_dir, name, stamp, tmp_dir)
+    collect_garbage(cache_dir, name)
+    log.info(
+        "%s: IVF-PQ index of %d vectors built in %.0f s (nlist %d, %d x 4 bits)",
+        name,
+        rows,
+        stamp["build_s"],
+        nlist,
+        sub,
+    )
+    return stamp
+
+
+def _add(index: faiss.IndexIVFPQ, assigner: Assigner, x: np.ndarray, first_row: int) -> None:
+    a = np.ascontiguousarray(assigner(x), dtype=np.int64)
+    ids = np.arange(first_row, first_row + len(x), dtype=np.int64)
+    index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(a))
+
+
+def append(cache_dir: Path, name: str, gids: np.ndarray, vecs: np.ndarray, generation: int, tmp_dir: Path) -> dict:
+    """Add vectors to the committed index without retraining (the tail folded into the lists)."""
+    stamp = read_stamp(cache_dir, name)
+    if stamp is None:
+        raise FileNotFoundError(f"{name}: no index to append to")
+    d = Path(cache_dir) / stamp["dir"]
+    index = faiss.read_index(str(d / stamp["ivf"]))
+    x = np.ascontiguousarray(vecs, dtype=np.float32)
+    gids = np.ascontiguousarray(gids, dtype=np.int64)
+    rows = int(stamp["rows"])
+    # a tail is small: faiss assigns it to the trained centroids and encodes it, no retraining
+    index.add_with_ids(x, np.arange(rows, rows + len(x), dtype=np.int64))
+    for fname, data, width in (("vec16.bin", x.astype(np.float16), 2 * index.d), ("gids.bin", gids, 8)):
+        with open(d / fname, "r+b") as f:
+            f.truncate(rows * width)  # drop rows an interrupted append left beyond the stamp
+            f.seek(rows * width)
+            f.write(data.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+    v = int(stamp["version"]) + 1
+    old_sorted = np.load(d / stamp["sorted"])
+    _write_faiss(index, d / f"ivf.{v}.faiss")
+    _write_npy(np.sort(np.concatenate([old_sorted, gids])), d / f"sorted.{v}.npy")
+    _fsync_dir(d)
+    new = {**stamp, "rows": rows + len(x), "version": v, "ivf": f"ivf.{v}.faiss", "sorted": f"sorted.{v}.npy"}
+    new["generation"] = int(generation)
+    _commit_stamp(cache_dir, name, new, tmp_dir)
+    collect_garbage(cache_dir, name)
+    return new
+
+
+# ------------------------------------------------------------------------------------------------ search
+def _random_access(arr: np.memmap) -> None:
+    """Re-ranking reads ~1000 scattered rows: without MADV_RANDOM every page fault also reads its neighbours
+    (measured: 150 queries at 2M x 1024-d mapped 3.9 of the file's 4.1 GB into the process)."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            mm.madvise(mmap.MADV_RANDOM)
+        except OSError:
+            pass
+
+
+class CompressedIndex:
+    """An opened IVF-PQ index: search returns (scores, gids) with exact inner products for the top k."""
+
+    def __init__(self, cache_dir: Path, stamp: dict, nprobe: int, rerank: int) -> None:
+        d = Path(cache_dir) / stamp["dir"]
+        self.stamp = stamp
+        self.dim = int(stamp["dim"])
+        self.rows = int(stamp["rows"])
+        self.ivf = faiss.read_index(str(d / stamp["ivf"]))
+        if int(self.ivf.ntotal) != self.rows:
+            raise RuntimeError(f"{d / stamp['ivf']} holds {self.ivf.ntotal} vectors, the stamp says {self.rows}")
+        self.vec = np.memmap(d / "vec16.bin", dtype=np.float16, mode="r", shape=(self.rows, self.dim))
+        _random_access(self.vec)
+        self.gids = np.memmap(d / "gids.bin", dtype=np.int64, mode="r", shape=(self.rows,))
+        self.sorted = np.load(d / stamp["sorted"], mmap_mode="r")
+        self.nprobe = int(nprobe)
+        self.rerank = int(rerank)
+
+    def contains(self, gids: np.ndarray) -> np.ndarray:
+        """Which of these gids the index holds (binary search in the memory-mapped sorted gids)."""
+        gids = np.asarray(gids, dtype=np.int64)
+        if self.rows == 0 or len(gids) == 0:
+            return np.zeros(len(gids), bool)
+        pos = np.minimum(np.searchsorted(self.sorted, gids), self.rows - 1)
+        return np.asarray(self.sorted[pos]) == gids
+
+    def candidates(self, q: np.ndarray, k: int) -> np.ndarray:
+        r = max(int(k), self.rerank)
+        params = faiss.SearchParametersIVF(nprobe=min(self.nprobe, int(self.ivf.nlist)))
+        _, rows = self.ivf.search(q, r, params=params)
+        return rows
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        k = max(1, int(k))
+        cand = self.candidates(q, k)
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        ids = np.full((len(q), k), -1, np.int64)
+        for i in range(len(q)):
+            rows = np.unique(cand[i][cand[i] >= 0])  # sorted: the reads go forward through the file
+            if len(rows) == 0:
+                continue
+            # Exact inner products straight on the fp16 rows (faiss's SIMD fp16 kernel): measured 2.8 ms for
+            # 1000 x 1024-d against 10.7 ms for numpy's fp16 -> fp32 conversion + matvec.
+            exact = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            exact.add_sa_codes(np.ascontiguousarray(self.vec[rows]).view(np.uint8))
+            s, pos = exact.search(q[i : i + 1], min(k, len(rows)))
+            n = int((pos[0] >= 0).sum())
+            scores[i, :n] = s[0, :n]
+            ids[i, :n] = self.gids[rows[pos[0, :n]]]
+        return scores, ids
