@@ -25,8 +25,7 @@ from imageselector.evaluation import metrics
 from imageselector.fsutil import atomic_write_text
 from imageselector.fusion import DEFAULT_RRF_K, WEIGHTS_FILE, load_weights
 from imageselector.layout import locate_image
-from imageselector.search.indexes import TEXT_INDEXES, read_manifest
-from imageselector.vectorstore.store import open_snapshot
+from imageselector.vectorstore.store import TEXT_INDEXES, open_snapshot, read_manifest
 
 log = logging.getLogger(__name__)
 

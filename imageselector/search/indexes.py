@@ -33,11 +33,10 @@ import numpy as np
 
 from imageselector.db import EMBED_MODELS
 from imageselector.search import ivfpq, snapshots
-from imageselector.vectorstore.store import MMAP_FLAGS, index_ids
+from imageselector.vectorstore.store import MMAP_FLAGS, TEXT_INDEXES, index_ids
 
 log = logging.getLogger(__name__)
 
-TEXT_INDEXES: tuple[str, ...] = ("clip_vitb32_text", "clip_vitl14_text")
 ALL_INDEXES: tuple[str, ...] = (*EMBED_MODELS, *TEXT_INDEXES)
 CACHE_DIR = "search_cache"
 CHUNK = 65536

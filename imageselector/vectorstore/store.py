@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 FORMAT = "imageselector-segments/1"
 MANIFEST = "manifest.json"  # both the per-store manifest (in its folder) and the summary (in embeddings/)
 TEXT_SUFFIX = "_text"
+TEXT_INDEXES: tuple[str, ...] = ("clip_vitb32_text", "clip_vitl14_text")  # the CLIP listing-text stores
 SHARED_LOCK = ".shared.lock"
 READ_RETRIES = 50
 
@@ -78,6 +79,7 @@ __all__ = [
     "MANIFEST",
     "MMAP_FLAGS",
     "TEXT_SUFFIX",
+    "TEXT_INDEXES",
     "CompactionPolicy",
     "Snapshot",
     "StoreWriter",
