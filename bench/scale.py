@@ -95,7 +95,7 @@ def run_ray(home: Path, registry: Path, address: str, actors: int, batch: int, d
     conn = db.connect(settings.db_path)
     enc = {"clip_vitb32": load_encoder(load_registry(registry)["clip_vitb32"], "cpu", dtype)}
     kwargs = {"models_file": str(registry), "models": ["clip_vitb32"], "device": "cpu", "dtype": dtype}
-    pool = RayPool("imageselector.embedding.remote:make_embed_compute", kwargs, address=address,
+    pool = RayPool("imageselector.embedding.compute:make_embed_compute", kwargs, address=address,
                    replicas=actors, threads_per_actor=1)  # fmt: skip
     ray.get([a.pid.remote() for a in pool.actors])  # wait until every replica has loaded its model
     # warm each actor once (first forward allocates), on no rows: an empty batch

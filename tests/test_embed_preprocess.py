@@ -157,8 +157,8 @@ def test_stage_drafts_jpegs_and_shares_pixels(settings, conn, standin_encoders) 
     rows = seed_embeddable(conn, settings.images_dir, 2, size=(600, 500))
     names = ["clip_vitb32", "clip_vitl14"]
     st = make_stage(settings, conn, standin_encoders, names)
-    pf = Prefetcher(settings, st.owner, st.encoders, st.opts, st.stopper)
-    assert pf.draft == 224
+    pf = Prefetcher(settings, st.owner, st.compute, st.opts, st.stopper)
+    assert pf.compute.draft == 224
     out = pf._load(rows[0], names)
     assert out["clip_vitb32"] is out["clip_vitl14"] and out["clip_vitb32"].dtype == torch.uint8
     pf.pool.shutdown()
@@ -177,6 +177,6 @@ def test_no_draft_while_any_model_is_on_the_reference_path(settings, conn, stand
     ref = load_encoder(load_registry(standin_registry)["dinov2_base"], "cpu", "fp32", preprocess="reference")
     for encoders, draft in ((standin_encoders, 256), ({**standin_encoders, "dinov2_base": ref}, None)):
         st = make_stage(settings, conn, encoders, ["clip_vitb32", "dinov2_base"])
-        pf = Prefetcher(settings, st.owner, st.encoders, st.opts, st.stopper)
-        assert pf.draft == draft
+        pf = Prefetcher(settings, st.owner, st.compute, st.opts, st.stopper)
+        assert pf.compute.draft == draft
         pf.pool.shutdown()

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from imageselector import db
-from imageselector.embedding.stage import EmbedStage, Options, decode
+from imageselector.embedding.stage import EmbedStage, Options
 from imageselector.layout import image_path
+from imageselector.models.preprocess import decode
 from imageselector.stopping import KILL, KILL_EMBED, Stopper
 from imageselector.vectorstore.store import StoreWriter, read_manifest
 from tests.helpers import embed_fixtures

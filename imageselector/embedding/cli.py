@@ -24,6 +24,7 @@ from imageselector.scaleout import (
     RayUnavailable,
     add_ray_arguments,
     after_cluster_loss,
+    build_compute,
     open_pool_or_fallback,
     ray_address,
 )
@@ -32,7 +33,7 @@ from imageselector.stopping import KILL, KILL_EMBED, guarded_main
 from imageselector.vectorstore.export import export_faiss, export_image_index
 from imageselector.vectorstore.migrate import migrate_legacy_store
 
-FACTORY = "imageselector.embedding.remote:make_embed_compute"
+FACTORY = "imageselector.embedding.compute:make_embed_compute"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +82,6 @@ class EmbedJob(StageJob):
         import torch
 
         from imageselector.embedding.stage import EmbedStage, Options
-        from imageselector.models.encoders import load_encoder
 
         log, settings = ctx.log, ctx.settings
         logging.getLogger("faiss").setLevel(logging.WARNING)
@@ -104,9 +104,19 @@ class EmbedJob(StageJob):
             weights.go_offline()  # everything is here: no hub round trips, no retries when the network is down
         else:
             log.info("%s", check.line)
+        # the same factory and arguments as the Ray runner's actors: one compute, two runners
+        self.kwargs: dict[str, Any] = dict(
+            models_file=str(Path(args.models_file).resolve())
+            if args.models_file
+            else settings.get("IMAGESELECTOR_MODELS_FILE"),
+            models=names,
+            device=args.device,
+            dtype=args.dtype,
+            preprocess=args.preprocess,
+        )
         try:
-            encoders = {n: load_encoder(registry[n], args.device, args.dtype, args.preprocess) for n in names}
-        except ValueError as exc:
+            compute = build_compute(FACTORY, self.kwargs)
+        except (ValueError, RegistryError) as exc:
             raise UsageError(str(exc)) from exc
         except Exception as exc:  # noqa: BLE001 - a model that cannot be loaded is a config problem, said in one line
             first = str(exc).splitlines()[0] if str(exc) else ""
@@ -121,7 +131,7 @@ class EmbedJob(StageJob):
             flush_max_s=args.flush_max_seconds,
         )
         self.args, self.names = args, names
-        self.new_stage = lambda: EmbedStage(settings, ctx.conn, encoders, opts, ctx.stopper)
+        self.new_stage = lambda: EmbedStage(settings, ctx.conn, compute, opts, ctx.stopper)
         self.stage = self.new_stage()
         try:
             self.stage.open()
@@ -131,7 +141,8 @@ class EmbedJob(StageJob):
         log.info(
             "embedding with %s; batch %d, %d decode threads, %d torch threads",
             ", ".join(
-                f"{n} ({e.device}/{e.dtype_name}/{'fast' if e.recipe else 'reference'})" for n, e in encoders.items()
+                f"{n} ({e.device}/{e.dtype_name}/{'fast' if e.recipe else 'reference'})"
+                for n, e in compute.encoders.items()
             ),
             args.batch_size,
             args.workers,
@@ -155,16 +166,7 @@ class EmbedJob(StageJob):
         from imageselector.embedding.remote import run_remote  # torch, like the stage itself
 
         args, log = self.args, ctx.log
-        kwargs: dict[str, Any] = dict(
-            models_file=str(Path(args.models_file).resolve())
-            if args.models_file
-            else ctx.settings.get("IMAGESELECTOR_MODELS_FILE"),
-            models=self.names,
-            device=args.device,
-            dtype=args.dtype,
-            preprocess=args.preprocess,
-        )
-        pool = open_pool_or_fallback(FACTORY, kwargs, args, address, ctx.stopper, log)
+        pool = open_pool_or_fallback(FACTORY, self.kwargs, args, address, ctx.stopper, log)
         if pool is None:
             if ctx.stopper.should_stop():
                 self.stage.store.close()

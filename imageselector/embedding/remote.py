@@ -1,86 +1,21 @@
 """Embedding with the image compute on a Ray cluster (`embed.py --ray ADDRESS`).
 
-Each actor holds one replica of the chosen models. The stage process claims rows per model (as the
-local stage does), reads each image's bytes once, and sends them out; the actor decodes once,
-preprocesses and runs every model with the very functions the local path uses (`decode`,
-`encoder.preprocess`, `encoder.encode_batch`), and sends vectors back. The stage process alone adds
-them to the FAISS indexes, flushes, and flags rows after the flush, exactly as locally, so crash
-consistency is unchanged. Listing texts (few and cheap next to images) run through the CLIP text
-towers of the stage process.
+Each actor holds one `EmbedCompute` built by the same factory as the local runner's (compute.py), so the
+vectors are the same. The stage process claims rows per model (as the local stage does), reads each
+image's bytes once, ships them, and applies each answer with the local stage's own `settle_errors` and
+`accept`: it alone adds vectors to the store, commits, and flags rows after the commit, exactly as
+locally, so crash consistency is unchanged. Listing texts are encoded by the stage process at flush.
 """
 
 from __future__ import annotations
 
-import io
 import sqlite3
-import time
-from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-
 from imageselector import db
-from imageselector.config import load_settings
 from imageselector.embedding.stage import EmbedStage, find_image, log
-from imageselector.models.encoders import load_encoder
-from imageselector.models.preprocess import DEFAULT_MODE, decode, draft_side
-from imageselector.models.registry import load_registry
 from imageselector.scaleout import RemoteStageRunner
 from imageselector.worker import ClaimedBatch, run_loop
-
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-def decode_bytes(data: bytes, draft: int | None = None) -> Image.Image:
-    """The local stage's `decode` (same JPEG draft scale), from bytes instead of a path."""
-    return decode(io.BytesIO(data), draft)
-
-
-def make_embed_compute(
-    *,
-    models_file: str | None,
-    models: list[str],
-    device: str,
-    dtype: str,
-    home: str | None = None,
-    preprocess: str = DEFAULT_MODE,
-) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """Load one replica of `models`; returns compute({"images": [bytes], "want": {m: [i]}}) -> vectors per model."""
-    import torch
-
-    registry = load_registry(models_file, load_settings(home) if home else None)
-    encoders = {m: load_encoder(registry[m], device, dtype, preprocess) for m in models}
-    draft = draft_side(e.geometry for e in encoders.values())
-
-    def compute(payload: dict[str, Any]) -> dict[str, Any]:
-        images: list[Image.Image | str] = []
-        for data in payload["images"]:
-            try:
-                images.append(decode_bytes(data, draft))
-            except _DECODE_ERRORS as exc:
-                images.append(f"undecodable image: {type(exc).__name__}: {exc}")
-        out: dict[str, Any] = {"ok": {}, "vectors": {}, "errors": {}}
-        for m, idxs in payload["want"].items():
-            ok, tensors, errors = [], [], []
-            for i in idxs:
-                img = images[i]
-                if isinstance(img, str):
-                    errors.append((i, img, True))
-                    continue
-                try:
-                    tensors.append(encoders[m].preprocess(img))
-                    ok.append(i)
-                except Exception as exc:  # noqa: BLE001 - one bad image must not fail the batch
-                    errors.append((i, f"preprocessing failed: {type(exc).__name__}: {exc}", True))
-            out["ok"][m] = ok
-            out["errors"][m] = errors
-            out["vectors"][m] = (
-                encoders[m].encode_batch(torch.stack(tensors)) if tensors else np.zeros((0, encoders[m].dim), "float32")
-            )
-        return out
-
-    return compute
 
 
 class _Round:
@@ -148,19 +83,9 @@ class RemoteEmbed:
         st = self.stage
         for m, batch in rnd.batches.items():
             idx_to_row = dict(zip(ctx["want"][m], ctx["rows"][m], strict=True))
-            for i, reason, permanent in result["errors"][m]:
-                r = idx_to_row[i]
-                parked = batch.fail(r["rid"], reason, permanent=permanent)
-                log.warning("%s: image %s/%s %s: %s", m, r["listing_id"], r["image_id"],
-                            "parked" if parked else "will retry", reason)  # fmt: skip
-            ok_rows = [idx_to_row[i] for i in result["ok"][m]]
-            if ok_rows:
-                st.add_vectors(m, ok_rows, result["vectors"][m])
-            st.pending[m].append((batch, [r["rid"] for r in ok_rows]))
-            if st.oldest_pending is None:
-                st.oldest_pending = time.monotonic()
-            st.since_flush += len(ok_rows)
-            st.progress[m].add(len(ok_rows), failed=len(result["errors"][m]))
+            errors = [(idx_to_row[i], reason, permanent) for i, reason, permanent in result["errors"][m]]
+            st.settle_errors(m, batch, errors)
+            st.accept(m, batch, [idx_to_row[i] for i in result["ok"][m]], result["vectors"][m], failed=len(errors))
         rnd.committed = True
         st.maybe_flush()
 

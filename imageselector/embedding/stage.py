@@ -38,14 +38,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from imageselector import db
 from imageselector.config import Settings
+from imageselector.embedding.compute import DECODE_ERRORS, EmbedCompute
 from imageselector.layout import image_path, locate_image
 from imageselector.logs import Progress
 from imageselector.models.encoders import Encoder
-from imageselector.models.preprocess import decode, draft_side
 from imageselector.vectorstore.migrate import UNKNOWN_SOURCE, drop_image_index, migrate_index
 from imageselector.vectorstore.store import TEXT_SUFFIX, CompactionPolicy, StoreWriter, read_store_manifest
 from imageselector.worker import ClaimedBatch, Heartbeat, run_loop
@@ -106,20 +105,17 @@ def find_image(settings: Settings, row: Any) -> Path | None:
 
 
 class Prefetcher(threading.Thread):
-    def __init__(
-        self, settings: Settings, owner: str, encoders: dict[str, Encoder], opts: Options, stopper: Any
-    ) -> None:
+    def __init__(self, settings: Settings, owner: str, compute: EmbedCompute, opts: Options, stopper: Any) -> None:
         super().__init__(name="embed-prefetch", daemon=True)
         self.settings = settings
         self.owner = owner
-        self.encoders = encoders
+        self.compute = compute
+        self.encoders = compute.encoders
         self.opts = opts
         self.stopper = stopper
         self.q: queue.Queue[Round | BaseException] = queue.Queue(maxsize=max(1, opts.prefetch))
         self.halt = threading.Event()
         self.pool = ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="embed-decode")
-        # JPEGs are decoded at reduced scale when every model is on the fast path (preprocess.py)
-        self.draft = draft_side(getattr(e, "geometry", None) for e in encoders.values())
 
     def _stop_now(self) -> bool:
         return self.halt.is_set() or self.stopper.should_stop()
@@ -185,30 +181,17 @@ class Prefetcher(threading.Thread):
         return rnd
 
     def _load(self, row: sqlite3.Row, models: list[str]) -> tuple[str, bool] | dict[str, Any]:
-        """Decode once, preprocess for each model (models with the same fast-path geometry share one result).
-        Returns (error, permanent) or {model: tensor | error}."""
+        """Decode once, preprocess for each model (EmbedCompute.prepare). Returns (error, permanent) or
+        {model: tensor | error}."""
         path = find_image(self.settings, row)
         archived = row["archived_at"] is not None  # its file lives on the backup disk: never fetched again
         if path is None:
             return ("image file missing", False if archived else REDOWNLOAD)
         try:
-            img = decode(path, self.draft)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            img = self.compute.decode(path)
+        except DECODE_ERRORS as exc:
             return (f"undecodable image: {type(exc).__name__}: {exc}", True if archived else REDOWNLOAD)
-        out: dict[str, Any] = {}
-        shared: dict[Any, Any] = {}
-        for m in models:
-            key = getattr(self.encoders[m], "geometry", None)
-            if key is not None and key in shared:
-                out[m] = shared[key]
-                continue
-            try:
-                out[m] = self.encoders[m].preprocess(img)
-            except Exception as exc:  # noqa: BLE001 - one bad image must not stop the stage
-                out[m] = f"preprocessing failed: {type(exc).__name__}: {exc}"
-            if key is not None:
-                shared[key] = out[m]
-        return out
+        return self.compute.prepare(img, models)
 
     def get(self) -> Round:
         while True:
@@ -275,14 +258,16 @@ class EmbedStage:
         self,
         settings: Settings,
         conn: sqlite3.Connection,
-        encoders: dict[str, Encoder],
+        compute: EmbedCompute | dict[str, Encoder],
         opts: Options,
         stopper: Any,
         owner: str | None = None,
     ) -> None:
+        """`compute`: from `make_embed_compute` (or the encoders to wrap in one); the local runner uses it."""
         self.settings = settings
         self.conn = conn
-        self.encoders = encoders
+        self.compute = compute if isinstance(compute, EmbedCompute) else EmbedCompute(compute)
+        self.encoders = encoders = self.compute.encoders
         self.opts = opts
         self.stopper = stopper
         self.owner = owner or db.make_owner("embed")
@@ -450,30 +435,43 @@ class EmbedStage:
             batch = ClaimedBatch(self.conn, f"embed_{m}", self.owner, rows)
             # If the model raises, the batch is deliberately not released: its attempts stay counted, so rows
             # that crash the model again and again get parked (reclaim_dead frees the leases at the next start).
-            for row, reason, permanent in rnd.errors.get(m, []):
-                if permanent == REDOWNLOAD:
-                    local = image_path(self.settings.images_dir, row["listing_id"], row["image_id"])
-                    parked = batch.send_back(row["rid"], reason, local, self.settings.tmp_dir)
-                    outcome = "parked in download (broken after every download)" if parked else "sent back to download"
-                else:
-                    parked = batch.fail(row["rid"], reason, permanent=bool(permanent))
-                    outcome = "parked" if parked else "will retry"
-                log.warning("%s: image %s/%s %s: %s", m, row["listing_id"], row["image_id"], outcome, reason)
+            self.settle_errors(m, batch, rnd.errors.get(m, []))
             ok = rnd.ok.get(m, [])
+            vecs = None
             if ok:
                 t0 = time.perf_counter()
-                vecs = self.encoders[m].encode_batch(rnd.tensors[m])
+                vecs = self.compute.encode(m, rnd.tensors[m])
                 self.forward_s[m] += time.perf_counter() - t0
                 self.forwarded[m] += len(ok)
-                self.add_vectors(m, ok, vecs)
-            self.pending[m].append((batch, [r["rid"] for r in ok]))
-            if self.oldest_pending is None:
-                self.oldest_pending = time.monotonic()
-            self.since_flush += len(ok)
-            self.progress[m].add(len(ok), failed=len(rnd.errors.get(m, [])))
+            self.accept(m, batch, ok, vecs, failed=len(rnd.errors.get(m, [])))
             handled += len(rows)
         self.maybe_flush()
         return handled
+
+    def settle_errors(self, m: str, batch: ClaimedBatch, errors: Sequence[tuple[sqlite3.Row, str, bool | str]]) -> None:
+        """Record the rows the compute could not embed: sent back to download, retried later, or parked."""
+        for row, reason, permanent in errors:
+            if permanent == REDOWNLOAD:
+                local = image_path(self.settings.images_dir, row["listing_id"], row["image_id"])
+                parked = batch.send_back(row["rid"], reason, local, self.settings.tmp_dir)
+                outcome = "parked in download (broken after every download)" if parked else "sent back to download"
+            else:
+                parked = batch.fail(row["rid"], reason, permanent=bool(permanent))
+                outcome = "parked" if parked else "will retry"
+            log.warning("%s: image %s/%s %s: %s", m, row["listing_id"], row["image_id"], outcome, reason)
+
+    def accept(
+        self, m: str, batch: ClaimedBatch, ok: Sequence[sqlite3.Row], vecs: np.ndarray | None, failed: int
+    ) -> None:
+        """Buffer the vectors of a batch's `ok` rows; the batch's flags wait for the next durable flush."""
+        if ok:
+            assert vecs is not None
+            self.add_vectors(m, ok, vecs)
+        self.pending[m].append((batch, [r["rid"] for r in ok]))
+        if self.oldest_pending is None:
+            self.oldest_pending = time.monotonic()
+        self.since_flush += len(ok)
+        self.progress[m].add(len(ok), failed=failed)
 
     def add_vectors(self, m: str, rows: Sequence[sqlite3.Row], vecs: np.ndarray) -> None:
         gids = np.asarray([int(r["gid"]) for r in rows], dtype=np.int64)
@@ -561,7 +559,7 @@ class EmbedStage:
 
     def run(self, heartbeat: Heartbeat | None = None) -> int:
 
-        self.prefetcher = Prefetcher(self.settings, self.owner, self.encoders, self.opts, self.stopper)
+        self.prefetcher = Prefetcher(self.settings, self.owner, self.compute, self.opts, self.stopper)
         self.prefetcher.start()
         total = 0
         try:
