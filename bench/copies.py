@@ -180,7 +180,10 @@ def main() -> int:
             print(f"  {t:.3f}: precision {p:.3f} recall {rc:.3f} (false pos {fp}, missed {fn})")
             best = max(best, (min(p, rc), float(t)))
         thr = best[1]
-        print(f"chosen on seed {seeds[0]}: threshold {thr:.3f} (best min(precision, recall) {best[0]:.3f})")
+        print(
+            f"chosen on seed {seeds[0]}: threshold {thr:.3f} (best min(precision, recall) {best[0]:.3f}; "
+            f"{int(pos3.sum())} copies, {int(neg3.sum())} negatives)"
+        )
         report(sc, pos, neg, same, thr)
     held = seeds[-1]
     sc, pos, neg, same, hows = run_seed(args, held)
