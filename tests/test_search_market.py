@@ -7,10 +7,11 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageChops
 
 from imageselector.config import load_settings
 from imageselector.etsy.simulator import images as sim_images
@@ -122,3 +123,39 @@ def test_copy_test_holds_through_crop_resize_reencode_and_background_removal() -
     others = same_photo + [j for i, j in enumerate(first[1:], 1) if cat.prod[i] != cat.prod[0]][:2]
     for j in others:
         assert copies.copy_score(copies.thumb_of(sim_images.render(cat, j, "570xN")), t_src) < copies.THRESHOLD
+
+
+def _object_mask(cat: Catalogue, j: int) -> Image.Image:
+    """The renderer's own object mask: the photo on a black and on a white backdrop differs off the object."""
+    shots = []
+    for rgb in ((0, 0, 0), (255, 255, 255)):
+        with mock.patch.object(
+            sim_images, "_backdrop", lambda look, view, w, h, rgb=rgb: Image.new("RGB", (w, h), rgb)
+        ):
+            shots.append(sim_images.render(cat, j, "570xN"))
+    return ImageChops.difference(*shots).convert("L").point(lambda v: 255 if v < 60 else 0)
+
+
+def test_copy_test_finds_a_cropped_reencoded_cutout_and_rejects_a_recoloured_variant() -> None:
+    """A seller's 'same photo': a bg-removed, cropped, shrunk, JPEG-30 copy is one; the same photograph
+    tinted for another listing (another colour word) is not, nor is another product's photo."""
+    cat = Catalogue(40, seed=11)
+    first = [int(cat.img_start[i]) for i in range(cat.n)]
+    i0 = next(
+        i
+        for i in range(cat.n)
+        if any(cat.prod[k] == cat.prod[i] and cat.color_i[k] != cat.color_i[i] for k in range(cat.n))
+    )
+    src = sim_images.render(cat, first[i0], "570xN")
+    cut = Image.composite(src, Image.new("RGB", src.size, "white"), _object_mask(cat, first[i0]))
+    w, h = cut.size
+    crop = cut.crop((w // 10, h // 20, w - w // 12, h - h // 8))
+    copy = _jpeg(crop.resize((round(crop.width * 0.55), round(crop.height * 0.55))), 30)
+    t_src, t_copy = copies.thumb_of(src), copies.thumb_of(copy)
+    assert copies.copy_score(t_copy, t_src) >= copies.THRESHOLD
+    recoloured = next(
+        first[k] for k in range(cat.n) if cat.prod[k] == cat.prod[i0] and cat.color_i[k] != cat.color_i[i0]
+    )
+    other = next(first[k] for k in range(cat.n) if cat.prod[k] != cat.prod[i0])
+    for j in (recoloured, other):
+        assert copies.copy_score(t_copy, copies.thumb_of(sim_images.render(cat, j, "570xN"))) < copies.THRESHOLD
