@@ -372,6 +372,7 @@ class Monitor:
         self.next_disk_check = 0.0
         self.last_exit_at: float | None = None  # the previous monitor's exit (kill files older than it are stale)
         self.exited_at: float | None = None
+        self._honoured_kill_mtime: float | None = None  # a KILL touched since the last exit, honoured at start
         self._qps_warned: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ start-up
@@ -438,7 +439,10 @@ class Monitor:
             try:
                 return self._run()
             finally:
-                self.exited_at = time.time()
+                # A KILL honoured at start is consumed by this exit: record an exit no earlier than its mtime, so
+                # the next start takes it as stale even when its mtime is ahead of this clock (a skewed volume, or
+                # an exit within the same instant).
+                self.exited_at = max(time.time(), self._honoured_kill_mtime or 0.0)
                 self._write_state(self.exited_at, final=True)  # its exit time tells the next start which KILL is new
                 if self.conn is not None:
                     self.conn.close()
@@ -473,7 +477,8 @@ class Monitor:
         if removed:
             log.info("removed stale kill files from the last stop: %s", " ".join(removed))
         if KILL in fresh:
-            when = time.strftime("%H:%M:%S", time.localtime((self.home / KILL).stat().st_mtime))
+            self._honoured_kill_mtime = (self.home / KILL).stat().st_mtime
+            when = time.strftime("%H:%M:%S", time.localtime(self._honoured_kill_mtime))
             last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.last_exit_at or 0))
             log.warning(
                 "KILL was touched at %s, after the last monitor exit (%s): stopping at once, as asked; nothing "
