@@ -14,11 +14,9 @@ when the model's batch dimension is dynamic. Other models go through `session.pr
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from PIL import Image
 from imageselector.background.providers import ProviderChoice
 from imageselector.config import Settings
 from imageselector.fsutil import atomic_writer
+from imageselector.weights import u2net_home
 
 log = logging.getLogger(__name__)
 
@@ -200,27 +199,13 @@ def open_model(
 
     if model not in sessions_names:
         raise ModelError(f"unknown rembg model {model!r}; known: {', '.join(sorted(sessions_names))}")
-    with _u2net_home(directory):
+    with u2net_home(directory):
         session = _new_session(new_session, model, choice, threads, kwargs)
     fast = model in U2NET_FAMILY and _looks_like_u2net(session)
     fixed = _batch_dim(session) if fast else 1
     max_batch = max(1, batch_size if fixed is None else min(fixed, batch_size))
     name = session.inner_session.get_inputs()[0].name
     return BgModel(session=session, name=model, label=label, fast=fast, max_batch=max_batch, input_name=name)
-
-
-@contextlib.contextmanager
-def _u2net_home(directory: Path) -> Iterator[None]:
-    """rembg reads its model directory from the environment while it builds a session."""
-    before = os.environ.get("U2NET_HOME")
-    os.environ["U2NET_HOME"] = str(directory)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("U2NET_HOME", None)
-        else:
-            os.environ["U2NET_HOME"] = before
 
 
 def _new_session(new_session: Any, model: str, choice: ProviderChoice, threads: int, kwargs: dict) -> Any:
