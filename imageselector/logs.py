@@ -107,6 +107,15 @@ class _FollowStdio:
     stdio_fds: tuple[int, ...] = ()
     baseFilename: str
 
+    def __init__(self, path: Path, stdio_fds: tuple[int, ...], **kw) -> None:  # type: ignore[no-untyped-def]
+        self.stdio_fds = stdio_fds
+        super().__init__(path, **kw)  # type: ignore[call-arg]
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        stream = super()._open()  # type: ignore[misc]
+        self._point_stdio()
+        return stream
+
     def _point_stdio(self) -> None:
         if not self.stdio_fds:
             return
@@ -127,25 +136,11 @@ class _FollowStdio:
 
 
 class _RotatingFile(_FollowStdio, logging.handlers.RotatingFileHandler):
-    def __init__(self, path: Path, stdio_fds: tuple[int, ...], **kw) -> None:  # type: ignore[no-untyped-def]
-        self.stdio_fds = stdio_fds
-        super().__init__(path, **kw)
-
-    def _open(self):  # type: ignore[no-untyped-def]
-        stream = super()._open()
-        self._point_stdio()
-        return stream
+    pass
 
 
 class _WatchedFile(_FollowStdio, logging.handlers.WatchedFileHandler):
-    def __init__(self, path: Path, stdio_fds: tuple[int, ...], **kw) -> None:  # type: ignore[no-untyped-def]
-        self.stdio_fds = stdio_fds
-        super().__init__(path, **kw)
-
-    def _open(self):  # type: ignore[no-untyped-def]
-        stream = super()._open()
-        self._point_stdio()
-        return stream
+    pass
 
 
 def setup_logging(

@@ -229,28 +229,16 @@ def open_model(name: str, embeddings_dir: Path, policy: IndexPolicy, snap=None) 
             return ModelIndex(name, "exact", int(snap.dim), key, snapshot=snap, note=note)
         main = _load_tail(snap, None, lambda g: np.zeros(len(g), bool))
         return ModelIndex(name, "exact", int(snap.dim), key, main, note=note)
-    if stamp is None:
-        return ModelIndex(
-            name,
-            "scan",
-            int(snap.dim),
-            key,
-            snapshot=snap,
-            needs_build=True,
-            rebuild=True,
-            note="exact scan (slow); compressed index not built yet",
-        )
-    if stamp.get("source") != snap.source or int(stamp.get("dim", -1)) != int(snap.dim):
-        return ModelIndex(
-            name,
-            "scan",
-            int(snap.dim),
-            key,
-            snapshot=snap,
-            needs_build=True,
-            rebuild=True,
-            note="exact scan (slow); the index was built from another model's vectors, rebuilding",
-        )
+    why_scan = (
+        "compressed index not built yet"
+        if stamp is None
+        else "the index was built from another model's vectors, rebuilding"
+        if stamp.get("source") != snap.source or int(stamp.get("dim", -1)) != int(snap.dim)
+        else None
+    )
+    if why_scan is not None:
+        note = f"exact scan (slow); {why_scan}"
+        return ModelIndex(name, "scan", int(snap.dim), key, snapshot=snap, needs_build=True, rebuild=True, note=note)
     main = ivfpq.CompressedIndex(cdir, stamp, policy.nprobe, policy.rerank)
     return _with_tail(ModelIndex(name, "ivfpq", main.dim, key, main), snap, stamp, policy)
 
