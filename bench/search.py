@@ -10,7 +10,7 @@
     of existing listings) with `_rank` (search 5 indexes + gid->listing lookups + fusion + cards).
     Reported: p50/p95 ms per ensemble query, fused recall@10 (the top-10 listings against reciprocal-rank
     fusion of EXACT per-model top-200s), and the search process's memory from /proc (VmRSS, VmHWM, and
-    RssAnon/RssFile: file pages are the memory-mapped fp16 re-rank vectors the queries touched).
+    RssAnon/RssFile: file pages are libraries and the mapped gid maps; the fp16 vectors are read with pread).
 (b) 10M x 1 (dinov2_large, 1024-d): generated chunk by chunk (deterministic per chunk, so never held whole),
     exact ground truth by streaming, index built the same way; p50 per query (k=200, what the service asks),
     recall@10, index memory per vector (the RssAnon growth of opening it / n), and a projection for 10M x 5.
@@ -51,6 +51,9 @@ CHUNK = 65536  # multiple of PER_LISTING
 GT_K = 200
 RANK = int(os.environ.get("BENCH_RANK", 64))
 LISTING_SPREAD = float(os.environ.get("BENCH_LISTING_SPREAD", 1.0))  # cos(listing, topic) ~ 0.7
+LATENT = int(os.environ.get("BENCH_LATENT", 256))  # part (a): dimension of the catalogue the five models share
+MODEL_NOISE = float(os.environ.get("BENCH_MODEL_NOISE", 0.3))  # part (a): how much each model's view differs
+ZIPF_S = float(os.environ.get("BENCH_ZIPF_S", 1.0))  # topic r holds ~1/r^s of the catalogue
 PHOTO_SPREAD = float(os.environ.get("BENCH_PHOTO_SPREAD", 0.6))  # cos(photo, listing) ~ 0.86
 
 
@@ -59,7 +62,30 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x
 
 
-class SyntheticSnapshot:
+class _Chunks:
+    """The read contract of snapshots.py over a `chunk(c)` that regenerates chunk c on demand."""
+
+    count: int
+    generation: int
+    observer = None  # called with (gids, x) for each chunk of a full pass (ground truth)
+
+    def chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def iter_chunks(self, chunk: int = CHUNK, since_generation: int | None = None) -> Iterator:
+        if since_generation is not None and since_generation >= self.generation:
+            return
+        for c in range((self.count + CHUNK - 1) // CHUNK):
+            gids, x = self.chunk(c)
+            if self.observer is not None:
+                self.observer(gids, x)
+            yield gids, x
+
+    def get(self, gids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError("not used by the search")
+
+
+class SyntheticSnapshot(_Chunks):
     """A store snapshot (the read contract of snapshots.py) whose chunks are regenerated on demand."""
 
     def __init__(self, model: str, dim: int, n: int, seed: int, generation: int = 1) -> None:
@@ -68,10 +94,12 @@ class SyntheticSnapshot:
         rng = np.random.default_rng([seed, 0])
         n_topics = int(min(8000, max(10, n // 250)))
         self.topics = _unit(rng.standard_normal((n_topics, dim), dtype=np.float32))
-        p = rng.zipf(1.3, n_topics).astype(np.float64)  # many mugs, few anvils
+        # Topic sizes follow Zipf's rank-frequency law (the r-th topic ~ 1/r^s: many mugs, few anvils). Not iid
+        # draws from a Zipf distribution: with s=1.3 those have an infinite mean, and one draw took 99.97% of
+        # 1M vectors (one 64-d Gaussian blob, unlike any catalogue) until 2026-11-30.
+        p = 1.0 / np.arange(1, n_topics + 1, dtype=np.float64) ** ZIPF_S
         self.p = p / p.sum()
         self.basis = rng.standard_normal((RANK, dim), dtype=np.float32) / np.float32(np.sqrt(dim))
-        self.observer = None  # called with (gids, x) for each chunk of a full pass (ground truth)
 
     def _noise(self, rng: np.random.Generator, m: int, radius: float) -> np.ndarray:
         z = rng.standard_normal((m, RANK), dtype=np.float32) * np.float32(radius / np.sqrt(RANK))
@@ -100,17 +128,40 @@ class SyntheticSnapshot:
             out[sel] = centres[listings[sel] - c * per]
         return _unit(out + self._noise(np.random.default_rng(seed), len(listings), PHOTO_SPREAD))
 
-    def iter_chunks(self, chunk: int = CHUNK, since_generation: int | None = None) -> Iterator:
-        if since_generation is not None and since_generation >= self.generation:
-            return
-        for c in range((self.count + CHUNK - 1) // CHUNK):
-            gids, x = self.chunk(c)
-            if self.observer is not None:
-                self.observer(gids, x)
-            yield gids, x
 
-    def get(self, gids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError("not used by the search")
+class ModelView(_Chunks):
+    """One model's embedding of a shared catalogue: the five models see the SAME photos, so they agree on
+    near-duplicates and disagree in the tail. The catalogue is a LATENT-dim SyntheticSnapshot (topics ->
+    listings -> photos); a model maps it with its own random projection to its dimension and adds its own
+    isotropic noise (cos ~0.96 to the projection at MODEL_NOISE 0.3). Until 2026-11-30 every model drew an
+    independent catalogue, so the five rankings were unrelated and the fused top-10 consisted of listings
+    that two models had put at chance ranks 50-200: a figure about chance, not about the index."""
+
+    def __init__(self, catalogue: SyntheticSnapshot, model: str, dim: int, seed: int) -> None:
+        self.base, self.model, self.dim, self.seed = catalogue, model, dim, seed
+        self.count, self.generation, self.source = catalogue.count, 1, f"bench:{model}:{seed}"
+        rng = np.random.default_rng([seed, 0])
+        self.proj = rng.standard_normal((catalogue.dim, dim), dtype=np.float32) / np.float32(np.sqrt(catalogue.dim))
+
+    def _view(self, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        noise = rng.standard_normal((len(z), self.dim), dtype=np.float32) * np.float32(MODEL_NOISE / np.sqrt(self.dim))
+        return _unit(z @ self.proj + noise)
+
+    def chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        gids, z = self.base.chunk(c)
+        return gids, self._view(z, np.random.default_rng([self.seed, c + 1]))
+
+    def queries(self, listings: np.ndarray, seed: int) -> np.ndarray:
+        return self._view(self.base.queries(listings, seed), np.random.default_rng([self.seed, seed, 999]))
+
+
+def synthetic(spec: dict, model: str) -> SyntheticSnapshot | ModelView:
+    """Part (a)'s models view one catalogue (spec 'catalogue'); part (b)'s model is a catalogue of its own."""
+    if "catalogue" in spec:
+        return ModelView(
+            SyntheticSnapshot("catalogue", LATENT, spec["n"], spec["catalogue"]), model, spec["dim"], spec["seed"]
+        )
+    return SyntheticSnapshot(model, spec["dim"], spec["n"], spec["seed"])
 
 
 class TopK:
@@ -145,7 +196,7 @@ def status_kb() -> dict[str, int]:
 
 def install_snapshots(specs: dict[str, dict]) -> None:
     """Make the search read the synthetic store: the one swap point, snapshots.open_snapshot."""
-    snaps = {m: SyntheticSnapshot(m, s["dim"], s["n"], s["seed"]) for m, s in specs.items()}
+    snaps = {m: synthetic(s, m) for m, s in specs.items()}
     snapshots.open_snapshot = lambda _dir, model: snaps.get(model)  # type: ignore[assignment]
 
 
@@ -223,7 +274,11 @@ def serve_ensemble(spec_path: Path) -> int:
             res = service._rank(vecs, 20, {"type": "image"}, 0.0, [])
         times.append(time.perf_counter() - t)
         tops.append([r["listing_id"] for r in res["results"][:10]])
-    out = {"times": times[3:], "tops": tops[3:], "base": base, "opened": opened, "end": status_kb()}
+    end = status_kb()
+    per_model = {  # diagnostics after the timed queries: each model's own top-10 gids
+        m: service.indexes.get(m).search(data[m], 10)[1].tolist() for m in job["specs"]
+    }
+    out = {"times": times[3:], "tops": tops[3:], "base": base, "opened": opened, "end": end, "per_model": per_model}
     Path(job["out"]).write_text(json.dumps(out))
     return 0
 
@@ -270,13 +325,10 @@ def part_a(args: argparse.Namespace, work: Path) -> tuple[str, dict]:
     models = [m for m in args.models.split(",") if m]
     home = work / "a"
     (home / "embeddings").mkdir(parents=True, exist_ok=True)
-    specs = {m: {"dim": DIMS[m], "n": args.n, "seed": 1000 + i} for i, m in enumerate(models)}
+    specs = {m: {"dim": DIMS[m], "n": args.n, "seed": 1000 + i, "catalogue": 500} for i, m in enumerate(models)}
     rng = np.random.default_rng(12345)
     listings = rng.choice(args.n // PER_LISTING, args.queries, replace=False)
-    q_of = {
-        m: SyntheticSnapshot(m, s["dim"], s["n"], s["seed"]).queries(listings, 7 + i)
-        for i, (m, s) in enumerate(specs.items())
-    }
+    q_of = {m: synthetic(s, m).queries(listings, 7) for m, s in specs.items()}  # the same new photos, 5 views
     policy = policy_from(args)
     print(f"(a) {len(models)} models x {args.n:,} vectors, {args.queries} queries; {policy}", flush=True)
     t0 = time.perf_counter()
@@ -294,10 +346,15 @@ def part_a(args: argparse.Namespace, work: Path) -> tuple[str, dict]:
     r = run_search_process("serve-ensemble", job, work)
     exact = [fuse_exact(truth, j) for j in range(args.queries)]
     fused = float(np.mean([len(set(t) & set(e)) / 10 for t, e in zip(r["tops"], exact, strict=True)]))
+    for m, got in r["per_model"].items():
+        want = truth[m][1][:, :10]
+        rec = np.mean([len(set(a) & set(b.tolist())) / 10 for a, b in zip(got, want, strict=True)])
+        top3 = np.mean([a[:3] == b[:3].tolist() for a, b in zip(got, want, strict=True)])
+        print(f"  {m:13s} recall@10 {rec:.3f}, top-3 in exact order {top3:.3f}", flush=True)
     gb = r["end"]["VmRSS"] / 1024**2
     print(
         f"  search process: VmRSS {gb:.2f} GB (RssAnon {r['end']['RssAnon'] / 1024**2:.2f} GB, RssFile "
-        f"{r['end']['RssFile'] / 1024**2:.2f} GB = mapped re-rank vectors + libraries), VmHWM "
+        f"{r['end']['RssFile'] / 1024**2:.2f} GB = libraries + mapped gid maps), VmHWM "
         f"{r['end']['VmHWM'] / 1024**2:.2f} GB; before opening the indexes {r['base']['VmRSS'] / 1024**2:.2f} GB, "
         f"after {r['opened']['VmRSS'] / 1024**2:.2f} GB; load {os.getloadavg()[0]:.1f}",
         flush=True,
@@ -381,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.big_n:
             shutil.rmtree(work / "a", ignore_errors=True)
             body, bpv, base_kb = part_b(args, work)
-            # 10M x 5: PQ codes + ids cost the same bytes per vector at every dim (only the centroids grow
+            # 10M x 5: PQ + refinement codes + ids cost the same bytes per vector at every dim (only the centroids grow
             # with it), so dinov2_large's measured figure (the widest model) is used for all five, plus a full
             # exact tail per model (tail_merge x dim x 4 bytes) and the search process's own baseline once.
             tail = sum(IndexPolicy().tail_merge * dim * 4 for dim in DIMS.values())

@@ -124,7 +124,14 @@ def test_a_big_tail_is_folded_into_the_index_without_retraining(tmp_path: Path) 
     assert recall(m.search(q, 10)[1], exact_top(np.vstack([x, new]), np.arange(3600), q, 10)) >= 0.95
     assert m.search(new[7], 1)[1][0, 0] == 3007
     names = {p.name for p in (cache_dir(tmp_path) / stamp["dir"]).iterdir()}
-    assert names == {"ivf.2.faiss", "sorted.2.npy", "vec16.bin", "gids.bin"}  # old versions collected
+    assert names == {
+        "ivf.2.faiss",
+        "sorted.2.npy",
+        "refine.npy",
+        "refine.bin",
+        "vec16.bin",
+        "gids.bin",
+    }  # old collected
 
 
 def test_index_built_from_another_models_vectors_is_not_used(tmp_path: Path) -> None:
@@ -164,6 +171,8 @@ def test_interrupted_builds_and_appends_leave_the_committed_index_whole(tmp_path
     dead.mkdir()
     with open(cdir / stamp["dir"] / "vec16.bin", "ab") as f:
         f.write(b"\0" * DIM * 2 * 7)
+    with open(cdir / stamp["dir"] / "refine.bin", "ab") as f:
+        f.write(b"\7" * stamp["refine_m"] * 7)
     s2 = IndexSet(tmp_path, POLICY)
     s2.refresh(force=True)
     m = s2.get("dinov2_base")
@@ -174,6 +183,7 @@ def test_interrupted_builds_and_appends_leave_the_committed_index_whole(tmp_path
     assert s2.build_caches() == {"dinov2_base": 600}
     assert not dead.exists()
     assert os.path.getsize(cdir / stamp["dir"] / "vec16.bin") == 3600 * DIM * 2  # the stray rows were cut
+    assert os.path.getsize(cdir / stamp["dir"] / "refine.bin") == 3600 * stamp["refine_m"]
     assert s2.get("dinov2_base").search(new[9], 1)[1][0, 0] == 3009
 
 
@@ -194,14 +204,34 @@ def test_refresh_is_cheap_and_a_corrupt_file_keeps_the_old_index(tmp_path: Path)
     assert not s.errors and s.manifest["version"] == 3
 
 
-def _rss_anon_mb() -> float | None:
+def test_an_index_of_the_earlier_format_is_scanned_and_rebuilt(tmp_path: Path) -> None:
+    """An ivfpq-rerank-1 index (no refinement codes) from the previous version reads as absent."""
+    s, x = built(tmp_path)
+    cdir = cache_dir(tmp_path)
+    stamp = ivfpq.read_stamp(cdir, "dinov2_base")
+    old = {**stamp, "format": "ivfpq-rerank-1"}
+    del old["refine_m"]
+    ivfpq.stamp_path(cdir, "dinov2_base").write_text(json.dumps(old))
+    s2 = IndexSet(tmp_path, POLICY)
+    s2.refresh(force=True)
+    m = s2.get("dinov2_base")
+    assert m.kind == "scan" and s2.needing_build() == ["dinov2_base"] and m.search(x[5], 1)[1][0, 0] == 5
+    assert s2.build_caches() == {"dinov2_base": 3000} and s2.get("dinov2_base").kind == "ivfpq"
+
+
+def _rss_kb(key: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def _rss_anon_mb() -> float | None:
+    kb = _rss_kb("RssAnon")
+    return None if kb is None else kb / 1024
 
 
 def test_full_vectors_stay_on_disk_only_the_codes_are_in_memory(tmp_path: Path) -> None:
@@ -216,7 +246,11 @@ def test_full_vectors_stay_on_disk_only_the_codes_are_in_memory(tmp_path: Path) 
     s.refresh(force=True)
     m = s.get("dinov2_base")
     assert m.kind == "ivfpq" and m.search(x[:20], 5)[1][:, 0].tolist() == list(range(20))
-    assert _rss_anon_mb() - before < 10  # codes+ids ~0.5 MB; a copy of the vectors would add 24-48 MB
+    assert _rss_anon_mb() - before < 10  # codes ~2 MB; a copy of the vectors would add 24-48 MB
+    file_before = _rss_kb("RssFile")
+    assert m.search(x[1000:1200], 10)[1][:, 0].tolist() == list(range(1000, 1200))
+    # 200 queries x 100 exact re-rank rows: read with pread, not mapped (a memory map would fault in ~20 MB)
+    assert (_rss_kb("RssFile") - file_before) / 1024 < 5
 
 
 def test_segment_store_commit_is_searchable_at_once_and_folded_in_later(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 - Vectors are read through the store's READ contract (`snapshots.open_snapshot`: generation, source,
   `iter_chunks`), never by opening the store's files directly, so the store can change underneath.
 - Under `SEARCH_INDEX_MIN` vectors (default 50,000) a model is searched EXACTLY from an in-memory copy.
-- Above it, through a compressed index DERIVED from a snapshot (ivfpq.py: IVF-PQ codes in memory, exact
+- Above it, through a compressed index DERIVED from a snapshot (ivfpq.py: IVF-PQ and refinement codes in memory, exact
   re-ranking of the best candidates from fp16 vectors on disk), built by `search.py --build-index` or by
   the web server in the background, stored in `embeddings/search_cache/` and stamped with the source and
   generation of the snapshot it was built from.
@@ -55,7 +55,9 @@ class IndexPolicy:
     nlist: int = 0  # 0: about 2*sqrt(n) lists
     pq_m: int = 64  # PQ bytes per vector
     nprobe: int = 256  # many lists: the synthetic topics spread neighbours over cells; fast-scan makes it cheap
-    rerank: int = 1000  # candidates re-scored exactly (at least the k asked for)
+    candidates: int = 1000  # fast-scan candidates re-scored by the refinement PQ (at least the k asked for)
+    rerank: int = 100  # refined best re-scored exactly from the fp16 vectors on disk
+    refine_m: int = 128  # refinement PQ bytes per vector
     train_sample: int = 131_072
     tail_merge: int = 20_000
 
@@ -66,13 +68,18 @@ class IndexPolicy:
             nlist=settings.get_int("SEARCH_IVF_NLIST", cls.nlist),
             pq_m=settings.get_int("SEARCH_PQ_M", cls.pq_m),
             nprobe=settings.get_int("SEARCH_NPROBE", cls.nprobe),
+            candidates=settings.get_int("SEARCH_CANDIDATES", cls.candidates),
             rerank=settings.get_int("SEARCH_RERANK", cls.rerank),
+            refine_m=settings.get_int("SEARCH_REFINE_M", cls.refine_m),
             train_sample=settings.get_int("SEARCH_TRAIN_SAMPLE", cls.train_sample),
             tail_merge=settings.get_int("SEARCH_TAIL_MERGE", cls.tail_merge),
         )
 
     def build_params(self) -> ivfpq.BuildParams:
-        return ivfpq.BuildParams(nlist=self.nlist, m=self.pq_m, train_sample=self.train_sample)
+        return ivfpq.BuildParams(nlist=self.nlist, m=self.pq_m, refine_m=self.refine_m, train_sample=self.train_sample)
+
+    def open_compressed(self, cdir: Path, stamp: dict) -> ivfpq.CompressedIndex:
+        return ivfpq.CompressedIndex(cdir, stamp, self.nprobe, self.rerank, self.candidates)
 
 
 # ------------------------------------------------------------------------------------ helpers kept for readers
@@ -239,7 +246,7 @@ def open_model(name: str, embeddings_dir: Path, policy: IndexPolicy, snap=None) 
     if why_scan is not None:
         note = f"exact scan (slow); {why_scan}"
         return ModelIndex(name, "scan", int(snap.dim), key, snapshot=snap, needs_build=True, rebuild=True, note=note)
-    main = ivfpq.CompressedIndex(cdir, stamp, policy.nprobe, policy.rerank)
+    main = policy.open_compressed(cdir, stamp)
     return _with_tail(ModelIndex(name, "ivfpq", main.dim, key, main), snap, stamp, policy)
 
 
@@ -247,7 +254,10 @@ def _with_tail(m: ModelIndex, snap, stamp: dict, policy: IndexPolicy) -> ModelIn
     main: ivfpq.CompressedIndex = m.main  # type: ignore[assignment]
     tail = _load_tail(snap, int(stamp["generation"]), main.contains)
     removed = _removed(snap, int(stamp["generation"]), main.rows + int(tail.ntotal))
-    note = f"IVF-PQ nlist={stamp['nlist']} m={stamp['m']} nprobe={policy.nprobe} rerank={policy.rerank}"
+    note = (
+        f"IVF-PQ nlist={stamp['nlist']} m={stamp['m']} refine_m={stamp.get('refine_m')} nprobe={policy.nprobe} "
+        f"candidates={policy.candidates} rerank={policy.rerank}"
+    )
     if tail.ntotal:
         note += f" + {tail.ntotal} exact (not yet in the index)"
     if removed > 0:
@@ -290,7 +300,7 @@ def update_index(
     tmp.mkdir(parents=True, exist_ok=True)
     stamp = ivfpq.read_stamp(cdir, name)
     if not rebuild and stamp is not None and stamp.get("source") == snap.source and stamp["dim"] == snap.dim:
-        main = ivfpq.CompressedIndex(cdir, stamp, policy.nprobe, policy.rerank)
+        main = policy.open_compressed(cdir, stamp)
         tail = _load_tail(snap, int(stamp["generation"]), main.contains)
         if _removed(snap, int(stamp["generation"]), main.rows + int(tail.ntotal)) <= 0:  # fold the tail in
             if tail.ntotal == 0:

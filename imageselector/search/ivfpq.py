@@ -1,32 +1,39 @@
-"""The compressed search index of one model: IVF-PQ codes in memory, exact re-ranking from fp16 vectors on disk.
+"""The compressed search index of one model: IVF-PQ fast-scan codes and 8-bit PQ refinement codes in memory,
+exact re-ranking of the very best from fp16 vectors read from disk.
 
-Why this shape (issue 15: 10M images x 5 models on a 16-32 GB Mac):
-- In memory only what every query touches: the coarse centroids, and per vector `m` PQ bytes + an 8-byte
-  row id in its inverted list (FAISS IndexIVFPQFastScan, inner product, 2m four-bit sub-quantizers):
-  m=64 -> ~72 B/vector instead of 2 KB (fp16 1024-d) for an HNSW copy. This is the IVF-PQ layout of
-  FAISS/LanceDB; like DiskANN, the full-precision vectors stay on disk. 4-bit codes scanned with SIMD
-  (fast-scan) were measured 3.5-17x faster than the same codes scanned by plain IndexIVFPQ (nprobe 64-256), which lets a query probe many lists cheaply.
-- The PQ scores only pick candidates: the best `rerank` of them are re-scored EXACTLY against the vectors in
-  `vec16.bin` (fp16 rows, memory-mapped: the page cache holds the hot part, the process owns none of it),
-  which is FAISS's IndexRefine idea with the refinement vectors on disk. The exact re-ranking is what
-  makes recall independent of PQ's coarseness.
-- Training is k-means on a sample (2 cores: numpy's BLAS is ~4x faster than faiss's bundled one here), so a
-  build costs two passes over the snapshot; the assignment of vectors to lists uses a PCA shortlist when
-  the exact product (n x nlist x dim) would be too slow.
+Why this shape (issue 15: 10M images x 5 models on a 16-32 GB Mac), in three stages per query:
+1. Candidates: FAISS IndexIVFPQFastScan (inner product, `m` bytes = 2m four-bit sub-quantizers, 8-byte row id
+   per vector in its inverted list), `nprobe` lists probed, the best `candidates` (default 1000) kept. 4-bit
+   codes scanned with SIMD were measured 3.5-17x faster than plain IVFPQ, so a query can probe many lists.
+2. Refinement in memory: the candidates are re-scored with a finer product quantizer (`refine_m` bytes, 8 bits
+   per sub-quantizer: 128 B at every dimension), by table lookups in numpy. Measured at 500k x 1024-d: taking
+   the refined top 100 of 1000 candidates loses none of the exact top-10 that the candidates held, where
+   the 4-bit scores alone need all 1000 (FAISS's IndexRefine, with a PQ as the refining index).
+3. Exact re-ranking of the refined best `rerank` (default 100) against the fp16 vectors in `vec16.bin`, read
+   with pread (DiskANN's full-precision vectors on SSD): 100 reads of 2 KB per model per query, where the
+   previous layout read 1000 through a memory map, which cost page faults and put the touched pages in the
+   process's RSS. Results past `rerank` keep their refined scores (close to exact), ranked with the exact ones.
+Memory per vector: m + 8 + refine_m (64 + 8 + 128 = 200 B at the defaults) plus the row -> gid map on disk.
+
+Training is k-means on a sample (2 cores: numpy's BLAS is ~4x faster than faiss's bundled one here), so a
+build costs two passes over the snapshot; the assignment of vectors to lists uses a PCA shortlist when the
+exact product (n x nlist x dim) would be too slow.
 
 Files, all under `search_cache/`: `{name}.ivf.json` (the stamp: source + generation + rows + which files),
-and the directory it names, `{name}.<token>/` with `ivf.<v>.faiss`, `vec16.bin`, `gids.bin` (row -> gid),
-`sorted.<v>.npy` (the gids sorted, for membership tests). A build writes a fresh hidden directory, renames it
-into place, then replaces the stamp: the stamp is the commit, so a kill -9 at any instant leaves the old
-index or the new one. An incremental update appends rows to `vec16.bin`/`gids.bin` (beyond the stamp's
-`rows`, which readers never look past), writes a new `ivf.<v+1>`/`sorted.<v+1>`, then the stamp.
+and the directory it names, `{name}.<token>/` with `ivf.<v>.faiss`, `refine.npy` (the refining PQ's
+codebook), `refine.bin` (its codes, row order), `vec16.bin`, `gids.bin` (row -> gid), `sorted.<v>.npy` (the
+gids sorted, for membership tests). A build writes a fresh hidden directory, renames it into place, then
+replaces the stamp: the stamp is the commit, so a kill -9 at any instant leaves the old index or the new one.
+An incremental update appends rows to `refine.bin`/`vec16.bin`/`gids.bin` (beyond the stamp's `rows`, which
+readers never look past), writes a new `ivf.<v+1>`/`sorted.<v+1>`, then the stamp. An index of an earlier
+format (`ivfpq-rerank-1`, no refinement codes) reads as absent: the model is scanned exactly meanwhile and
+the index rebuilt in the background.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import shutil
 import time
@@ -42,11 +49,13 @@ from imageselector.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-FORMAT = "ivfpq-rerank-1"
+FORMAT = "ivfpq-refine-2"
+ROW_FILES = ("refine.bin", "vec16.bin", "gids.bin")  # appended in row order, truncated to the stamp
 ASSIGN_CHUNK = 8192
 SHORTLIST = 8  # centroids re-checked exactly after the PCA shortlist
 PCA_DIM = 128
 PQ_TRAIN = 32768
+REFINE_TRAIN = 16384  # 64 points per code of the 8-bit refinement PQ
 NBITS = 4  # PQ fast-scan: 16 centroids per sub-quantizer, scanned with SIMD lookups
 
 
@@ -56,6 +65,7 @@ class BuildParams:
 
     nlist: int = 0
     m: int = 64  # PQ bytes per vector (2 x m four-bit sub-quantizers)
+    refine_m: int = 128  # refinement PQ bytes per vector (8-bit sub-quantizers)
     train_sample: int = 131_072
     kmeans_iters: int = 8
     seed: int = 1234
@@ -73,6 +83,39 @@ def pq_m(dim: int, wanted: int) -> int:
         if dim % m == 0:
             return m
     raise ValueError(f"no even number of sub-quantizers divides dim {dim}")
+
+
+def refine_m(dim: int, wanted: int) -> int:
+    """The largest sub-quantizer count <= wanted that divides dim (the refinement PQ: one byte each)."""
+    return next(m for m in range(min(wanted, dim), 0, -1) if dim % m == 0)
+
+
+class Refiner:
+    """The 8-bit refinement PQ: codebook (m, 256, dim/m); encodes with FAISS, scores by table lookups."""
+
+    def __init__(self, codebook: np.ndarray) -> None:
+        self.codebook = np.ascontiguousarray(codebook, dtype=np.float32)
+        self.m, self.ksub, self.dsub = self.codebook.shape
+        self.pq = faiss.ProductQuantizer(self.m * self.dsub, self.m, 8)
+        faiss.copy_array_to_vector(self.codebook.ravel(), self.pq.centroids)
+        self._offsets = np.arange(self.m, dtype=np.intp) * self.ksub
+
+    @classmethod
+    def train(cls, sample: np.ndarray, m: int) -> Refiner:
+        pq = faiss.ProductQuantizer(sample.shape[1], m, 8)
+        pq.verbose = False
+        pq.cp.niter = 10  # measured: 16k points x 10 iterations trains in 8 s at 1024-d, 32k x 25 in 37 s
+        pq.train(np.ascontiguousarray(sample[:REFINE_TRAIN], dtype=np.float32))
+        return cls(faiss.vector_to_array(pq.centroids).reshape(m, pq.ksub, pq.dsub))
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        return self.pq.compute_codes(np.ascontiguousarray(x, dtype=np.float32))
+
+    def scores(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Inner products of one query with the vectors these codes reconstruct."""
+        table = np.matmul(self.codebook, q.reshape(self.m, self.dsub, 1)).ravel()  # (m, 256): einsum was 3x slower
+        # one gather from the flat table (2-D fancy indexing was 4x slower: 2 ms for 1000 x 128 codes)
+        return table.take(codes.astype(np.intp) + self._offsets).sum(axis=1)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -186,7 +229,7 @@ def collect_garbage(cache_dir: Path, name: str) -> None:
     for legacy in (f"{name}.hnsw.faiss", f"{name}.hnsw.json"):  # the HNSW caches this index replaces
         (Path(cache_dir) / legacy).unlink(missing_ok=True)
     if stamp:
-        live = {stamp["ivf"], stamp["sorted"], "vec16.bin", "gids.bin"}
+        live = {stamp["ivf"], stamp["sorted"], "refine.npy", *ROW_FILES}
         for p in (Path(cache_dir) / keep).iterdir():
             if p.name not in live:
                 p.unlink(missing_ok=True)
@@ -251,12 +294,18 @@ def build(
     # The quantizer is trained already: this trains the PQ on residuals. faiss keeps at most 256 points per
     # code (16 x 256 for 4 bits), so a 32k slice loses nothing and spares assigning the whole sample again.
     index.train(sample[:PQ_TRAIN])
+    refiner = Refiner.train(sample[:PQ_TRAIN], refine_m(d, params.refine_m))
     del sample
     work = cache_dir / f".{name}.building-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     work.mkdir()
     rows = 0
     gid_parts: list[np.ndarray] = []
-    with open(work / "vec16.bin", "wb") as fv, open(work / "gids.bin", "wb") as fg:
+    np.save(work / "refine.npy", refiner.codebook)
+    with (
+        open(work / "refine.bin", "wb") as fr,
+        open(work / "vec16.bin", "wb") as fv,
+        open(work / "gids.bin", "wb") as fg,
+    ):
         for gids, x in snap.iter_chunks(chunk):
             if should_stop():
                 shutil.rmtree(work, ignore_errors=True)
@@ -264,11 +313,12 @@ def build(
             x = np.ascontiguousarray(x, dtype=np.float32)
             gids = np.ascontiguousarray(gids, dtype=np.int64)
             _add(index, assigner, x, rows)
+            fr.write(refiner.encode(x).tobytes())
             fv.write(x.astype(np.float16).tobytes())
             fg.write(gids.tobytes())
             gid_parts.append(gids)
             rows += len(x)
-        for f in (fv, fg):
+        for f in (fr, fv, fg):
             f.flush()
             os.fsync(f.fileno())
     all_gids = np.concatenate(gid_parts) if gid_parts else np.empty(0, np.int64)
@@ -289,6 +339,7 @@ def build(
         "nlist": nlist,
         "m": sub * NBITS // 8,
         "sub": sub,
+        "refine_m": refiner.m,
         "nbits": NBITS,
         "dir": final.name,
         "ivf": "ivf.1.faiss",
@@ -301,12 +352,13 @@ def build(
     _commit_stamp(cache_dir, name, stamp, tmp_dir)
     collect_garbage(cache_dir, name)
     log.info(
-        "%s: IVF-PQ index of %d vectors built in %.0f s (nlist %d, %d x 4 bits)",
+        "%s: IVF-PQ index of %d vectors built in %.0f s (nlist %d, %d x 4 bits, refined by %d x 8 bits)",
         name,
         rows,
         stamp["build_s"],
         nlist,
         sub,
+        refiner.m,
     )
     return stamp
 
@@ -329,7 +381,12 @@ def append(cache_dir: Path, name: str, gids: np.ndarray, vecs: np.ndarray, gener
     rows = int(stamp["rows"])
     # a tail is small: faiss assigns it to the trained centroids and encodes it, no retraining
     index.add_with_ids(x, np.arange(rows, rows + len(x), dtype=np.int64))
-    for fname, data, width in (("vec16.bin", x.astype(np.float16), 2 * index.d), ("gids.bin", gids, 8)):
+    refiner = Refiner(np.load(d / "refine.npy"))
+    for fname, data, width in (
+        ("refine.bin", refiner.encode(x), refiner.m),
+        ("vec16.bin", x.astype(np.float16), 2 * index.d),
+        ("gids.bin", gids, 8),
+    ):
         with open(d / fname, "r+b") as f:
             f.truncate(rows * width)  # drop rows an interrupted append left beyond the stamp
             f.seek(rows * width)
@@ -349,21 +406,25 @@ def append(cache_dir: Path, name: str, gids: np.ndarray, vecs: np.ndarray, gener
 
 
 # ------------------------------------------------------------------------------------------------ search
-def _random_access(arr: np.memmap) -> None:
-    """Re-ranking reads ~1000 scattered rows: without MADV_RANDOM every page fault also reads its neighbours
-    (measured: 150 queries at 2M x 1024-d mapped 3.9 of the file's 4.1 GB into the process)."""
-    mm = getattr(arr, "_mmap", None)
-    if mm is not None and hasattr(mmap, "MADV_RANDOM"):
-        try:
-            mm.madvise(mmap.MADV_RANDOM)
-        except OSError:
-            pass
+def _pread_rows(fd: int, rows: np.ndarray, width: int) -> np.ndarray:
+    """Rows (sorted) of a fixed-width file, by pread: nothing mapped, so the process owns none of the file's
+    pages (the page cache keeps the hot ones, reclaimable). Adjacent rows are read in one call."""
+    out = bytearray(len(rows) * width)
+    view = memoryview(out)
+    if len(rows):
+        firsts = np.concatenate([[0], np.flatnonzero(np.diff(rows) != 1) + 1])
+        lengths = np.diff(np.append(firsts, len(rows)))
+        for at, row, n in zip(firsts.tolist(), rows[firsts].tolist(), lengths.tolist(), strict=True):
+            got = os.preadv(fd, [view[at * width : (at + n) * width]], row * width)
+            if got != n * width:
+                raise OSError(f"short read at row {row}: {got} of {n * width} bytes")
+    return np.frombuffer(out, dtype=np.uint8).reshape(len(rows), width)
 
 
 class CompressedIndex:
-    """An opened IVF-PQ index: search returns (scores, gids) with exact inner products for the top k."""
+    """An opened index: search returns (scores, gids); the best `rerank` carry exact inner products."""
 
-    def __init__(self, cache_dir: Path, stamp: dict, nprobe: int, rerank: int) -> None:
+    def __init__(self, cache_dir: Path, stamp: dict, nprobe: int, rerank: int, candidates: int = 1000) -> None:
         d = Path(cache_dir) / stamp["dir"]
         self.stamp = stamp
         self.dim = int(stamp["dim"])
@@ -371,12 +432,28 @@ class CompressedIndex:
         self.ivf = faiss.read_index(str(d / stamp["ivf"]))
         if int(self.ivf.ntotal) != self.rows:
             raise RuntimeError(f"{d / stamp['ivf']} holds {self.ivf.ntotal} vectors, the stamp says {self.rows}")
-        self.vec = np.memmap(d / "vec16.bin", dtype=np.float16, mode="r", shape=(self.rows, self.dim))
-        _random_access(self.vec)
+        self.refiner = Refiner(np.load(d / "refine.npy"))
+        self.codes = np.fromfile(d / "refine.bin", dtype=np.uint8, count=self.rows * self.refiner.m)
+        if self.codes.size != self.rows * self.refiner.m:
+            raise RuntimeError(f"{d / 'refine.bin'} is shorter than the stamp's {self.rows} rows")
+        self.codes = self.codes.reshape(self.rows, self.refiner.m)
+        self._vec_file = open(d / "vec16.bin", "rb")  # noqa: SIM115 - held for the life of the index
+        if os.fstat(self._vec_file.fileno()).st_size < self.rows * 2 * self.dim:
+            raise RuntimeError(f"{d / 'vec16.bin'} is shorter than the stamp's {self.rows} rows")
         self.gids = np.memmap(d / "gids.bin", dtype=np.int64, mode="r", shape=(self.rows,))
         self.sorted = np.load(d / stamp["sorted"], mmap_mode="r")
         self.nprobe = int(nprobe)
-        self.rerank = int(rerank)
+        self.rerank = max(1, int(rerank))
+        self.n_candidates = int(candidates)
+
+    def close(self) -> None:
+        self._vec_file.close()
+
+    def __del__(self) -> None:
+        try:
+            self._vec_file.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def contains(self, gids: np.ndarray) -> np.ndarray:
         """Which of these gids the index holds (binary search in the memory-mapped sorted gids)."""
@@ -387,10 +464,15 @@ class CompressedIndex:
         return np.asarray(self.sorted[pos]) == gids
 
     def candidates(self, q: np.ndarray, k: int) -> np.ndarray:
-        r = max(int(k), self.rerank)
+        r = max(int(k), self.n_candidates)
         params = faiss.SearchParametersIVF(nprobe=min(self.nprobe, int(self.ivf.nlist)))
         _, rows = self.ivf.search(q, r, params=params)
         return rows
+
+    def exact(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact inner products of one query with these rows (sorted), read from vec16.bin."""
+        raw = _pread_rows(self._vec_file.fileno(), rows, 2 * self.dim)
+        return raw.view(np.float16).astype(np.float32) @ q
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
@@ -399,15 +481,18 @@ class CompressedIndex:
         scores = np.full((len(q), k), -np.inf, np.float32)
         ids = np.full((len(q), k), -1, np.int64)
         for i in range(len(q)):
-            rows = np.unique(cand[i][cand[i] >= 0])  # sorted: the reads go forward through the file
+            rows = np.unique(cand[i][cand[i] >= 0])
             if len(rows) == 0:
                 continue
-            # Exact inner products straight on the fp16 rows (faiss's SIMD fp16 kernel): measured 2.8 ms for
-            # 1000 x 1024-d against 10.7 ms for numpy's fp16 -> fp32 conversion + matvec.
-            exact = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-            exact.add_sa_codes(np.ascontiguousarray(self.vec[rows]).view(np.uint8))
-            s, pos = exact.search(q[i : i + 1], min(k, len(rows)))
-            n = int((pos[0] >= 0).sum())
-            scores[i, :n] = s[0, :n]
-            ids[i, :n] = self.gids[rows[pos[0, :n]]]
+            refined = self.refiner.scores(q[i], self.codes[rows])
+            order = np.argsort(-refined, kind="stable")[: max(k, self.rerank)]
+            top = np.sort(rows[order[: self.rerank]])  # sorted: the reads go forward through the file
+            exact = self.exact(q[i], top)
+            rest = order[self.rerank :]  # past the exact ones: refined scores (close to exact), ranked with them
+            s = np.concatenate([exact, refined[rest]]).astype(np.float32)
+            r = np.concatenate([top, rows[rest]])
+            best = np.argsort(-s, kind="stable")[:k]
+            s, r = s[best], r[best]
+            scores[i, : len(s)] = s
+            ids[i, : len(r)] = self.gids[r]
         return scores, ids
