@@ -125,6 +125,22 @@ def test_copy_test_holds_through_crop_resize_reencode_and_background_removal() -
         assert copies.copy_score(copies.thumb_of(sim_images.render(cat, j, "570xN")), t_src) < copies.THRESHOLD
 
 
+def test_a_colour_cast_separates_a_recoloured_photo_from_a_copy() -> None:
+    """JPEG and resizing noise averages out of the mean colours; a hue turn of a few degrees does not."""
+    cat = Catalogue(40, seed=11)
+    src = sim_images.render(cat, 0, "570xN")
+    w, h = src.size
+    copy = _jpeg(src.crop((w // 10, h // 10, w - w // 10, h - h // 10)).resize((300, round(300 * h / w))), 40)
+    turned = _jpeg(src.convert("RGB", sim_images._colour_matrix(25.0, 1.0, 1.0)), 90)  # the jitter spans 24 deg
+    t_src = copies.thumb_of(src)
+    plain, recoloured = (
+        copies.copy_parts(copies.thumb_of(copy), t_src),
+        copies.copy_parts(copies.thumb_of(turned), t_src),
+    )
+    assert plain[4] < 0.011 < recoloured[4]  # the cast: measured <= 0.011 on the bench's copies
+    assert plain[0] >= copies.THRESHOLD and plain[0] > recoloured[0]
+
+
 def _object_mask(cat: Catalogue, j: int) -> Image.Image:
     """The renderer's own object mask: the photo on a black and on a white backdrop differs off the object."""
     shots = []

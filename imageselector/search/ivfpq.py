@@ -410,14 +410,14 @@ def _pread_rows(fd: int, rows: np.ndarray, width: int) -> np.ndarray:
     """Rows (sorted) of a fixed-width file, by pread: nothing mapped, so the process owns none of the file's
     pages (the page cache keeps the hot ones, reclaimable). Adjacent rows are read in one call."""
     out = bytearray(len(rows) * width)
-    view = memoryview(out)
     if len(rows):
         firsts = np.concatenate([[0], np.flatnonzero(np.diff(rows) != 1) + 1])
         lengths = np.diff(np.append(firsts, len(rows)))
         for at, row, n in zip(firsts.tolist(), rows[firsts].tolist(), lengths.tolist(), strict=True):
-            got = os.preadv(fd, [view[at * width : (at + n) * width]], row * width)
-            if got != n * width:
-                raise OSError(f"short read at row {row}: {got} of {n * width} bytes")
+            got = os.pread(fd, n * width, row * width)  # os.pread: every Unix (preadv is missing on some macOS)
+            if len(got) != n * width:
+                raise OSError(f"short read at row {row}: {len(got)} of {n * width} bytes")
+            out[at * width : (at + n) * width] = got
     return np.frombuffer(out, dtype=np.uint8).reshape(len(rows), width)
 
 
