@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Search at catalogue scale, measured for real: 1M x 5 models through the search service, and 10M x 1.
 
-(a) 1M x 5: for each of the five models at its real dimension (512, 768, 768, 1024, 768), synthetic unit
-    vectors shaped like a catalogue: a few thousand zipf-sized topics -> listings (4 photos each, close to
-    the listing's centre: near-duplicate neighbours) -> photos; variation mostly in a 64-dim subspace plus
-    isotropic noise. The compressed indexes are built by the real build code (indexes.update_index) from a
+(a) 1M x 5: one synthetic catalogue, a few thousand topics sized by Zipf's law -> listings (4 photos each,
+    close to the listing's centre: near-duplicate neighbours) -> photos, variation mostly in a 64-dim
+    subspace plus isotropic noise, in a 256-d latent space; each of the five models sees it through its own
+    random projection to its real dimension (512, 768, 768, 1024, 768) plus its own noise (ModelView). The compressed indexes are built by the real build code (indexes.update_index) from a
     snapshot of that data, then a SEPARATE search process opens them through SearchService (the code the
     page and the CLI use, with a real status database of 1M images) and answers ensemble queries (new photos
     of existing listings) with `_rank` (search 5 indexes + gid->listing lookups + fusion + cards).
