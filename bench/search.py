@@ -206,6 +206,7 @@ def policy_from(args: argparse.Namespace) -> IndexPolicy:
         nlist=args.nlist,
         pq_m=args.m,
         nprobe=args.nprobe,
+        candidates=args.candidates,
         rerank=args.rerank,
         train_sample=args.train_sample,
     )
@@ -416,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nlist", type=int, default=d.nlist, help="IVF lists (0: auto)")
     ap.add_argument("--m", type=int, default=d.pq_m, help="PQ bytes per vector")
     ap.add_argument("--nprobe", type=int, default=d.nprobe)
-    ap.add_argument("--rerank", type=int, default=d.rerank)
+    ap.add_argument("--candidates", type=int, default=d.candidates, help="fast-scan candidates refined in memory")
+    ap.add_argument("--rerank", type=int, default=d.rerank, help="refined best re-scored exactly from disk")
     ap.add_argument("--train-sample", type=int, default=d.train_sample)
     ap.add_argument("--threads", type=int, default=2, help="build threads (search runs single-threaded)")
     ap.add_argument("--work", default=str(ROOT / ".bench_search"), help="scratch directory (deleted at the end)")
