@@ -317,6 +317,11 @@ def run_search_process(mode: str, job: dict, work: Path) -> dict:
     return json.loads(Path(job["out"]).read_text())
 
 
+def _own_recall(got: list[list[int]], truth_ids: np.ndarray) -> float:
+    """One model's recall@10 against its exact top-10."""
+    return float(np.mean([len(set(a) & set(b.tolist())) / 10 for a, b in zip(got, truth_ids[:, :10], strict=True)]))
+
+
 def pct(a: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(a) * 1000, q))
 
@@ -344,12 +349,23 @@ def part_a(args: argparse.Namespace, work: Path) -> tuple[str, dict]:
         "out": str(work / "a_out.json"),
         "policy": policy.__dict__,
     }
+    for nprobe in [int(v) for v in args.nprobe_sweep.split(",") if v]:  # the same indexes, other nprobe
+        swept = run_search_process("serve-ensemble", {**job, "policy": {**policy.__dict__, "nprobe": nprobe}}, work)
+        per = [_own_recall(got, truth[m][1]) for m, got in swept["per_model"].items()]
+        exact = [fuse_exact(truth, j) for j in range(args.queries)]
+        fused = np.mean([len(set(t) & set(e)) / 10 for t, e in zip(swept["tops"], exact, strict=True)])
+        print(
+            f"  nprobe {nprobe}: ensemble p50 {pct(swept['times'], 50):.1f} ms, p95 {pct(swept['times'], 95):.1f} ms, "
+            f"fused recall@10 {fused:.3f}; each model's recall@10 {min(per):.3f}-{max(per):.3f}; "
+            f"load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
     r = run_search_process("serve-ensemble", job, work)
     exact = [fuse_exact(truth, j) for j in range(args.queries)]
     fused = float(np.mean([len(set(t) & set(e)) / 10 for t, e in zip(r["tops"], exact, strict=True)]))
     for m, got in r["per_model"].items():
         want = truth[m][1][:, :10]
-        rec = np.mean([len(set(a) & set(b.tolist())) / 10 for a, b in zip(got, want, strict=True)])
+        rec = _own_recall(got, truth[m][1])
         top3 = np.mean([a[:3] == b[:3].tolist() for a, b in zip(got, want, strict=True)])
         print(f"  {m:13s} recall@10 {rec:.3f}, top-3 in exact order {top3:.3f}", flush=True)
     gb = r["end"]["VmRSS"] / 1024**2
@@ -417,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nlist", type=int, default=d.nlist, help="IVF lists (0: auto)")
     ap.add_argument("--m", type=int, default=d.pq_m, help="PQ bytes per vector")
     ap.add_argument("--nprobe", type=int, default=d.nprobe)
+    ap.add_argument(
+        "--nprobe-sweep", default="", help="part (a): also search the built indexes at these nprobe (comma-separated)"
+    )
     ap.add_argument("--candidates", type=int, default=d.candidates, help="fast-scan candidates refined in memory")
     ap.add_argument("--rerank", type=int, default=d.rerank, help="refined best re-scored exactly from disk")
     ap.add_argument("--train-sample", type=int, default=d.train_sample)
