@@ -310,6 +310,18 @@ def serve_single(spec_path: Path) -> int:
     return 0
 
 
+def search_job(specs: dict, home: Path, work: Path, part: str, queries: dict, policy: IndexPolicy) -> dict:
+    """What a search process of part `part` needs: the queries saved beside its spec, where to write."""
+    np.savez(work / f"q{part}.npz", **queries)
+    return {
+        "specs": specs,
+        "home": str(home),
+        "queries": str(work / f"q{part}.npz"),
+        "out": str(work / f"{part}_out.json"),
+        "policy": policy.__dict__,
+    }
+
+
 def run_search_process(mode: str, job: dict, work: Path) -> dict:
     spec = work / f"{mode}.json"
     spec.write_text(json.dumps(job))
@@ -341,18 +353,11 @@ def part_a(args: argparse.Namespace, work: Path) -> tuple[str, dict]:
     truth = build(specs, home, policy, q_of)
     make_db(home / "etsy_data.db", args.n)
     print(f"  built all in {time.perf_counter() - t0:.0f} s", flush=True)
-    np.savez(work / "qa.npz", **q_of)
-    job = {
-        "specs": specs,
-        "home": str(home),
-        "queries": str(work / "qa.npz"),
-        "out": str(work / "a_out.json"),
-        "policy": policy.__dict__,
-    }
+    job = search_job(specs, home, work, "a", q_of, policy)
+    exact = [fuse_exact(truth, j) for j in range(args.queries)]
     for nprobe in [int(v) for v in args.nprobe_sweep.split(",") if v]:  # the same indexes, other nprobe
         swept = run_search_process("serve-ensemble", {**job, "policy": {**policy.__dict__, "nprobe": nprobe}}, work)
         per = [_own_recall(got, truth[m][1]) for m, got in swept["per_model"].items()]
-        exact = [fuse_exact(truth, j) for j in range(args.queries)]
         fused = np.mean([len(set(t) & set(e)) / 10 for t, e in zip(swept["tops"], exact, strict=True)])
         print(
             f"  nprobe {nprobe}: ensemble p50 {pct(swept['times'], 50):.1f} ms, p95 {pct(swept['times'], 95):.1f} ms, "
@@ -361,7 +366,6 @@ def part_a(args: argparse.Namespace, work: Path) -> tuple[str, dict]:
             flush=True,
         )
     r = run_search_process("serve-ensemble", job, work)
-    exact = [fuse_exact(truth, j) for j in range(args.queries)]
     fused = float(np.mean([len(set(t) & set(e)) / 10 for t, e in zip(r["tops"], exact, strict=True)]))
     for m, got in r["per_model"].items():
         want = truth[m][1][:, :10]
@@ -398,14 +402,7 @@ def part_b(args: argparse.Namespace, work: Path) -> tuple[str, float, float]:
     t0 = time.perf_counter()
     truth = build(specs, home, policy, q)
     print(f"  built in {time.perf_counter() - t0:.0f} s", flush=True)
-    np.savez(work / "qb.npz", **q)
-    job = {
-        "specs": specs,
-        "home": str(home),
-        "queries": str(work / "qb.npz"),
-        "out": str(work / "b_out.json"),
-        "policy": policy.__dict__,
-    }
+    job = search_job(specs, home, work, "b", q, policy)
     r = run_search_process("serve-single", job, work)
     gt = truth[model][1][:, :10]
     rec = float(np.mean([len(set(a) & set(b.tolist())) / 10 for a, b in zip(r["ids"], gt, strict=True)]))

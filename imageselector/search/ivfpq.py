@@ -449,11 +449,9 @@ class CompressedIndex:
     def close(self) -> None:
         self._vec_file.close()
 
-    def __del__(self) -> None:
-        try:
-            self._vec_file.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+    def __del__(self) -> None:  # a replaced index is dropped, not closed, by IndexSet
+        if hasattr(self, "_vec_file"):  # __init__ may have failed before opening it
+            self.close()
 
     def contains(self, gids: np.ndarray) -> np.ndarray:
         """Which of these gids the index holds (binary search in the memory-mapped sorted gids)."""
