@@ -47,9 +47,13 @@ def test_stored_vector_equals_the_models_own_encode(settings, conn, standin_enco
         np.testing.assert_allclose(stored, own, rtol=0, atol=1e-6)
 
 
-def test_all_models_flags_texts_manifest(settings, conn, standin_encoders) -> None:
+@pytest.mark.parametrize("overlap", [None, True, False])
+def test_all_models_flags_texts_manifest(settings, conn, standin_encoders, overlap) -> None:
+    """The same outcome whether the next round is decoded on the prefetch thread (overlap) or in lockstep."""
     seed_embeddable(conn, settings.images_dir, 14, per_listing=3)
-    st = run_stage(settings, conn, standin_encoders, flush_every=8)
+    st = run_stage(settings, conn, standin_encoders, flush_every=8, overlap=overlap)
+    assert st.overlap is (overlap if overlap is not None else False)  # the stand-ins run on the CPU
+    assert st.prefetcher is not None and (st.prefetcher.ident is not None) is st.overlap
     emb = settings.embeddings_dir
     counts = check_no_lies(conn, emb, ALL, exact=True)
     assert counts == dict.fromkeys(ALL, 14)

@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_ray_arguments(ap)
     ap.add_argument("--workers", type=int, default=2, help="decode/preprocess threads (default 2)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument(
+        "--decode-overlap",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="decode the next batch while the models run (auto: on for a GPU, off when every model runs on the "
+        "CPU, whose cores the forward already uses; default auto)",
+    )
     ap.add_argument("--flush-every", type=int, default=1024, help="flush after this many new vectors (default 1024)")
     ap.add_argument("--flush-seconds", type=float, default=60.0, help="flush after this many seconds (default 60)")
     ap.add_argument(
@@ -125,6 +132,7 @@ class EmbedJob(StageJob):
             batch_size=args.batch_size,
             watch=args.watch,
             workers=args.workers,
+            overlap={"auto": None, "on": True, "off": False}[args.decode_overlap],
             flush_every=args.flush_every,
             flush_s=args.flush_seconds,
             flush_growth=args.flush_growth,

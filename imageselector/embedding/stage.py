@@ -61,6 +61,9 @@ class Options:
     watch: bool = False
     workers: int = 2
     prefetch: int = 2
+    # decode the next round while the models run (None: yes unless every model runs on the CPU, where the
+    # decode threads would take cores from torch's own threads: measured in bench/embed.py)
+    overlap: bool | None = None
     flush_every: int = 1024
     flush_s: float = 60.0
     flush_growth: float = 0.0  # unused since the segment store (a flush writes only new vectors)
@@ -116,6 +119,7 @@ class Prefetcher(threading.Thread):
         self.q: queue.Queue[Round | BaseException] = queue.Queue(maxsize=max(1, opts.prefetch))
         self.halt = threading.Event()
         self.pool = ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="embed-decode")
+        self._conn: sqlite3.Connection | None = None  # lockstep mode's (next_round)
 
     def _stop_now(self) -> bool:
         return self.halt.is_set() or self.stopper.should_stop()
@@ -193,6 +197,13 @@ class Prefetcher(threading.Thread):
             return (f"undecodable image: {type(exc).__name__}: {exc}", True if archived else REDOWNLOAD)
         return self.compute.prepare(img, models)
 
+    def next_round(self) -> Round:
+        """Lockstep (no overlap): claim and decode the next round now, on the caller's thread, with the
+        decode pool; its own connection, as when the round is made on the prefetch thread."""
+        if self._conn is None:
+            self._conn = db.connect(self.settings.db_path)
+        return self.make_round(self._conn)
+
     def get(self) -> Round:
         while True:
             try:
@@ -208,6 +219,11 @@ class Prefetcher(threading.Thread):
     def shutdown(self, conn: sqlite3.Connection) -> None:
         """Stop claiming; hand back every round still queued."""
         self.halt.set()
+        if self.ident is None:  # lockstep: never started, nothing queued
+            self.pool.shutdown(wait=True)
+            if self._conn is not None:
+                self._conn.close()
+            return
         while self.is_alive() or not self.q.empty():
             try:
                 item = self.q.get(timeout=0.2)
@@ -285,6 +301,7 @@ class EmbedStage:
             m: Progress(log, f"{m} images", interval=opts.progress_s, remaining=self._remaining_fn(m)) for m in encoders
         }
         self.prefetcher: Prefetcher | None = None
+        self.overlap: bool | None = None  # set by run() from Options.overlap and the devices
         self.repairs: dict[str, dict[str, int]] = {}
         self.pending_texts: dict[str, set[int]] = {m: set() for m in encoders}
 
@@ -426,7 +443,7 @@ class EmbedStage:
     # ---- the loop ------------------------------------------------------------------------------
     def run_batch(self) -> int:
         assert self.prefetcher is not None
-        rnd = self.prefetcher.get()
+        rnd = self.prefetcher.get() if self.overlap else self.prefetcher.next_round()
         if rnd.empty:
             self.maybe_flush(force=self.store.dirty() or any(self.pending.values()))
             return 0
@@ -560,7 +577,11 @@ class EmbedStage:
     def run(self, heartbeat: Heartbeat | None = None) -> int:
 
         self.prefetcher = Prefetcher(self.settings, self.owner, self.compute, self.opts, self.stopper)
-        self.prefetcher.start()
+        self.overlap = self.opts.overlap
+        if self.overlap is None:
+            self.overlap = any(getattr(e, "device", "cpu") != "cpu" for e in self.compute.encoders.values())
+        if self.overlap:
+            self.prefetcher.start()
         total = 0
         try:
             total = run_loop(self.run_batch, self.stopper, watch=self.opts.watch, heartbeat=heartbeat, logger=log)
