@@ -212,17 +212,31 @@ def policy_from(args: argparse.Namespace) -> IndexPolicy:
     )
 
 
-def build(specs: dict[str, dict], home: Path, policy: IndexPolicy, q_of: dict[str, np.ndarray]) -> dict:
-    """Build each model's index with the real code; the first (sampling) pass also computes the exact top-k."""
+def build(
+    specs: dict[str, dict], home: Path, policy: IndexPolicy, q_of: dict[str, np.ndarray], reuse: bool = False
+) -> dict:
+    """Build each model's index with the real code; the first (sampling) pass also computes the exact top-k.
+    `reuse`: an index already built for this very spec (a kept --work) is searched as it is, and the exact
+    top-k is computed by one streaming pass instead."""
     install_snapshots(specs)
     truth = {}
     for model, spec in specs.items():
         snap = snapshots.open_snapshot(home / "embeddings", model)
         gt = TopK(q_of[model], GT_K)
-        snap.observer = gt  # type: ignore[union-attr]
+        stamp_file = home / "embeddings/search_cache" / f"{model}.ivf.json"
         t0 = time.perf_counter()
+        kept = json.loads(stamp_file.read_text()) if reuse and stamp_file.exists() else {}
+        if kept.get("source") == snap.source and kept.get("rows") == spec["n"]:
+            for gids, x in snap.iter_chunks():
+                gt(gids, x)
+            truth[model] = (gt.s, gt.i)
+            print(
+                f"  {model:13s} reused the kept index; exact top-{GT_K} in {time.perf_counter() - t0:.0f} s", flush=True
+            )
+            continue
+        snap.observer = gt  # type: ignore[union-attr]
         assert update_index(model, home / "embeddings", policy, home / ".tmp") == spec["n"]
-        stamp = json.loads((home / "embeddings/search_cache" / f"{model}.ivf.json").read_text())
+        stamp = json.loads(stamp_file.read_text())
         truth[model] = (gt.s, gt.i)
         print(
             f"  {model:13s} d={spec['dim']:4d} n={spec['n']:,}: built in {time.perf_counter() - t0:.0f} s "
@@ -334,6 +348,15 @@ def _own_recall(got: list[list[int]], truth_ids: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b.tolist())) / 10 for a, b in zip(got, truth_ids[:, :10], strict=True)]))
 
 
+def sweep_points(args: argparse.Namespace) -> list[tuple[int, int, int]]:
+    """--nprobe-sweep N,... and --sweep NPROBE:CANDIDATES:RERANK,... as (nprobe, candidates, rerank)."""
+    points = [(int(v), args.candidates, args.rerank) for v in args.nprobe_sweep.split(",") if v]
+    for item in (v for v in args.sweep.split(",") if v):
+        nprobe, cand, rerank = (int(x) for x in item.split(":"))
+        points.append((nprobe, cand, rerank))
+    return points
+
+
 def pct(a: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(a) * 1000, q))
 
@@ -350,17 +373,19 @@ def part_a(args: argparse.Namespace, work: Path) -> tuple[str, dict]:
     policy = policy_from(args)
     print(f"(a) {len(models)} models x {args.n:,} vectors, {args.queries} queries; {policy}", flush=True)
     t0 = time.perf_counter()
-    truth = build(specs, home, policy, q_of)
-    make_db(home / "etsy_data.db", args.n)
+    truth = build(specs, home, policy, q_of, args.reuse)
+    if not (args.reuse and (home / "etsy_data.db").exists()):
+        make_db(home / "etsy_data.db", args.n)
     print(f"  built all in {time.perf_counter() - t0:.0f} s", flush=True)
     job = search_job(specs, home, work, "a", q_of, policy)
     exact = [fuse_exact(truth, j) for j in range(args.queries)]
-    for nprobe in [int(v) for v in args.nprobe_sweep.split(",") if v]:  # the same indexes, other nprobe
-        swept = run_search_process("serve-ensemble", {**job, "policy": {**policy.__dict__, "nprobe": nprobe}}, work)
+    for nprobe, cand, rerank in sweep_points(args):  # the same indexes, searched with other settings
+        other = {**policy.__dict__, "nprobe": nprobe, "candidates": cand, "rerank": rerank}
+        swept = run_search_process("serve-ensemble", {**job, "policy": other}, work)
         per = [_own_recall(got, truth[m][1]) for m, got in swept["per_model"].items()]
         fused = np.mean([len(set(t) & set(e)) / 10 for t, e in zip(swept["tops"], exact, strict=True)])
         print(
-            f"  nprobe {nprobe}: ensemble p50 {pct(swept['times'], 50):.1f} ms, p95 {pct(swept['times'], 95):.1f} ms, "
+            f"  nprobe {nprobe}, candidates {cand}, rerank {rerank}: ensemble p50 {pct(swept['times'], 50):.1f} ms, p95 {pct(swept['times'], 95):.1f} ms, "
             f"fused recall@10 {fused:.3f}; each model's recall@10 {min(per):.3f}-{max(per):.3f}; "
             f"load {os.getloadavg()[0]:.1f}",
             flush=True,
@@ -400,7 +425,7 @@ def part_b(args: argparse.Namespace, work: Path) -> tuple[str, float, float]:
     policy = policy_from(args)
     print(f"(b) {model} x {n:,} vectors, {args.big_queries} queries; {policy}", flush=True)
     t0 = time.perf_counter()
-    truth = build(specs, home, policy, q)
+    truth = build(specs, home, policy, q, args.reuse)
     print(f"  built in {time.perf_counter() - t0:.0f} s", flush=True)
     job = search_job(specs, home, work, "b", q, policy)
     r = run_search_process("serve-single", job, work)
@@ -433,12 +458,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--nprobe-sweep", default="", help="part (a): also search the built indexes at these nprobe (comma-separated)"
     )
+    ap.add_argument(
+        "--sweep", default="", help="part (a): also search the built indexes at NPROBE:CANDIDATES:RERANK,... settings"
+    )
     ap.add_argument("--candidates", type=int, default=d.candidates, help="fast-scan candidates refined in memory")
     ap.add_argument("--rerank", type=int, default=d.rerank, help="refined best re-scored exactly from disk")
     ap.add_argument("--train-sample", type=int, default=d.train_sample)
     ap.add_argument("--threads", type=int, default=2, help="build threads (search runs single-threaded)")
     ap.add_argument("--work", default=str(ROOT / ".bench_search"), help="scratch directory (deleted at the end)")
     ap.add_argument("--keep", action="store_true", help="keep --work")
+    ap.add_argument(
+        "--reuse", action="store_true", help="search the indexes a kept --work already holds for the same data"
+    )
     ap.add_argument("--serve-ensemble", help=argparse.SUPPRESS)
     ap.add_argument("--serve-single", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -448,8 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         return serve_single(Path(args.serve_single))
     faiss.omp_set_num_threads(args.threads)
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if not args.reuse:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     print(f"bench/search.py: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
     try:
         line_a, a = part_a(args, work) if args.n else (None, None)
