@@ -208,6 +208,7 @@ def policy_from(args: argparse.Namespace) -> IndexPolicy:
         nprobe=args.nprobe,
         candidates=args.candidates,
         rerank=args.rerank,
+        complete=args.complete,
         train_sample=args.train_sample,
     )
 
@@ -348,12 +349,13 @@ def _own_recall(got: list[list[int]], truth_ids: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b.tolist())) / 10 for a, b in zip(got, truth_ids[:, :10], strict=True)]))
 
 
-def sweep_points(args: argparse.Namespace) -> list[tuple[int, int, int]]:
-    """--nprobe-sweep N,... and --sweep NPROBE:CANDIDATES:RERANK,... as (nprobe, candidates, rerank)."""
-    points = [(int(v), args.candidates, args.rerank) for v in args.nprobe_sweep.split(",") if v]
+def sweep_points(args: argparse.Namespace) -> list[tuple[int, int, int, int]]:
+    """--nprobe-sweep N,... and --sweep NPROBE:CANDIDATES:RERANK[:COMPLETE],... as (nprobe, candidates,
+    rerank, complete)."""
+    points = [(int(v), args.candidates, args.rerank, args.complete) for v in args.nprobe_sweep.split(",") if v]
     for item in (v for v in args.sweep.split(",") if v):
-        nprobe, cand, rerank = (int(x) for x in item.split(":"))
-        points.append((nprobe, cand, rerank))
+        vals = [int(x) for x in item.split(":")]
+        points.append((vals[0], vals[1], vals[2], vals[3] if len(vals) > 3 else args.complete))
     return points
 
 
@@ -379,13 +381,13 @@ def part_a(args: argparse.Namespace, work: Path) -> tuple[str, dict]:
     print(f"  built all in {time.perf_counter() - t0:.0f} s", flush=True)
     job = search_job(specs, home, work, "a", q_of, policy)
     exact = [fuse_exact(truth, j) for j in range(args.queries)]
-    for nprobe, cand, rerank in sweep_points(args):  # the same indexes, searched with other settings
-        other = {**policy.__dict__, "nprobe": nprobe, "candidates": cand, "rerank": rerank}
+    for nprobe, cand, rerank, head in sweep_points(args):  # the same indexes, searched with other settings
+        other = {**policy.__dict__, "nprobe": nprobe, "candidates": cand, "rerank": rerank, "complete": head}
         swept = run_search_process("serve-ensemble", {**job, "policy": other}, work)
         per = [_own_recall(got, truth[m][1]) for m, got in swept["per_model"].items()]
         fused = np.mean([len(set(t) & set(e)) / 10 for t, e in zip(swept["tops"], exact, strict=True)])
         print(
-            f"  nprobe {nprobe}, candidates {cand}, rerank {rerank}: ensemble p50 {pct(swept['times'], 50):.1f} ms, p95 {pct(swept['times'], 95):.1f} ms, "
+            f"  nprobe {nprobe}, candidates {cand}, rerank {rerank}, exact head {head}: ensemble p50 {pct(swept['times'], 50):.1f} ms, p95 {pct(swept['times'], 95):.1f} ms, "
             f"fused recall@10 {fused:.3f}; each model's recall@10 {min(per):.3f}-{max(per):.3f}; "
             f"load {os.getloadavg()[0]:.1f}",
             flush=True,
@@ -459,10 +461,15 @@ def main(argv: list[str] | None = None) -> int:
         "--nprobe-sweep", default="", help="part (a): also search the built indexes at these nprobe (comma-separated)"
     )
     ap.add_argument(
-        "--sweep", default="", help="part (a): also search the built indexes at NPROBE:CANDIDATES:RERANK,... settings"
+        "--sweep",
+        default="",
+        help="part (a): also search the built indexes at NPROBE:CANDIDATES:RERANK[:COMPLETE],... settings",
     )
     ap.add_argument("--candidates", type=int, default=d.candidates, help="fast-scan candidates refined in memory")
     ap.add_argument("--rerank", type=int, default=d.rerank, help="refined best re-scored exactly from disk")
+    ap.add_argument(
+        "--complete", type=int, default=d.complete, help="fused head re-scored exactly in every model (0: off)"
+    )
     ap.add_argument("--train-sample", type=int, default=d.train_sample)
     ap.add_argument("--threads", type=int, default=2, help="build threads (search runs single-threaded)")
     ap.add_argument("--work", default=str(ROOT / ".bench_search"), help="scratch directory (deleted at the end)")

@@ -123,10 +123,17 @@ def test_a_big_tail_is_folded_into_the_index_without_retraining(tmp_path: Path) 
     q = clustered(40, seed=11)
     assert recall(m.search(q, 10)[1], exact_top(np.vstack([x, new]), np.arange(3600), q, 10)) >= 0.95
     assert m.search(new[7], 1)[1][0, 0] == 3007
+    # exact scores by gid reach rows of both the build and the append, and say NaN for a gid not held
+    probe = np.array([3007, 5, 10**9], dtype=np.int64)
+    got = m.exact_by_gid(new[7], probe)
+    ref = np.vstack([new[7], x[5]]).astype(np.float16).astype(np.float32) @ new[7]
+    np.testing.assert_allclose(got[:2], ref, rtol=1e-5)
+    assert np.isnan(got[2])
     names = {p.name for p in (cache_dir(tmp_path) / stamp["dir"]).iterdir()}
     assert names == {
         "ivf.2.faiss",
         "sorted.2.npy",
+        "order.2.npy",
         "refine.npy",
         "refine.bin",
         "vec16.bin",

@@ -55,8 +55,9 @@ class IndexPolicy:
     nlist: int = 0  # 0: about 2*sqrt(n) lists
     pq_m: int = 64  # PQ bytes per vector
     nprobe: int = 256  # many lists: the synthetic topics spread neighbours over cells; fast-scan makes it cheap
-    candidates: int = 1000  # fast-scan candidates re-scored by the refinement PQ (at least the k asked for)
+    candidates: int = 2000  # fast-scan candidates re-scored by the refinement PQ (at least the k asked for)
     rerank: int = 100  # refined best re-scored exactly from the fp16 vectors on disk
+    complete: int = 60  # the ensemble's head: listings whose every photo is re-scored exactly in every model
     refine_m: int = 128  # refinement PQ bytes per vector
     train_sample: int = 131_072
     tail_merge: int = 20_000
@@ -70,6 +71,7 @@ class IndexPolicy:
             nprobe=settings.get_int("SEARCH_NPROBE", cls.nprobe),
             candidates=settings.get_int("SEARCH_CANDIDATES", cls.candidates),
             rerank=settings.get_int("SEARCH_RERANK", cls.rerank),
+            complete=settings.get_int("SEARCH_COMPLETE", cls.complete),
             refine_m=settings.get_int("SEARCH_REFINE_M", cls.refine_m),
             train_sample=settings.get_int("SEARCH_TRAIN_SAMPLE", cls.train_sample),
             tail_merge=settings.get_int("SEARCH_TAIL_MERGE", cls.tail_merge),
@@ -188,6 +190,21 @@ class ModelIndex:
         if self.tail is None or self.tail.ntotal == 0:
             return res
         return _merge(res, self.tail.search(q, k), k)
+
+    def exact_by_gid(self, query: np.ndarray, gids: np.ndarray) -> np.ndarray | None:
+        """Exact scores of one query with these gids' vectors (NaN where not held), for the ensemble's exact
+        re-scoring of its head (completion.py). None where the search is exact already (nothing to correct)."""
+        if self.kind != "ivfpq" or not isinstance(self.main, ivfpq.CompressedIndex):
+            return None
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
+        out = self.main.exact_by_gid(q, gids)
+        if self.tail is not None and self.tail.ntotal:
+            for i in np.flatnonzero(np.isnan(out)):
+                try:
+                    out[i] = float(self.tail.reconstruct(int(gids[i])) @ q)
+                except RuntimeError:  # not in the tail either
+                    continue
+        return out
 
     def describe(self) -> dict:
         return {

@@ -3,7 +3,7 @@ exact re-ranking of the very best from fp16 vectors read from disk.
 
 Why this shape (issue 15: 10M images x 5 models on a 16-32 GB Mac), in three stages per query:
 1. Candidates: FAISS IndexIVFPQFastScan (inner product, `m` bytes = 2m four-bit sub-quantizers, 8-byte row id
-   per vector in its inverted list), `nprobe` lists probed, the best `candidates` (default 1000) kept. 4-bit
+   per vector in its inverted list), `nprobe` lists probed, the best `candidates` (default 2000) kept. 4-bit
    codes scanned with SIMD were measured 3.5-17x faster than plain IVFPQ, so a query can probe many lists.
 2. Refinement in memory: the candidates are re-scored with a finer product quantizer (`refine_m` bytes, 8 bits
    per sub-quantizer: 128 B at every dimension): FAISS's IndexRefine with an IndexPQ as the refining index,
@@ -23,10 +23,11 @@ exact product (n x nlist x dim) would be too slow.
 Files, all under `search_cache/`: `{name}.ivf.json` (the stamp: source + generation + rows + which files),
 and the directory it names, `{name}.<token>/` with `ivf.<v>.faiss`, `refine.npy` (the refining PQ's
 codebook), `refine.bin` (its codes, row order), `vec16.bin`, `gids.bin` (row -> gid), `sorted.<v>.npy` (the
-gids sorted, for membership tests). A build writes a fresh hidden directory, renames it into place, then
-replaces the stamp: the stamp is the commit, so a kill -9 at any instant leaves the old index or the new one.
+gids sorted, for membership tests) and `order.<v>.npy` (the row of each sorted gid, for exact scores by gid;
+an index written before it existed computes it in memory). A build writes a fresh hidden directory, renames
+it into place, then replaces the stamp: the stamp is the commit, so a kill -9 at any instant leaves the old index or the new one.
 An incremental update appends rows to `refine.bin`/`vec16.bin`/`gids.bin` (beyond the stamp's `rows`, which
-readers never look past), writes a new `ivf.<v+1>`/`sorted.<v+1>`, then the stamp. An index of an earlier
+readers never look past), writes a new `ivf.<v+1>`/`sorted.<v+1>`/`order.<v+1>`, then the stamp. An index of an earlier
 format (`ivfpq-rerank-1`, no refinement codes) reads as absent: the model is scanned exactly meanwhile and
 the index rebuilt in the background.
 """
@@ -224,7 +225,7 @@ def collect_garbage(cache_dir: Path, name: str) -> None:
     for legacy in (f"{name}.hnsw.faiss", f"{name}.hnsw.json"):  # the HNSW caches this index replaces
         (Path(cache_dir) / legacy).unlink(missing_ok=True)
     if stamp:
-        live = {stamp["ivf"], stamp["sorted"], "refine.npy", *ROW_FILES}
+        live = {stamp["ivf"], stamp["sorted"], stamp.get("order"), "refine.npy", *ROW_FILES}
         for p in (Path(cache_dir) / keep).iterdir():
             if p.name not in live:
                 p.unlink(missing_ok=True)
@@ -319,7 +320,9 @@ def build(
     all_gids = np.concatenate(gid_parts) if gid_parts else np.empty(0, np.int64)
     index = faiss.IndexIVFPQFastScan(index)  # same codes, laid out for SIMD scanning (~5x faster here)
     _write_faiss(index, work / "ivf.1.faiss")
-    _write_npy(np.sort(all_gids), work / "sorted.1.npy")
+    order = np.argsort(all_gids, kind="stable")
+    _write_npy(all_gids[order], work / "sorted.1.npy")
+    _write_npy(order.astype(np.int64), work / "order.1.npy")
     _fsync_dir(work)
     final = cache_dir / f"{name}.{uuid.uuid4().hex[:12]}"
     os.rename(work, final)
@@ -339,6 +342,7 @@ def build(
         "dir": final.name,
         "ivf": "ivf.1.faiss",
         "sorted": "sorted.1.npy",
+        "order": "order.1.npy",
         "version": 1,
         "built_at": time.time(),
         "build_s": round(time.monotonic() - t0, 1),
@@ -389,11 +393,14 @@ def append(cache_dir: Path, name: str, gids: np.ndarray, vecs: np.ndarray, gener
             f.flush()
             os.fsync(f.fileno())
     v = int(stamp["version"]) + 1
-    old_sorted = np.load(d / stamp["sorted"])
+    all_gids = np.fromfile(d / "gids.bin", dtype=np.int64, count=rows + len(x))
+    order = np.argsort(all_gids, kind="stable")
     _write_faiss(index, d / f"ivf.{v}.faiss")
-    _write_npy(np.sort(np.concatenate([old_sorted, gids])), d / f"sorted.{v}.npy")
+    _write_npy(all_gids[order], d / f"sorted.{v}.npy")
+    _write_npy(order.astype(np.int64), d / f"order.{v}.npy")
     _fsync_dir(d)
     new = {**stamp, "rows": rows + len(x), "version": v, "ivf": f"ivf.{v}.faiss", "sorted": f"sorted.{v}.npy"}
+    new["order"] = f"order.{v}.npy"
     new["generation"] = int(generation)
     _commit_stamp(cache_dir, name, new, tmp_dir)
     collect_garbage(cache_dir, name)
@@ -419,7 +426,7 @@ def _pread_rows(fd: int, rows: np.ndarray, width: int) -> np.ndarray:
 class CompressedIndex:
     """An opened index: search returns (scores, gids); the best `rerank` carry exact inner products."""
 
-    def __init__(self, cache_dir: Path, stamp: dict, nprobe: int, rerank: int, candidates: int = 1000) -> None:
+    def __init__(self, cache_dir: Path, stamp: dict, nprobe: int, rerank: int, candidates: int = 2000) -> None:
         d = Path(cache_dir) / stamp["dir"]
         self.stamp = stamp
         self.dim = int(stamp["dim"])
@@ -437,6 +444,9 @@ class CompressedIndex:
             raise RuntimeError(f"{d / 'vec16.bin'} is shorter than the stamp's {self.rows} rows")
         self.gids = np.memmap(d / "gids.bin", dtype=np.int64, mode="r", shape=(self.rows,))
         self.sorted = np.load(d / stamp["sorted"], mmap_mode="r")
+        # row of each sorted gid (gid -> row for exact scores by gid); an index written before it existed
+        # computes it on first use, in memory
+        self._order = np.load(d / stamp["order"], mmap_mode="r") if stamp.get("order") else None
         self.nprobe = int(nprobe)
         self.rerank = max(1, int(rerank))
         self.n_candidates = int(candidates)
@@ -471,6 +481,28 @@ class CompressedIndex:
             return np.zeros(len(gids), bool)
         pos = np.minimum(np.searchsorted(self.sorted, gids), self.rows - 1)
         return np.asarray(self.sorted[pos]) == gids
+
+    def rows_of(self, gids: np.ndarray) -> np.ndarray:
+        """The row of each gid, -1 where the index does not hold it."""
+        gids = np.asarray(gids, dtype=np.int64)
+        if self.rows == 0 or len(gids) == 0:
+            return np.full(len(gids), -1, np.int64)
+        if self._order is None:
+            self._order = np.argsort(np.asarray(self.gids), kind="stable")
+        pos = np.minimum(np.searchsorted(self.sorted, gids), self.rows - 1)
+        hit = np.asarray(self.sorted[pos]) == gids
+        return np.where(hit, np.asarray(self._order[pos]), -1)
+
+    def exact_by_gid(self, q: np.ndarray, gids: np.ndarray) -> np.ndarray:
+        """Exact inner products of one query with these gids' vectors; NaN where the index lacks a gid."""
+        rows = self.rows_of(gids)
+        out = np.full(len(rows), np.nan, np.float32)
+        held = np.flatnonzero(rows >= 0)
+        if len(held):
+            order = np.argsort(rows[held], kind="stable")
+            got = self.exact(np.asarray(q, np.float32).reshape(-1), rows[held][order])
+            out[held[order]] = got
+        return out
 
     def refine(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Stages 1-2: (refined scores, rows) of the best k of `candidates` fast-scan candidates, per query."""

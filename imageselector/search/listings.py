@@ -56,6 +56,20 @@ def locate_gids(conn: sqlite3.Connection, gids: Iterable[int]) -> dict[int, tupl
     return out
 
 
+def listing_photos(conn: sqlite3.Connection, listing_ids: Iterable[int]) -> dict[int, list[tuple[int, int]]]:
+    """listing_id -> [(gid, image_id)] of every photo the database knows for these listings."""
+    ids = sorted({int(i) for i in listing_ids})
+    out: dict[int, list[tuple[int, int]]] = {}
+    for part in _chunks(ids):
+        marks = ",".join("?" * len(part))
+        for r in conn.execute(
+            f"SELECT listing_id, gid, image_id FROM image_status WHERE listing_id IN ({marks}) AND gid IS NOT NULL",
+            part,
+        ):
+            out.setdefault(int(r[0]), []).append((int(r[1]), int(r[2])))
+    return out
+
+
 def listing_cards(conn: sqlite3.Connection, listing_ids: Iterable[int]) -> dict[int, ListingCard]:
     """Title, latest price, shop and primary image of each listing (missing parts are None)."""
     ids = list(dict.fromkeys(int(i) for i in listing_ids))

@@ -31,6 +31,7 @@ from imageselector.fusion import DEFAULT_RRF_K, Fused, aggregate_max, load_weigh
 from imageselector.imagecheck import check_image
 from imageselector.search import copies
 from imageselector.search import listings as catalog
+from imageselector.search.completion import complete_head
 from imageselector.search.detail import listing_detail
 from imageselector.search.files import read_image_file
 from imageselector.search.indexes import TEXT_INDEXES, IndexPolicy, IndexSet
@@ -411,7 +412,11 @@ class SearchService:
         weights = {name: weight_for(weights_raw, name) for name in per_model}
         if all(w == 0 for w in weights.values()):
             raise SearchError("every chosen model has weight 0: give at least one a positive weight")
-        fused = rrf_fuse(per_model, weights, self.rrf_k)[:k]
+        fused = rrf_fuse(per_model, weights, self.rrf_k)
+        head = self.indexes.policy.complete
+        if head > 0:
+            fused = self._complete_head(fused, per_model, raw, queries, weights, where, conn, per_model_k, head)
+        fused = fused[:k]
         cards = catalog.listing_cards(conn, [f.listing_id for f in fused])
         results = []
         for rank, f in enumerate(fused, start=1):
@@ -460,6 +465,42 @@ class SearchService:
                 "total": round((t_enc + time.monotonic() - t0) * 1000, 1),
             },
         }
+
+    def _complete_head(
+        self,
+        fused: list[Fused],
+        per_model: dict,
+        raw: dict[str, tuple[np.ndarray, np.ndarray]],
+        queries: dict[str, np.ndarray],
+        weights: dict[str, float],
+        where: dict[int, tuple[int, int]],
+        conn: sqlite3.Connection,
+        per_model_k: int,
+        head: int,
+    ) -> list[Fused]:
+        """completion.py: the fused head re-scored exactly in every compressed model (`where` learns the gids of
+        the photos it reads, so the cards can name the photo that matched)."""
+        exact, floors = {}, {}
+        for name, (scores, ids) in raw.items():
+            idx = self.indexes.get(name)
+            if name.endswith("_text") or idx is None or idx.kind != "ivfpq":
+                continue
+            vec = queries[name]
+            exact[name] = lambda gids, idx=idx, vec=vec: idx.exact_by_gid(vec, gids)
+            held = scores[ids >= 0]
+            floors[name] = float(held[-1]) if len(held) >= per_model_k else -np.inf
+
+        def photos_of(listing_ids: Sequence[int]) -> dict[int, list[int]]:
+            found = catalog.listing_photos(conn, listing_ids)
+            for lid, photos in found.items():
+                for gid, image_id in photos:
+                    where[gid] = (lid, image_id)
+            return {lid: [gid for gid, _ in photos] for lid, photos in found.items()}
+
+        if not exact:
+            return fused
+        fused, _ = complete_head(fused, per_model, floors, exact, photos_of, head, weights, self.rrf_k)
+        return fused
 
     # ---------------------------------------------------------------- uploads, detail, copies
     def upload(self, data: bytes) -> tuple[str, Image.Image]:
