@@ -16,7 +16,8 @@ The test, `copy_score(a, b)`:
   cross-correlation over the pixels both masks keep is computed at once with FFTs (Padfield, "Masked
   object registration in the Fourier domain", 2012), over luminance and two chroma channels together (a
   flat-coloured logo has little luminance structure). The template's transforms are cached per size.
-- Fine check at `FINE_SIDE` px around the best alignment (a pixel and `FINE_SCALES` of scale either way):
+- Fine check at `FINE_SIDE` px around the best alignments (`FINE_SHIFT` pixels and `FINE_SCALES` of scale
+  either way, the coarse step's own uncertainty):
   masked colour correlation minus `COLOUR_PENALTY` times the mean absolute colour difference, minus
   `MISMATCH_PENALTY` times the share of clearly different pixels, minus `CAST_PENALTY` times the colour
   cast (the largest per-channel difference of mean colours): the correlation alone would call a
@@ -40,7 +41,11 @@ from scipy.ndimage import binary_erosion
 SIDE = 48  # coarse alignment side: the FFT search runs here
 FINE_SIDE = 128  # the colour check's side: detail (stars, texture, edges) that 48 px blurs away
 FRACTIONS = tuple(np.round(np.linspace(0.7, 1.0, 13), 3))  # template width / image width
-FINE_SCALES = (0.985, 1.0, 1.015)
+# The fine check searches the coarse step's own uncertainty: one 48 px pixel is 2.7 px at 128 (shifts of up to
+# FINE_SHIFT), and consecutive FRACTIONS differ by 2.5-3.6 % (scales up to 2.5 % either way). With +-1 px and
+# +-1.5 %, a cut-out copy whose best coarse fraction fell between two steps scored 0.08 against its source.
+FINE_SCALES = (0.975, 0.9875, 1.0, 1.0125, 1.025)
+FINE_SHIFT = 2
 MIN_OVERLAP = 0.5  # share of the template's kept pixels that must be compared at a shift
 WHITE = 236  # a pixel at or above this on all channels counts as removed background (white fill)
 FINE_TRIES = 2  # coarse alignments checked at FINE_SIDE
@@ -241,8 +246,8 @@ def _fine(tpl: Thumb, img: Thumb, frac: float, fx: float, fy: float) -> Parts:
         h = max(4, round(w * t.size[1] / t.size[0]))
         rt = _resize(t, w, h)
         cx, cy = round(fx * iw - (ds - 1) * w / 2), round(fy * ih - (ds - 1) * h / 2)
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
+        for dy in range(-FINE_SHIFT, FINE_SHIFT + 1):
+            for dx in range(-FINE_SHIFT, FINE_SHIFT + 1):
                 ncc, drift, mism, cast = _colour_ncc(rt.rgb, rt.mask, i, cx + dx, cy + dy)
                 score = ncc - COLOUR_PENALTY * drift - MISMATCH_PENALTY * mism - CAST_PENALTY * cast
                 best = max(best, (score, ncc, drift, mism, cast))
