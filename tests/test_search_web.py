@@ -250,8 +250,10 @@ def test_page_end_to_end_in_chromium(server: str, search_home: SearchHome, tmp_p
             chooser.value.set_files(str(copy_of(photo, tmp_path / "stolen.jpg")))
             expect(page).to_have_url(re.compile(r"copies=upload%3A[0-9a-f]{64}"), timeout=60_000)
             card = page.locator(f"#results .card[data-listing-id='{listing}']")
+            # the copies answer replaces the cards: wait for it (the previous search's card of the same listing
+            # and photo is already there, so the attribute alone does not prove the copies answer arrived)
+            expect(card.locator(".score")).to_contain_text("copy score", timeout=60_000)
             expect(card).to_have_attribute("data-matched-image-id", str(matched), timeout=60_000)
-            expect(card.locator(".score")).to_contain_text("copy score")
             expect(page.locator("#meta")).to_contain_text("reuse the photo")
             page.screenshot(path=str(shots / "copies.png"))
 
