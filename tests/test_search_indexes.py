@@ -107,6 +107,11 @@ def test_a_freshly_flushed_vector_is_found_without_a_rebuild(tmp_path: Path) -> 
     assert m.kind == "ivfpq" and m.describe()["tail"] == 150 and m.count == 3150 and not m.needs_build
     _, ids = m.search(new[42], 3)
     assert ids[0, 0] == 3042  # found, from the exact tail
+    # the ensemble's exact head scores by gid in the index (fp16 on disk) and in the tail (fp32 in memory)
+    got = m.exact_by_gid(new[42], np.array([3042, 7, 99_999], dtype=np.int64))
+    np.testing.assert_allclose(got[0], float(new[42] @ new[42]), rtol=1e-6)
+    np.testing.assert_allclose(got[1], float(x[7].astype(np.float16).astype(np.float32) @ new[42]), rtol=1e-5)
+    assert np.isnan(got[2])
     assert ivfpq.read_stamp(cache_dir(tmp_path), "dinov2_base") == stamp_before  # no rebuild happened
 
 
