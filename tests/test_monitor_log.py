@@ -41,8 +41,15 @@ def _guide_start_command() -> str:
     return cmd.replace("scripts/pipeline_monitor.py", shlex.quote(str(ROOT / "scripts" / "pipeline_monitor.py")))
 
 
+def _read_or_empty(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:  # rotated away between the glob and the read (the rotation this test provokes)
+        return ""
+
+
 def _chatty_pid(home: Path) -> int | None:
-    text = "".join(p.read_text() for p in home.glob("chatty.log*"))
+    text = "".join(_read_or_empty(p) for p in home.glob("chatty.log*"))
     found = re.findall(r"chatty (\d+) done", text)
     return int(found[-1]) if found else None
 
