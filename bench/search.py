@@ -20,6 +20,9 @@ one. Generated data and indexes live under --work and are deleted at the end (--
 
     venv/bin/python bench/search.py                          # both parts (about an hour on 2 busy cores)
     venv/bin/python bench/search.py --n 200000 --big-n 0     # a quick check of part (a) only
+    venv/bin/python bench/search.py --big-n 0 --keep --work W                 # build once and keep it, then
+    venv/bin/python bench/search.py --big-n 0 --keep --work W --reuse \
+        --sweep 256:1000:100:0,256:2000:100:60        # search it at other NPROBE:CANDIDATES:RERANK[:HEAD]
 """
 
 from __future__ import annotations
