@@ -14,7 +14,8 @@ import sqlite3
 import stat
 from pathlib import Path
 
-from imageselector.layout import backup_roots, locate_image
+from imageselector.layout import backup_roots
+from imageselector.search.listings import image_file
 
 MAX_FILE_BYTES = 64 << 20
 
@@ -30,12 +31,7 @@ def image_roots(settings, conn: sqlite3.Connection | None) -> list[str]:  # type
 
 def read_image_file(settings, conn: sqlite3.Connection, listing_id: int, image_id: int) -> bytes | None:  # type: ignore[no-untyped-def]
     """The bytes of a catalogued photo, or None (not catalogued, not on disk, or not a safe regular file)."""
-    row = conn.execute(
-        "SELECT 1 FROM image_status WHERE listing_id=? AND image_id=?", (int(listing_id), int(image_id))
-    ).fetchone()
-    if row is None:
-        return None
-    path = locate_image(settings, (int(listing_id), int(image_id)), conn)
+    path = image_file(settings, conn, listing_id, image_id)  # catalogued and located, or None
     if path is None:
         return None
     return read_inside(Path(path), image_roots(settings, conn))

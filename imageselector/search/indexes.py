@@ -317,9 +317,9 @@ def update_index(
     tmp.mkdir(parents=True, exist_ok=True)
     stamp = ivfpq.read_stamp(cdir, name)
     if not rebuild and stamp is not None and stamp.get("source") == snap.source and stamp["dim"] == snap.dim:
-        main = policy.open_compressed(cdir, stamp)
-        tail = _load_tail(snap, int(stamp["generation"]), main.contains)
-        if _removed(snap, int(stamp["generation"]), main.rows + int(tail.ntotal)) <= 0:  # fold the tail in
+        held = ivfpq.HeldGids(cdir, stamp)  # membership only: the codes a search needs are not loaded here
+        tail = _load_tail(snap, int(stamp["generation"]), held.contains)
+        if _removed(snap, int(stamp["generation"]), held.rows + int(tail.ntotal)) <= 0:  # fold the tail in
             if tail.ntotal == 0:
                 return 0
             vecs = tail.index.reconstruct_n(0, tail.ntotal) if tail.ntotal else None

@@ -423,6 +423,40 @@ def _pread_rows(fd: int, rows: np.ndarray, width: int) -> np.ndarray:
     return np.frombuffer(out, dtype=np.uint8).reshape(len(rows), width)
 
 
+class HeldGids:
+    """Which gids a committed index holds, and their rows: the memory-mapped `gids.bin`, `sorted.<v>.npy` and
+    `order.<v>.npy` (an index written before `order` existed sorts the gids in memory on first use). The
+    builder checks membership with this alone, without loading the codes a search needs."""
+
+    def __init__(self, cache_dir: Path, stamp: dict) -> None:
+        d = Path(cache_dir) / stamp["dir"]
+        self.rows = int(stamp["rows"])
+        self.gids = np.memmap(d / "gids.bin", dtype=np.int64, mode="r", shape=(self.rows,))
+        self.sorted = np.load(d / stamp["sorted"], mmap_mode="r")
+        self._order = np.load(d / stamp["order"], mmap_mode="r") if stamp.get("order") else None
+
+    def _positions(self, gids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.minimum(np.searchsorted(self.sorted, gids), self.rows - 1)
+        return pos, np.asarray(self.sorted[pos]) == gids
+
+    def contains(self, gids: np.ndarray) -> np.ndarray:
+        """Which of these gids the index holds (binary search in the sorted gids)."""
+        gids = np.asarray(gids, dtype=np.int64)
+        if self.rows == 0 or len(gids) == 0:
+            return np.zeros(len(gids), bool)
+        return self._positions(gids)[1]
+
+    def rows_of(self, gids: np.ndarray) -> np.ndarray:
+        """The row of each gid, -1 where the index does not hold it."""
+        gids = np.asarray(gids, dtype=np.int64)
+        if self.rows == 0 or len(gids) == 0:
+            return np.full(len(gids), -1, np.int64)
+        if self._order is None:
+            self._order = np.argsort(np.asarray(self.gids), kind="stable")
+        pos, hit = self._positions(gids)
+        return np.where(hit, np.asarray(self._order[pos]), -1)
+
+
 class CompressedIndex:
     """An opened index: search returns (scores, gids); the best `rerank` carry exact inner products."""
 
@@ -442,11 +476,8 @@ class CompressedIndex:
         self._vec_file = open(d / "vec16.bin", "rb")  # noqa: SIM115 - held for the life of the index
         if os.fstat(self._vec_file.fileno()).st_size < self.rows * 2 * self.dim:
             raise RuntimeError(f"{d / 'vec16.bin'} is shorter than the stamp's {self.rows} rows")
-        self.gids = np.memmap(d / "gids.bin", dtype=np.int64, mode="r", shape=(self.rows,))
-        self.sorted = np.load(d / stamp["sorted"], mmap_mode="r")
-        # row of each sorted gid (gid -> row for exact scores by gid); an index written before it existed
-        # computes it on first use, in memory
-        self._order = np.load(d / stamp["order"], mmap_mode="r") if stamp.get("order") else None
+        self.held = HeldGids(cache_dir, stamp)
+        self.gids = self.held.gids
         self.nprobe = int(nprobe)
         self.rerank = max(1, int(rerank))
         self.n_candidates = int(candidates)
@@ -475,27 +506,11 @@ class CompressedIndex:
             self.close()
 
     def contains(self, gids: np.ndarray) -> np.ndarray:
-        """Which of these gids the index holds (binary search in the memory-mapped sorted gids)."""
-        gids = np.asarray(gids, dtype=np.int64)
-        if self.rows == 0 or len(gids) == 0:
-            return np.zeros(len(gids), bool)
-        pos = np.minimum(np.searchsorted(self.sorted, gids), self.rows - 1)
-        return np.asarray(self.sorted[pos]) == gids
-
-    def rows_of(self, gids: np.ndarray) -> np.ndarray:
-        """The row of each gid, -1 where the index does not hold it."""
-        gids = np.asarray(gids, dtype=np.int64)
-        if self.rows == 0 or len(gids) == 0:
-            return np.full(len(gids), -1, np.int64)
-        if self._order is None:
-            self._order = np.argsort(np.asarray(self.gids), kind="stable")
-        pos = np.minimum(np.searchsorted(self.sorted, gids), self.rows - 1)
-        hit = np.asarray(self.sorted[pos]) == gids
-        return np.where(hit, np.asarray(self._order[pos]), -1)
+        return self.held.contains(gids)
 
     def exact_by_gid(self, q: np.ndarray, gids: np.ndarray) -> np.ndarray:
         """Exact inner products of one query with these gids' vectors; NaN where the index lacks a gid."""
-        rows = self.rows_of(gids)
+        rows = self.held.rows_of(gids)
         out = np.full(len(rows), np.nan, np.float32)
         held = np.flatnonzero(rows >= 0)
         if len(held):
