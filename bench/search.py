@@ -433,9 +433,18 @@ def part_b(args: argparse.Namespace, work: Path) -> tuple[str, float, float]:
     truth = build(specs, home, policy, q, args.reuse)
     print(f"  built in {time.perf_counter() - t0:.0f} s", flush=True)
     job = search_job(specs, home, work, "b", q, policy)
-    r = run_search_process("serve-single", job, work)
     gt = truth[model][1][:, :10]
-    rec = float(np.mean([len(set(a) & set(b.tolist())) / 10 for a, b in zip(r["ids"], gt, strict=True)]))
+    for nprobe, cand, rerank, _ in sweep_points(args):  # the same index, searched with other settings
+        other = {**policy.__dict__, "nprobe": nprobe, "candidates": cand, "rerank": rerank}
+        swept = run_search_process("serve-single", {**job, "policy": other}, work)
+        print(
+            f"  nprobe {nprobe}, candidates {cand}, rerank {rerank}: p50 {pct(swept['times'], 50):.1f} ms, "
+            f"p95 {pct(swept['times'], 95):.1f} ms, recall@10 {_own_recall(swept['ids'], gt):.3f}; "
+            f"load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+    r = run_search_process("serve-single", job, work)
+    rec = _own_recall(r["ids"], gt)
     bpv = (r["opened"]["RssAnon"] - r["base"]["RssAnon"]) * 1024 / n
     stamp = json.loads((home / "embeddings/search_cache" / f"{model}.ivf.json").read_text())
     files = home / "embeddings/search_cache" / stamp["dir"]
@@ -461,12 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--m", type=int, default=d.pq_m, help="PQ bytes per vector")
     ap.add_argument("--nprobe", type=int, default=d.nprobe)
     ap.add_argument(
-        "--nprobe-sweep", default="", help="part (a): also search the built indexes at these nprobe (comma-separated)"
+        "--nprobe-sweep", default="", help="also search the built indexes at these nprobe (comma-separated)"
     )
     ap.add_argument(
         "--sweep",
         default="",
-        help="part (a): also search the built indexes at NPROBE:CANDIDATES:RERANK[:COMPLETE],... settings",
+        help="also search the built indexes at NPROBE:CANDIDATES:RERANK[:COMPLETE],... settings (part (b) ignores COMPLETE)",
     )
     ap.add_argument("--candidates", type=int, default=d.candidates, help="fast-scan candidates refined in memory")
     ap.add_argument("--rerank", type=int, default=d.rerank, help="refined best re-scored exactly from disk")

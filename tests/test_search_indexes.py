@@ -231,6 +231,71 @@ def test_an_index_of_the_earlier_format_is_scanned_and_rebuilt(tmp_path: Path) -
     assert s2.build_caches() == {"dinov2_base": 3000} and s2.get("dinov2_base").kind == "ivfpq"
 
 
+def topics_and_subspace(n: int, dim: int = 1024, topics: int = 800, rank: int = 64, seed: int = 0) -> np.ndarray:
+    """bench/search.py's catalogue in small: topics spread over every dimension, each photo's variation in one
+    shared low-rank subspace (so the top principal components hold the variation, not the topic)."""
+    rng = np.random.default_rng(seed)
+    t = rng.standard_normal((topics, dim)).astype(np.float32)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    basis = rng.standard_normal((rank, dim)).astype(np.float32) / np.sqrt(dim)
+    z = rng.standard_normal((n, rank)).astype(np.float32) / np.sqrt(rank)
+    iso = 0.15 * rng.standard_normal((n, dim)).astype(np.float32) / np.sqrt(dim)
+    x = t[rng.integers(0, topics, n)] + z @ basis + iso
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_every_vector_sits_in_its_exact_nearest_list(tmp_path: Path) -> None:
+    """1024-d vectors in >= 1024 lists, on the data where the PCA-128 shortlist that chose lists until
+    2026-11-30 misplaced 6% of them (a query then never probes their list)."""
+    n, nlist = 16_000, 1024
+    x = topics_and_subspace(n)
+    params = ivfpq.BuildParams(nlist=nlist, m=16, refine_m=16, train_sample=n, kmeans_iters=2)
+    stamp = ivfpq.build(_ArraySnapshot(x), "wide", tmp_path, params, tmp_path)
+    assert stamp is not None and stamp["assign"] == "exact" and stamp["nlist"] == nlist
+    index = faiss.read_index(str(tmp_path / stamp["dir"] / stamp["ivf"]))  # owns what extract_index_ivf returns
+    ivf = faiss.extract_index_ivf(index)
+    centroids = ivf.quantizer.reconstruct_n(0, nlist)
+    list_of = np.full(n, -1, np.int64)
+    for lst in range(nlist):
+        size = ivf.invlists.list_size(lst)
+        if size:
+            list_of[faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), size).copy()] = lst
+    assert np.array_equal(list_of, np.argmax(x @ centroids.T, axis=1))
+
+
+class _ArraySnapshot:
+    """The read contract of snapshots.py over an array in memory (gid = row)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x, self.dim, self.count, self.generation, self.source = x, x.shape[1], len(x), 1, "test:array"
+
+    def iter_chunks(self, chunk: int = 65536, since_generation: int | None = None):  # type: ignore[no-untyped-def]
+        for s in range(0, self.count, chunk):
+            yield np.arange(s, min(s + chunk, self.count), dtype=np.int64), self.x[s : s + chunk]
+
+
+def test_an_index_with_shortlisted_lists_serves_while_it_is_rebuilt(tmp_path: Path) -> None:
+    """A stamp without "assign": "exact" (lists chosen by the old PCA shortlist) is still searched, is rebuilt
+    whole rather than appended to, and the rebuilt stamp says exact."""
+    s, x = built(tmp_path)
+    cdir = cache_dir(tmp_path)
+    stamp = ivfpq.read_stamp(cdir, "dinov2_base")
+    old = {k: v for k, v in stamp.items() if k != "assign"}
+    ivfpq.stamp_path(cdir, "dinov2_base").write_text(json.dumps(old))
+    new = clustered(10, seed=12)  # a small tail: alone it would be appended
+    write_store(tmp_path, np.vstack([x, new]), np.arange(3010), version=2)
+    s2 = IndexSet(tmp_path, POLICY)
+    s2.refresh(force=True)
+    m = s2.get("dinov2_base")
+    assert m.kind == "ivfpq" and m.needs_build and m.rebuild and "PCA shortlist" in m.note
+    assert m.search(x[5], 1)[1][0, 0] == 5 and m.search(new[3], 1)[1][0, 0] == 3003
+    assert s2.build_caches() == {"dinov2_base": 3010}  # every row built afresh, not 10 appended
+    rebuilt = ivfpq.read_stamp(cdir, "dinov2_base")
+    assert rebuilt["assign"] == "exact" and rebuilt["version"] == 1 and rebuilt["dir"] != stamp["dir"]
+    assert not s2.get("dinov2_base").needs_build
+    assert update_index("dinov2_base", tmp_path, POLICY) == 0  # current now: nothing to do
+
+
 def _rss_kb(key: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():

@@ -271,6 +271,7 @@ def _with_tail(m: ModelIndex, snap, stamp: dict, policy: IndexPolicy) -> ModelIn
     main: ivfpq.CompressedIndex = m.main  # type: ignore[assignment]
     tail = _load_tail(snap, int(stamp["generation"]), main.contains)
     removed = _removed(snap, int(stamp["generation"]), main.rows + int(tail.ntotal))
+    outdated = ivfpq.needs_rebuild(stamp)
     note = (
         f"IVF-PQ nlist={stamp['nlist']} m={stamp['m']} refine_m={stamp.get('refine_m')} nprobe={policy.nprobe} "
         f"candidates={policy.candidates} rerank={policy.rerank}"
@@ -279,11 +280,13 @@ def _with_tail(m: ModelIndex, snap, stamp: dict, policy: IndexPolicy) -> ModelIn
         note += f" + {tail.ntotal} exact (not yet in the index)"
     if removed > 0:
         note += f"; {removed} vectors left the store since the build: rebuilding"
+    if outdated:
+        note += f"; {outdated}"
     return replace(
         m,
         tail=tail,
-        needs_build=removed > 0 or tail.ntotal >= policy.tail_merge,
-        rebuild=removed > 0,
+        needs_build=removed > 0 or bool(outdated) or tail.ntotal >= policy.tail_merge,
+        rebuild=removed > 0 or bool(outdated),
         note=note,
         key=(snap.generation, snap.source, snap.count, m.key[3], getattr(snap, "version", None)),
     )
@@ -316,7 +319,8 @@ def update_index(
     tmp = tmp_dir or Path(embeddings_dir).parent / ".tmp"  # the data home's .tmp
     tmp.mkdir(parents=True, exist_ok=True)
     stamp = ivfpq.read_stamp(cdir, name)
-    if not rebuild and stamp is not None and stamp.get("source") == snap.source and stamp["dim"] == snap.dim:
+    current = stamp is not None and stamp.get("source") == snap.source and stamp["dim"] == snap.dim
+    if not rebuild and current and not ivfpq.needs_rebuild(stamp):
         held = ivfpq.HeldGids(cdir, stamp)  # membership only: the codes a search needs are not loaded here
         tail = _load_tail(snap, int(stamp["generation"]), held.contains)
         if _removed(snap, int(stamp["generation"]), held.rows + int(tail.ntotal)) <= 0:  # fold the tail in
