@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     d = IndexPolicy()
     ap.add_argument("--nlist", type=int, default=d.nlist, help="IVF lists (0: auto)")
     ap.add_argument("--m", type=int, default=d.pq_m, help="PQ bytes per vector")
-    ap.add_argument("--nprobe", type=int, default=d.nprobe)
+    ap.add_argument("--nprobe", type=int, default=d.nprobe, help="lists probed (0: auto, ivfpq.auto_nprobe)")
     ap.add_argument(
         "--nprobe-sweep", default="", help="also search the built indexes at these nprobe (comma-separated)"
     )

@@ -263,6 +263,24 @@ def test_every_vector_sits_in_its_exact_nearest_list(tmp_path: Path) -> None:
     assert np.array_equal(list_of, np.argmax(x @ centroids.T, axis=1))
 
 
+def test_lists_grow_with_the_catalogue_and_probes_with_the_lists(tmp_path: Path) -> None:
+    """The documented sizes: 2*sqrt(n) lists up to ~1M vectors, ~n/512 beyond (16384 at 10M); 256 probes,
+    1/16 of the lists beyond 4096. An index opened with nprobe 0 probes its own lists' share."""
+    assert [ivfpq.auto_nlist(n) for n in (3000, 200_000, 1_000_000, 1_200_000, 4_000_000, 10_000_000)] == [
+        76,  # at most n/39 lists: faiss wants 39 training points per list
+        1024,
+        2048,
+        2048,
+        8192,
+        16384,
+    ]
+    assert ivfpq.auto_nlist(10**9) == ivfpq.NLIST_MAX
+    assert [ivfpq.auto_nprobe(k) for k in (64, 2048, 8192, 16384)] == [64, 256, 512, 1024]
+    s, _ = built(tmp_path)
+    stamp = ivfpq.read_stamp(cache_dir(tmp_path), "dinov2_base")
+    assert ivfpq.CompressedIndex(cache_dir(tmp_path), stamp, 0, 10).nprobe == min(stamp["nlist"], 256)
+
+
 class _ArraySnapshot:
     """The read contract of snapshots.py over an array in memory (gid = row)."""
 

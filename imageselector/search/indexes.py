@@ -52,9 +52,9 @@ class IndexPolicy:
     """When to build a compressed index and how to build/search it. Defaults measured by bench/search.py."""
 
     index_min: int = 50_000
-    nlist: int = 0  # 0: about 2*sqrt(n) lists
+    nlist: int = 0  # 0: chosen from the size (ivfpq.auto_nlist: 2048 at 1M vectors, 16384 at 10M)
     pq_m: int = 64  # PQ bytes per vector
-    nprobe: int = 256  # many lists: the synthetic topics spread neighbours over cells; fast-scan makes it cheap
+    nprobe: int = 0  # 0: ivfpq.auto_nprobe (256; 1/16 of the lists beyond 4096). Fast-scan makes many cheap
     candidates: int = 2000  # fast-scan candidates re-scored by the refinement PQ (at least the k asked for)
     rerank: int = 100  # refined best re-scored exactly from the fp16 vectors on disk
     complete: int = 60  # the ensemble's head: listings whose every photo is re-scored exactly in every model
@@ -273,7 +273,7 @@ def _with_tail(m: ModelIndex, snap, stamp: dict, policy: IndexPolicy) -> ModelIn
     removed = _removed(snap, int(stamp["generation"]), main.rows + int(tail.ntotal))
     outdated = ivfpq.needs_rebuild(stamp)
     note = (
-        f"IVF-PQ nlist={stamp['nlist']} m={stamp['m']} refine_m={stamp.get('refine_m')} nprobe={policy.nprobe} "
+        f"IVF-PQ nlist={stamp['nlist']} m={stamp['m']} refine_m={stamp.get('refine_m')} nprobe={main.nprobe} "
         f"candidates={policy.candidates} rerank={policy.rerank}"
     )
     if tail.ntotal:
