@@ -278,7 +278,9 @@ def test_lists_grow_with_the_catalogue_and_probes_with_the_lists(tmp_path: Path)
     assert [ivfpq.auto_nprobe(k) for k in (64, 2048, 8192, 16384)] == [64, 256, 512, 1024]
     s, _ = built(tmp_path)
     stamp = ivfpq.read_stamp(cache_dir(tmp_path), "dinov2_base")
-    assert ivfpq.CompressedIndex(cache_dir(tmp_path), stamp, 0, 10).nprobe == min(stamp["nlist"], 256)
+    assert [ivfpq.auto_candidates(p) for p in (256, 1024)] == [2000, 3072]
+    opened = ivfpq.CompressedIndex(cache_dir(tmp_path), stamp, 0, 10)
+    assert opened.nprobe == min(stamp["nlist"], 256) and opened.n_candidates == 2000
 
 
 class _ArraySnapshot:

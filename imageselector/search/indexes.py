@@ -55,7 +55,7 @@ class IndexPolicy:
     nlist: int = 0  # 0: chosen from the size (ivfpq.auto_nlist: 2048 at 1M vectors, 16384 at 10M)
     pq_m: int = 64  # PQ bytes per vector
     nprobe: int = 0  # 0: ivfpq.auto_nprobe (256; 1/16 of the lists beyond 4096). Fast-scan makes many cheap
-    candidates: int = 2000  # fast-scan candidates re-scored by the refinement PQ (at least the k asked for)
+    candidates: int = 0  # fast-scan candidates re-scored by the refinement PQ; 0: ivfpq.auto_candidates (2000+)
     rerank: int = 100  # refined best re-scored exactly from the fp16 vectors on disk
     complete: int = 60  # the ensemble's head: listings whose every photo is re-scored exactly in every model
     refine_m: int = 128  # refinement PQ bytes per vector
@@ -274,7 +274,7 @@ def _with_tail(m: ModelIndex, snap, stamp: dict, policy: IndexPolicy) -> ModelIn
     outdated = ivfpq.needs_rebuild(stamp)
     note = (
         f"IVF-PQ nlist={stamp['nlist']} m={stamp['m']} refine_m={stamp.get('refine_m')} nprobe={main.nprobe} "
-        f"candidates={policy.candidates} rerank={policy.rerank}"
+        f"candidates={main.n_candidates} rerank={policy.rerank}"
     )
     if tail.ntotal:
         note += f" + {tail.ntotal} exact (not yet in the index)"
