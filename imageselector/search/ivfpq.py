@@ -439,9 +439,11 @@ def _compact_quantizer(index: faiss.Index) -> faiss.Index:
     """Rank the lists with 8-bit centroids instead of float32 ones (swapped in at open; the file keeps float32).
 
     Every query reads all centroids: 64 MB at 16384 lists x 1024-d, 7.9 ms a query here, memory-bound, half
-    of part (b)'s whole search at 10M. 8-bit codes read a quarter of that; they only order the lists to
-    probe (the vectors' own scores do not use them), and appends still assign with the file's exact
-    centroids. Returns the new quantizer, which the caller keeps alive (the IVF no longer owns it)."""
+    of part (b)'s whole search at 10M. 8-bit codes read a quarter of that. They order the lists to probe and
+    give each list's offset (query . centroid) to its 4-bit candidate scores; the refinement and the exact
+    re-rank do not use them, and appends still assign with the file's float32 centroids. Measured at 10M:
+    the same recall@10 (0.949), p50 19.3 -> 14.4 ms. Returns the new quantizer, which the caller keeps
+    alive (the IVF no longer owns it)."""
     ivf = faiss.extract_index_ivf(index)
     centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
     sq = faiss.IndexScalarQuantizer(ivf.d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
