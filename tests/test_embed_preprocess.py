@@ -72,6 +72,46 @@ def test_fast_matches_reference_on_real_jpegs(standin_encoders: dict, tmp_path: 
         assert lo - 0.1 <= float(drafted.min()) and float(drafted.max()) <= hi + 0.1
 
 
+@pytest.mark.parametrize("resample", [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR])
+def test_torch_resize_gives_pils_pixels(resample: int) -> None:
+    """The fast path resamples in torch; the pixels are PIL's resize-then-crop (what open_clip runs) up to
+    rounding (1 grey level, 2 when upscaling), for landscape, portrait, upscaled and exact-size images, and for an exact-size (no crop) recipe."""
+    for geo in (
+        pp.Geometry(resample=resample, short=224, crop=(224, 224)),
+        pp.Geometry(resample=resample, size=(224, 224), crop_round=False),
+    ):
+        for i, size in enumerate([(570, 456), (456, 570), (300, 200), (224, 224), (120, 90)]):
+            img = photo(size, i)
+            rw, rh = geo.resized(*size)
+            ch, cw = geo.crop or (rh, rw)
+            top, left = geo._offset(rh - ch), geo._offset(rw - cw)
+            want = np.asarray(img.resize((rw, rh), resample).crop((left, top, left + cw, top + ch)))
+            got = geo.pixels(img)
+            assert got.dtype == torch.uint8 and got.shape == (3, ch, cw) and got.is_contiguous()
+            diff = np.abs(got.permute(1, 2, 0).numpy().astype(int) - want.astype(int))
+            assert diff.max() <= (1 if min(size) >= 224 else 2) and diff.mean() < 0.05, (geo, size)  # 2: upscaled
+
+
+def test_odd_sized_draft_keeps_the_photos_geometry(tmp_path: Path) -> None:
+    """A draft decode of an odd-sized JPEG has ceil(side / 2) pixels, the last half outside the photo. The
+    resize maps the photo's true extent (side / 2), as the PIL box path does, not the decode's pixel count,
+    which stretched the image by half a pixel and shifted the far edge."""
+    img = photo((570, 449), 7)
+    path = save(img, tmp_path / "odd.jpg", quality=95)
+    drafted = pp.decode(path, 224)
+    assert drafted.size == (285, 225) and drafted.info["full_size"] == (570, 449)
+    geo = pp.Geometry(resample=Image.Resampling.BICUBIC, short=224, crop=(224, 224))
+    got = geo.pixels(drafted).permute(1, 2, 0).numpy().astype(float)
+    rw, rh = geo.resized(570, 449)
+    left = geo._offset(rw - 224)
+    sx, sy = 570 / rw / 2, 449 / rh / 2
+    exact = drafted.resize((224, 224), Image.Resampling.BICUBIC, box=(left * sx, 0, (left + 224) * sx, 224 * sy))
+    stretched = drafted.resize((rw, rh), Image.Resampling.BICUBIC).crop((left, 0, left + 224, 224))
+    to_exact = np.abs(got - np.asarray(exact)).mean()
+    assert to_exact < 0.5
+    assert np.abs(got - np.asarray(stretched)).mean() > 2 * to_exact
+
+
 def test_draft_only_for_jpegs_and_keeps_the_needed_side(tmp_path: Path) -> None:
     img = photo((1000, 800))
     jpg = pp.decode(save(img, tmp_path / "a.jpg", quality=90), 224)

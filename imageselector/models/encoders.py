@@ -141,7 +141,7 @@ class Encoder:
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         """One decoded image -> this model's input: uint8 [3,H,W] pixels (fast) or the float tensor (reference)."""
         if self.recipe is not None:
-            return torch.from_numpy(self.recipe.geometry.pixels(to_rgb(img), img.info))
+            return self.recipe.geometry.pixels(to_rgb(img), img.info)
         return self._reference(img)
 
     @property
@@ -157,7 +157,7 @@ class Encoder:
             return False
         probe = pp.probe_image()
         ref = self._reference(probe)
-        fast = recipe.normalise(torch.from_numpy(recipe.geometry.pixels(probe))[None])[0]
+        fast = recipe.normalise(recipe.geometry.pixels(probe)[None])[0]
         if not pp.agrees(fast, ref):
             log.warning("%s: fast preprocessing disagrees with the reference; using the reference path", self.name)
             return False

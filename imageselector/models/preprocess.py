@@ -1,18 +1,21 @@
-"""Fast preprocessing: each model's own resize/crop/normalise recipe, run as one PIL resize + a batched normalise.
+"""Fast preprocessing: each model's own resize/crop/normalise recipe, as one uint8 resize + a batched normalise.
 
 The reference path is each library's transform per image (open_clip/timm torchvision `Compose`, the hub's
 `AutoImageProcessor`). The fast path reads the same parameters from those very objects (never hard-coded),
-then per image does a single PIL resize straight into the centre crop (`resize(box=...)`: the same pixels
-as resize-then-crop, computed only where they survive), keeps uint8 CHW pixels, and normalises a whole
-batch at once right before the forward (`Recipe.normalise`). Models whose geometry is identical (the two
-CLIPs; the two DINOv2s) share one resize per image (`Recipe.geometry`). JPEGs are decoded in draft mode
-(libjpeg's DCT-domain 1/2, 1/4, 1/8 scaling) down to the smallest scale that still keeps the short side
-at least `draft_side` pixels: the largest any model's resize needs. Vectors move a little against the
-reference (measured in bench/embed.py, docs/embedding.md); `--preprocess reference` keeps the exact path.
+then per image does a single uint8 resize to the reference's resized size in torch's antialiased
+resampler (PIL's algorithm, vectorised: 4-5x faster than PIL's own bicubic here) and slices the centre crop
+out of it (other filters: one PIL resize of the crop's region, `resize(box=...)`), keeps uint8 CHW
+pixels, and normalises a whole batch at once right before the forward (`Recipe.normalise`). Models whose
+geometry is identical (the two CLIPs; the two DINOv2s) share one resize per image (`Recipe.geometry`).
+JPEGs are decoded in draft mode (libjpeg's DCT-domain 1/2, 1/4, 1/8 scaling) down to the smallest scale
+that still keeps the short side at least `draft_side` pixels: the largest any model's resize needs.
+Vectors move a little against the reference (measured in bench/embed.py, docs/embedding.md);
+`--preprocess reference` keeps the exact path.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 MODES = ("fast", "reference")
@@ -34,6 +38,8 @@ _PIL_FILTERS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+# PIL filters torch resamples the same way on uint8 (antialiased, PIL's kernels and support)
+_TORCH_MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
 
 
 @dataclass(frozen=True)
@@ -62,25 +68,52 @@ class Geometry:
         """The short side a decoded image must keep so the resize only ever shrinks (or keeps) it."""
         return self.short if self.size is None else max(self.size)
 
-    def pixels(self, img: Image.Image, info: dict[str, Any] | None = None) -> np.ndarray:
-        """uint8 [3, H, W]: one PIL resize of the region that survives the crop, straight to the crop size.
+    def pixels(self, img: Image.Image, info: dict[str, Any] | None = None) -> torch.Tensor:
+        """uint8 [3, H, W]: the resize and centre crop, computed the way the reference computes them.
 
         `img` is RGB. For a draft-decoded JPEG (`decode` records `draft_scale` and `full_size` in `info`),
         sizes and offsets are computed on the full-size image, as the reference sees it, and mapped into
-        the smaller decode, so the crop covers the same part of the photo."""
+        the smaller decode, so the crop covers the same part of the photo.
+
+        Bicubic and bilinear run in torch's uint8 antialiased resampler (a port of PIL's own, with AVX2:
+        0.5-0.9 ms for a 570x400 photo where PIL's bicubic took 2.3-2.7 ms; outputs equal PIL's up to
+        rounding, max 1 grey level): the whole image goes to the reference's resized size, and the crop is
+        a slice of it. Other filters use one PIL resize of the region that survives the crop."""
         info = img.info if info is None else info
         scale = int(info.get("draft_scale", 1))
         w, h = info.get("full_size", img.size) if scale > 1 else img.size
         rw, rh = self.resized(w, h)
         ch, cw = self.crop if self.crop is not None else (rh, rw)
         top, left = self._offset(rh - ch), self._offset(rw - cw)
+        mode = _TORCH_MODES.get(self.resample)
+        if mode is not None:
+            x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None]  # HWC memory
+            return _resize(x, (rh, rw), (rh * scale / h, rw * scale / w), mode)[
+                0, :, top : top + ch, left : left + cw
+            ].contiguous()
         sx, sy = w / rw / scale, h / rh / scale
         box = (left * sx, top * sy, min((left + cw) * sx, img.width), min((top + ch) * sy, img.height))
         out = img.resize((cw, ch), self.resample, box=box)
-        return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1))
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)))
 
     def _offset(self, d: int) -> int:
         return int(round(d / 2.0)) if self.crop_round else int(d / 2.0)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], factor: tuple[float, float], mode: str) -> torch.Tensor:
+    """x [1, 3, h, w] uint8 resampled to `size`, mapping coordinates by `factor` (output/input).
+
+    A draft decode of an odd-sized JPEG has ceil(side/scale) pixels, the last one half outside the photo:
+    its real extent is side/scale, so the factor is passed as such rather than recomputed from the sizes
+    (0.5 px of stretch otherwise, a visible shift at the far edge)."""
+    if (x.shape[2], x.shape[3]) == size:
+        return x
+    if all(abs(f * n - s) < 1e-9 for f, n, s in zip(factor, x.shape[2:], size, strict=True)):
+        return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
+    y = F.interpolate(x, scale_factor=factor, recompute_scale_factor=False, mode=mode, antialias=True)
+    if y.shape[2] < size[0] or y.shape[3] < size[1]:  # floor(n * factor) fell short by rounding
+        return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
+    return y[:, :, : size[0], : size[1]]
 
 
 @dataclass(frozen=True)
@@ -93,10 +126,16 @@ class Recipe:
     scale: float = 1 / 255
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 [n, 3, H, W] -> float32, in one fused op over the batch."""
+        """uint8 [n, 3, H, W] -> float32: one conversion, then a multiply and an add in place over the batch
+        (2.4x faster than `addcmul` into a fresh tensor here: 0.45 vs 1.1 ms for 8 images at 224)."""
+        mul, add = self._affine
+        return x.to(torch.float32, copy=True).mul_(mul).add_(add)  # never in place on the caller's tensor
+
+    @functools.cached_property
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         mul = torch.tensor([self.scale / s for s in self.std], dtype=torch.float32).reshape(1, -1, 1, 1)
         add = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)], dtype=torch.float32)
-        return torch.addcmul(add.reshape(1, -1, 1, 1), x.to(torch.float32), mul)
+        return mul, add.reshape(1, -1, 1, 1)
 
 
 def _filter(name: Any) -> int | None:
