@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from imageselector import db
-from imageselector.embedding.stage import EmbedStage, Options
+from imageselector.embedding import stage as stage_mod
+from imageselector.embedding.stage import EmbedStage, Options, can_lower_thread_priority
 from imageselector.layout import image_path
 from imageselector.models.preprocess import decode
 from imageselector.stopping import KILL, KILL_EMBED, Stopper
@@ -37,6 +41,47 @@ def run_stage(settings, conn, encoders, names=ALL, **kw) -> EmbedStage:
     return st
 
 
+@pytest.mark.skipif(not can_lower_thread_priority(), reason="per-thread priority is Linux's")
+def test_background_decoding_runs_below_the_forward(settings, conn, standin_encoders, monkeypatch) -> None:
+    """On the CPU the prefetch thread and its decode pool run at background priority; the thread that runs
+    the models keeps its own. Every image is embedded once."""
+    seen: dict[str, set[int]] = {"caller": set(), "decode": set()}
+    load = stage_mod.Prefetcher._load
+
+    def spy(self, row, models):
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        seen["caller" if threading.current_thread().name.startswith("embed-decode-fg") else "decode"].add(nice)
+        return load(self, row, models)
+
+    monkeypatch.setattr(stage_mod.Prefetcher, "_load", spy)
+    seed_embeddable(conn, settings.images_dir, 40)
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    st = run_stage(settings, conn, standin_encoders, ["clip_vitb32"], flush_every=8)
+    assert st.overlap and st.prefetcher.background
+    assert seen["decode"] == {stage_mod.BACKGROUND_NICE}
+    assert seen["caller"] <= {main_nice}  # rounds the caller made itself ran at its priority
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
+    assert check_no_lies(conn, settings.embeddings_dir, ["clip_vitb32"], exact=True) == {"clip_vitb32": 40}
+
+
+def test_a_starved_background_does_not_stall_the_stage(settings, conn, standin_encoders, monkeypatch) -> None:
+    """When the background decoders get no CPU (here: they sleep before each round), the thread that runs
+    the models makes the rounds itself; the background's own round is still embedded, nothing twice."""
+    make_round = stage_mod.Prefetcher.make_round
+
+    def slow(self, conn_, pool):
+        if pool is self.pool:  # the background's
+            time.sleep(0.4)
+        return make_round(self, conn_, pool)
+
+    monkeypatch.setattr(stage_mod.Prefetcher, "make_round", slow)
+    seed_embeddable(conn, settings.images_dir, 48)
+    st = run_stage(settings, conn, standin_encoders, ["clip_vitb32"], flush_every=8, overlap=True)
+    assert st.prefetcher.background
+    assert st.prefetcher.rounds_by_caller >= 6  # of the 12 rounds of 4, most were made by the caller
+    assert check_no_lies(conn, settings.embeddings_dir, ["clip_vitb32"], exact=True) == {"clip_vitb32": 48}
+
+
 def test_stored_vector_equals_the_models_own_encode(settings, conn, standin_encoders) -> None:
     rows = seed_embeddable(conn, settings.images_dir, 1)
     run_stage(settings, conn, standin_encoders)
@@ -49,11 +94,14 @@ def test_stored_vector_equals_the_models_own_encode(settings, conn, standin_enco
 
 @pytest.mark.parametrize("overlap", [None, True, False])
 def test_all_models_flags_texts_manifest(settings, conn, standin_encoders, overlap) -> None:
-    """The same outcome whether the next round is decoded on the prefetch thread (overlap) or in lockstep."""
+    """The same outcome whether the next round is decoded on the prefetch thread (overlap, on the CPU at
+    background priority where the OS allows it) or in lockstep."""
     seed_embeddable(conn, settings.images_dir, 14, per_listing=3)
     st = run_stage(settings, conn, standin_encoders, flush_every=8, overlap=overlap)
-    assert st.overlap is (overlap if overlap is not None else False)  # the stand-ins run on the CPU
+    auto = can_lower_thread_priority()  # the stand-ins run on the CPU: overlapped only in the background
+    assert st.overlap is (overlap if overlap is not None else auto)
     assert st.prefetcher is not None and (st.prefetcher.ident is not None) is st.overlap
+    assert st.prefetcher.background is st.overlap  # on the CPU, overlap always means background
     emb = settings.embeddings_dir
     counts = check_no_lies(conn, emb, ALL, exact=True)
     assert counts == dict.fromkeys(ALL, 14)

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -61,8 +63,9 @@ class Options:
     watch: bool = False
     workers: int = 2
     prefetch: int = 2
-    # decode the next round while the models run (None: yes unless every model runs on the CPU, where the
-    # decode threads would take cores from torch's own threads: measured in bench/embed.py)
+    # decode the next round while the models run (None: yes). When every model runs on the CPU the decode
+    # threads run at background priority (Linux; elsewhere the stage decodes in lockstep between forwards),
+    # so they take only what torch's own threads leave: measured in bench/embed.py, docs/embedding.md
     overlap: bool | None = None
     flush_every: int = 1024
     flush_s: float = 60.0
@@ -89,6 +92,22 @@ class Round:
 
 REDOWNLOAD = "redownload"  # in Round.errors: the input file is gone or undecodable, back to the download stage
 
+BACKGROUND_NICE = 19  # the decode threads' priority when they share the CPU with the forward
+
+
+def can_lower_thread_priority() -> bool:
+    """Linux's setpriority takes a thread id; elsewhere it would renice the whole process."""
+    return sys.platform.startswith("linux") and hasattr(os, "setpriority")
+
+
+def lower_thread_priority(nice: int = BACKGROUND_NICE) -> None:
+    """Run the calling thread at `nice` (background): the CPU goes to other threads first."""
+    if can_lower_thread_priority():
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as exc:  # e.g. a sandbox that forbids it: decoding still works, at normal priority
+            log.debug("could not lower the decode threads' priority: %s", exc)
+
 
 def _chunks(seq: Sequence[Any], n: int = _CHUNK) -> list[Sequence[Any]]:
     return [seq[i : i + n] for i in range(0, len(seq), n)]
@@ -108,7 +127,21 @@ def find_image(settings: Settings, row: Any) -> Path | None:
 
 
 class Prefetcher(threading.Thread):
-    def __init__(self, settings: Settings, owner: str, compute: EmbedCompute, opts: Options, stopper: Any) -> None:
+    """Makes rounds ahead of the models on its own thread (`run`, `get`), or on the caller's (`next_round`).
+
+    `background`: the prefetch thread and its decode pool run at background priority (on a CPU the forward
+    already fills every core; decoding then takes only the cycles torch's threads leave, and the caller
+    makes a round itself, at normal priority, whenever none is ready: `ready_round`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        owner: str,
+        compute: EmbedCompute,
+        opts: Options,
+        stopper: Any,
+        background: bool = False,
+    ) -> None:
         super().__init__(name="embed-prefetch", daemon=True)
         self.settings = settings
         self.owner = owner
@@ -116,19 +149,27 @@ class Prefetcher(threading.Thread):
         self.encoders = compute.encoders
         self.opts = opts
         self.stopper = stopper
+        self.background = background
         self.q: queue.Queue[Round | BaseException] = queue.Queue(maxsize=max(1, opts.prefetch))
         self.halt = threading.Event()
-        self.pool = ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="embed-decode")
-        self._conn: sqlite3.Connection | None = None  # lockstep mode's (next_round)
+        workers = max(1, opts.workers)
+        init = lower_thread_priority if background else None
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="embed-decode", initializer=init)
+        # the caller's rounds (lockstep, or a starved background): normal priority
+        self.fg_pool = ThreadPoolExecutor(workers, thread_name_prefix="embed-decode-fg")
+        self._conn: sqlite3.Connection | None = None  # the caller's rounds' (next_round)
+        self.rounds_by_caller = 0
 
     def _stop_now(self) -> bool:
         return self.halt.is_set() or self.stopper.should_stop()
 
     def run(self) -> None:
+        if self.background:
+            lower_thread_priority()
         conn = db.connect(self.settings.db_path)
         try:
             while not self._stop_now():
-                rnd = self.make_round(conn)
+                rnd = self.make_round(conn, self.pool)
                 while not self.halt.is_set():
                     try:
                         self.q.put(rnd, timeout=0.5)
@@ -150,7 +191,7 @@ class Prefetcher(threading.Thread):
         for m, rows in rnd.rows.items():
             db.release(conn, f"embed_{m}", self.owner, [r["rid"] for r in rows])
 
-    def make_round(self, conn: sqlite3.Connection) -> Round:
+    def make_round(self, conn: sqlite3.Connection, pool: ThreadPoolExecutor) -> Round:
         rnd = Round()
         for m in self.encoders:
             rows = db.claim_batch(conn, f"embed_{m}", self.owner, self.opts.batch_size)
@@ -165,7 +206,7 @@ class Prefetcher(threading.Thread):
                 wanted.setdefault(r["gid"], []).append(m)
                 by_gid[r["gid"]] = r
         gids = list(by_gid)
-        results = list(self.pool.map(lambda g: self._load(by_gid[g], wanted[g]), gids))
+        results = list(pool.map(lambda g: self._load(by_gid[g], wanted[g]), gids))
         rnd.images = len(gids)
         per_gid = dict(zip(gids, results, strict=True))
         for m, rows in rnd.rows.items():
@@ -198,11 +239,25 @@ class Prefetcher(threading.Thread):
         return self.compute.prepare(img, models)
 
     def next_round(self) -> Round:
-        """Lockstep (no overlap): claim and decode the next round now, on the caller's thread, with the
-        decode pool; its own connection, as when the round is made on the prefetch thread."""
+        """Claim and decode the next round now, for the caller (lockstep, or a starved background), with the
+        normal-priority pool; its own connection, as when the round is made on the prefetch thread."""
         if self._conn is None:
             self._conn = db.connect(self.settings.db_path)
-        return self.make_round(self._conn)
+        self.rounds_by_caller += 1
+        return self.make_round(self._conn, self.fg_pool)
+
+    def ready_round(self) -> Round:
+        """Background mode: a queued round if there is one, else one made now by the caller. Only when the
+        caller finds nothing left to claim does it wait for the prefetch thread (whose claimed round, if
+        any, must still be embedded before a one-shot run ends)."""
+        try:
+            item = self.q.get_nowait()
+        except queue.Empty:
+            rnd = self.next_round()
+            return rnd if not rnd.empty else self.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def get(self) -> Round:
         while True:
@@ -219,10 +274,12 @@ class Prefetcher(threading.Thread):
     def shutdown(self, conn: sqlite3.Connection) -> None:
         """Stop claiming; hand back every round still queued."""
         self.halt.set()
+        self.fg_pool.shutdown(wait=True)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
         if self.ident is None:  # lockstep: never started, nothing queued
             self.pool.shutdown(wait=True)
-            if self._conn is not None:
-                self._conn.close()
             return
         while self.is_alive() or not self.q.empty():
             try:
@@ -443,7 +500,8 @@ class EmbedStage:
     # ---- the loop ------------------------------------------------------------------------------
     def run_batch(self) -> int:
         assert self.prefetcher is not None
-        rnd = self.prefetcher.get() if self.overlap else self.prefetcher.next_round()
+        pf = self.prefetcher
+        rnd = (pf.ready_round() if pf.background else pf.get()) if self.overlap else pf.next_round()
         if rnd.empty:
             self.maybe_flush(force=self.store.dirty() or any(self.pending.values()))
             return 0
@@ -576,10 +634,20 @@ class EmbedStage:
 
     def run(self, heartbeat: Heartbeat | None = None) -> int:
 
-        self.prefetcher = Prefetcher(self.settings, self.owner, self.compute, self.opts, self.stopper)
+        on_cpu = all(getattr(e, "device", "cpu") == "cpu" for e in self.compute.encoders.values())
         self.overlap = self.opts.overlap
         if self.overlap is None:
-            self.overlap = any(getattr(e, "device", "cpu") != "cpu" for e in self.compute.encoders.values())
+            self.overlap = not on_cpu or can_lower_thread_priority()
+        background = bool(self.overlap and on_cpu)
+        self.prefetcher = Prefetcher(self.settings, self.owner, self.compute, self.opts, self.stopper, background)
+        log.info(
+            "decoding %s",
+            "in lockstep, between forwards"
+            if not self.overlap
+            else "during the forwards, at background priority (a round is decoded in the foreground when none is ready)"
+            if background
+            else "during the forwards",
+        )
         if self.overlap:
             self.prefetcher.start()
         total = 0
