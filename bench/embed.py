@@ -210,16 +210,26 @@ def main() -> int:
     c0 = time.process_time()
     bare_forward(enc_img, tensors, b)
     fwd_cpu = (time.process_time() - c0) / n
-    # Interleave the measurements and keep the best of each: other processes share this machine.
+    # Each end-to-end run is bracketed by two bare forwards (bare, e2e, bare, e2e, ..., bare) and divided by
+    # their mean, and the order of the modes rotates between repetitions: this VM's speed drifts within
+    # seconds (a bare forward ran at 46.7 and 66.5 images/s in neighbouring repetitions), so a ratio must pair
+    # measurements taken as close together as possible, and no mode may always run first or last.
     bares: list[float] = []
     # None: the stage's own choice (on a CPU under Linux, decoding during the forwards at background priority)
     e2es: dict[str, list[float]] = {"reference": [], "fast": [], "fast, lockstep": []}
+    ratios: dict[str, list[float]] = {mode: [] for mode in e2es}
     runs = (("reference", enc_img, None), ("fast", enc_fast, None), ("fast, lockstep", enc_fast, False))
     for rep in range(a.reps):
-        bares.append(n / bare_forward(enc_img, tensors, b))
-        for mode, enc, overlap in runs:
+        before = n / bare_forward(enc_img, tensors, b)
+        bares.append(before)
+        for mode, enc, overlap in runs[rep % 3 :] + runs[: rep % 3]:
             s1, c1 = fresh_home(root, f"e2e{rep}_{mode[:4]}{overlap}", n)
-            e2es[mode].append(n / run_e2e(s1, c1, {"clip_vitb32": enc}, b, a.workers, overlap))
+            e2e = n / run_e2e(s1, c1, {"clip_vitb32": enc}, b, a.workers, overlap)
+            after = n / bare_forward(enc_img, tensors, b)
+            bares.append(after)
+            e2es[mode].append(e2e)
+            ratios[mode].append(e2e / ((before + after) / 2))
+            before = after
     s2, c2 = fresh_home(root, "e2e_text", n)
     e2e_text = n / run_e2e(s2, c2, {"clip_vitb32": enc_txt}, b, a.workers)
     dt = enc_img.dtype_name
@@ -297,15 +307,16 @@ def main() -> int:
                     f"speed {m / t_lo:6.1f} vs {m / t_ref:6.1f} images/s"
                 )
 
-    # Each repetition measures the bare forward and then each end-to-end mode back to back, so the median of
-    # the per-repetition ratios pairs measurements taken under the same load (one rep's bare forward once ran
-    # at 82.7 images/s, against 45-49 in the others: best-of-each would divide by that outlier).
     def ratio(mode: str) -> float:
-        return float(np.median([e / b for e, b in zip(e2es[mode], bares, strict=True)]))
+        return float(np.median(ratios[mode]))
 
+    wins = sum(f > lk for f, lk in zip(ratios["fast"], ratios["fast, lockstep"], strict=True))
+    for mode, xs in ratios.items():
+        print(f"end-to-end / bracketing bare forwards, {mode:14s}: {', '.join(f'{x:.3f}' for x in xs)}")
+    print(f"fast (the stage's choice) ahead of fast, lockstep in {wins} of {a.reps} repetitions")
     print(
         f"end-to-end / bare forward (ViT-B-32 {dt}, {a.threads} threads, median of {a.reps} interleaved "
-        f"repetitions): reference {ratio('reference'):.3f}, fast {ratio('fast'):.3f} "
+        f"bracketed repetitions): reference {ratio('reference'):.3f}, fast {ratio('fast'):.3f} "
         f"(decoding in lockstep between forwards: {ratio('fast, lockstep'):.3f}); "
         f"decode+preprocess ms/image: reference {sum(cost['reference']) * 1e3:.2f}, fast {sum(cost['fast']) * 1e3:.2f}"
     )
