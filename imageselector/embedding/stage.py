@@ -166,7 +166,7 @@ class Prefetcher(threading.Thread):
         # the caller's rounds (lockstep, or a starved background): normal priority
         self.fg_pool = ThreadPoolExecutor(workers, thread_name_prefix="embed-decode-fg")
         self._conn: sqlite3.Connection | None = None  # the caller's rounds' (next_round)
-        self.rounds_by_caller = 0
+        self.rounds_by_caller = 0  # rounds with work that the caller decoded itself (logged at the end)
 
     def _stop_now(self) -> bool:
         return self.halt.is_set() or self.stopper.should_stop()
@@ -251,21 +251,19 @@ class Prefetcher(threading.Thread):
         normal-priority pool; its own connection, as when the round is made on the prefetch thread."""
         if self._conn is None:
             self._conn = db.connect(self.settings.db_path)
-        self.rounds_by_caller += 1
-        return self.make_round(self._conn, self.fg_pool)
+        rnd = self.make_round(self._conn, self.fg_pool)
+        self.rounds_by_caller += not rnd.empty
+        return rnd
 
     def ready_round(self) -> Round:
         """Background mode: a queued round if there is one, else one made now by the caller. Only when the
         caller finds nothing left to claim does it wait for the prefetch thread (whose claimed round, if
         any, must still be embedded before a one-shot run ends)."""
-        try:
-            item = self.q.get_nowait()
-        except queue.Empty:
+        if self.q.empty():  # only the prefetch thread adds: an item seen here is taken at once below
             rnd = self.next_round()
-            return rnd if not rnd.empty else self.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+            if not rnd.empty:
+                return rnd
+        return self.get()
 
     def get(self) -> Round:
         while True:
@@ -648,14 +646,12 @@ class EmbedStage:
             self.overlap = not on_cpu or can_lower_thread_priority()
         background = bool(self.overlap and on_cpu)
         self.prefetcher = Prefetcher(self.settings, self.owner, self.compute, self.opts, self.stopper, background)
-        log.info(
-            "decoding %s",
-            "in lockstep, between forwards"
-            if not self.overlap
-            else "during the forwards, at background priority (a round is decoded in the foreground when none is ready)"
-            if background
-            else "during the forwards",
-        )
+        if not self.overlap:
+            log.info("decoding in lockstep, between forwards")
+        elif background:
+            log.info("decoding during the forwards in background threads (the main thread decodes when none is ready)")
+        else:
+            log.info("decoding during the forwards")
         if self.overlap:
             self.prefetcher.start()
         total = 0
@@ -671,6 +667,11 @@ class EmbedStage:
         finally:
             self.release_pending()
             self.prefetcher.shutdown(self.conn)
+            if background and self.prefetcher.rounds_by_caller:
+                log.info(
+                    "%d round(s) decoded by the main thread (none was ready from the background decoders)",
+                    self.prefetcher.rounds_by_caller,
+                )
             for m, p in self.progress.items():
                 if p.done or p.failed:
                     p.report(final=True)

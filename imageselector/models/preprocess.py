@@ -108,12 +108,11 @@ def _resize(x: torch.Tensor, size: tuple[int, int], factor: tuple[float, float],
     (0.5 px of stretch otherwise, a visible shift at the far edge)."""
     if (x.shape[2], x.shape[3]) == size:
         return x
-    if all(abs(f * n - s) < 1e-9 for f, n, s in zip(factor, x.shape[2:], size, strict=True)):
-        return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
-    y = F.interpolate(x, scale_factor=factor, recompute_scale_factor=False, mode=mode, antialias=True)
-    if y.shape[2] < size[0] or y.shape[3] < size[1]:  # floor(n * factor) fell short by rounding
-        return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
-    return y[:, :, : size[0], : size[1]]
+    if any(abs(f * n - s) > 1e-9 for f, n, s in zip(factor, x.shape[2:], size, strict=True)):
+        y = F.interpolate(x, scale_factor=factor, recompute_scale_factor=False, mode=mode, antialias=True)
+        if y.shape[2] >= size[0] and y.shape[3] >= size[1]:  # else floor(n * factor) fell short by rounding
+            return y[:, :, : size[0], : size[1]]
+    return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
 
 
 @dataclass(frozen=True)
