@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from imageselector import db
 from imageselector.embedding import stage as stage_mod
@@ -44,13 +45,15 @@ def run_stage(settings, conn, encoders, names=ALL, **kw) -> EmbedStage:
 @pytest.mark.skipif(not can_lower_thread_priority(), reason="per-thread priority is Linux's")
 def test_background_decoding_runs_below_the_forward(settings, conn, standin_encoders, monkeypatch) -> None:
     """On the CPU the prefetch thread and its decode pool run at background priority; the thread that runs
-    the models keeps its own. Every image is embedded once."""
-    seen: dict[str, set[tuple[int, int]]] = {"caller": set(), "decode": set()}
+    the models keeps its own. Every decode thread runs its torch ops on one thread (no OpenMP team of its
+    own, which would make libgomp throttle the forward's spin-waits); the models' thread keeps its count,
+    and so do threads started after the stage. Every image is embedded once."""
+    seen: dict[str, set[tuple[int, int, int]]] = {"caller": set(), "decode": set()}
     load = stage_mod.Prefetcher._load
 
-    def policy() -> tuple[int, int]:
+    def policy() -> tuple[int, int, int]:
         tid = threading.get_native_id()
-        return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
+        return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid), torch.get_num_threads()
 
     def spy(self, row, models):
         seen["caller" if threading.current_thread().name.startswith("embed-decode-fg") else "decode"].add(policy())
@@ -58,15 +61,26 @@ def test_background_decoding_runs_below_the_forward(settings, conn, standin_enco
 
     monkeypatch.setattr(stage_mod.Prefetcher, "_load", spy)
     seed_embeddable(conn, settings.images_dir, 40)
-    main = policy()
-    assert main[0] != os.SCHED_IDLE
-    st = run_stage(settings, conn, standin_encoders, ["clip_vitb32"], flush_every=8)
-    assert st.overlap and st.prefetcher.background
-    assert len(seen["decode"]) == 1
-    ((decode_policy, decode_nice),) = seen["decode"]
-    assert decode_policy == os.SCHED_IDLE or decode_nice == stage_mod.BACKGROUND_NICE
-    assert seen["caller"] <= {main}  # rounds the caller made itself ran at its priority
-    assert policy() == main
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        main = policy()
+        assert main[0] != os.SCHED_IDLE and main[2] == 3
+        st = run_stage(settings, conn, standin_encoders, ["clip_vitb32"], flush_every=8)
+        assert st.overlap and st.prefetcher.background
+        assert len(seen["decode"]) == 1
+        ((decode_policy, decode_nice, decode_threads),) = seen["decode"]
+        assert decode_policy == os.SCHED_IDLE or decode_nice == stage_mod.BACKGROUND_NICE
+        assert decode_threads == 1
+        assert seen["caller"] <= {(main[0], main[1], 1)}  # the caller's rounds: its priority, one torch thread
+        assert policy() == main
+        later: list[int] = []
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert later == [3]
+    finally:
+        torch.set_num_threads(before)
     assert check_no_lies(conn, settings.embeddings_dir, ["clip_vitb32"], exact=True) == {"clip_vitb32": 40}
 
 

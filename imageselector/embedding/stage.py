@@ -117,6 +117,27 @@ def lower_thread_priority() -> None:
         log.debug("could not lower the decode threads' priority: %s", exc)
 
 
+def single_threaded_torch() -> None:
+    """Keep the torch ops of the calling (decode) thread on that thread. Left alone, a decode thread's first
+    large op (the antialiased resize) opens an OpenMP team of its own, and with more OpenMP threads than
+    cores libgomp cuts every thread's spin-wait from ~300,000 to 100 spins: the forward's barriers then
+    sleep in the kernel (~130 voluntary context switches per ViT-B-32 batch of 8, against none) and each
+    wake costs a VM exit. Measured in docs/embedding.md. The count is per thread; the main thread's stays
+    as it was set (EmbedStage.run restores the process-wide default when the stage ends)."""
+    torch.set_num_threads(1)
+
+
+def decode_thread_init(background: bool) -> Callable[[], None]:
+    """The initializer of a decode pool's threads: one torch thread each, and background priority if asked."""
+
+    def init() -> None:
+        single_threaded_torch()
+        if background:
+            lower_thread_priority()
+
+    return init
+
+
 def _chunks(seq: Sequence[Any], n: int = _CHUNK) -> list[Sequence[Any]]:
     return [seq[i : i + n] for i in range(0, len(seq), n)]
 
@@ -161,10 +182,13 @@ class Prefetcher(threading.Thread):
         self.q: queue.Queue[Round | BaseException] = queue.Queue(maxsize=max(1, opts.prefetch))
         self.halt = threading.Event()
         workers = max(1, opts.workers)
-        init = lower_thread_priority if background else None
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="embed-decode", initializer=init)
+        self.pool = ThreadPoolExecutor(
+            workers, thread_name_prefix="embed-decode", initializer=decode_thread_init(background)
+        )
         # the caller's rounds (lockstep, or a starved background): normal priority
-        self.fg_pool = ThreadPoolExecutor(workers, thread_name_prefix="embed-decode-fg")
+        self.fg_pool = ThreadPoolExecutor(
+            workers, thread_name_prefix="embed-decode-fg", initializer=decode_thread_init(False)
+        )
         self._conn: sqlite3.Connection | None = None  # the caller's rounds' (next_round)
         self.rounds_by_caller = 0  # rounds with work that the caller decoded itself (logged at the end)
 
@@ -172,6 +196,7 @@ class Prefetcher(threading.Thread):
         return self.halt.is_set() or self.stopper.should_stop()
 
     def run(self) -> None:
+        single_threaded_torch()  # it stacks each round's tensors
         if self.background:
             lower_thread_priority()
         conn = db.connect(self.settings.db_path)
@@ -645,6 +670,7 @@ class EmbedStage:
         if self.overlap is None:
             self.overlap = not on_cpu or can_lower_thread_priority()
         background = bool(self.overlap and on_cpu)
+        torch_threads = torch.get_num_threads()  # also fixes this thread's count before any decode thread sets its own
         self.prefetcher = Prefetcher(self.settings, self.owner, self.compute, self.opts, self.stopper, background)
         if not self.overlap:
             log.info("decoding in lockstep, between forwards")
@@ -667,6 +693,7 @@ class EmbedStage:
         finally:
             self.release_pending()
             self.prefetcher.shutdown(self.conn)
+            torch.set_num_threads(torch_threads)  # the default for threads started later, as it was
             if background and self.prefetcher.rounds_by_caller:
                 log.info(
                     "%d round(s) decoded by the main thread (none was ready from the background decoders)",
