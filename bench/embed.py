@@ -93,13 +93,19 @@ def fresh_home(root: Path, name: str, n: int):
 
 
 def run_e2e(settings, conn, encoders, batch: int, workers: int, overlap: bool | None = None) -> float:
+    """Wall seconds of a whole stage run; the seconds its models spent in the forward go to FORWARD_S."""
     stopper = Stopper(settings.home, ("KILL_EMBED",), install_signals=False)
     opts = Options(batch_size=batch, workers=workers, progress_s=1e9, overlap=overlap)
     stage = EmbedStage(settings, conn, encoders, opts, stopper)
     stage.open()
     t0 = time.perf_counter()
     stage.run()
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    FORWARD_S.append(sum(stage.forward_s.values()))
+    return wall
+
+
+FORWARD_S: list[float] = []  # per run_e2e call: the stage's own forward seconds (EmbedStage.forward_s)
 
 
 def bare_forward(enc, tensors: torch.Tensor, batch: int) -> float:
@@ -218,17 +224,24 @@ def main() -> int:
     # None: the stage's own choice (on a CPU under Linux, decoding during the forwards at background priority)
     e2es: dict[str, list[float]] = {"reference": [], "fast": [], "fast, lockstep": []}
     ratios: dict[str, list[float]] = {mode: [] for mode in e2es}
+    # Host-independent views of the same runs: the share of the stage's wall time spent in the forward (both
+    # measured in one run), and the forward's speed inside the stage against the bracketing bare forwards
+    in_forward: dict[str, list[float]] = {mode: [] for mode in e2es}
+    fwd_inside: dict[str, list[float]] = {mode: [] for mode in e2es}
     runs = (("reference", enc_img, None), ("fast", enc_fast, None), ("fast, lockstep", enc_fast, False))
     for rep in range(a.reps):
         before = n / bare_forward(enc_img, tensors, b)
         bares.append(before)
         for mode, enc, overlap in runs[rep % 3 :] + runs[: rep % 3]:
             s1, c1 = fresh_home(root, f"e2e{rep}_{mode[:4]}{overlap}", n)
-            e2e = n / run_e2e(s1, c1, {"clip_vitb32": enc}, b, a.workers, overlap)
+            wall = run_e2e(s1, c1, {"clip_vitb32": enc}, b, a.workers, overlap)
+            e2e = n / wall
             after = n / bare_forward(enc_img, tensors, b)
             bares.append(after)
             e2es[mode].append(e2e)
             ratios[mode].append(e2e / ((before + after) / 2))
+            in_forward[mode].append(FORWARD_S[-1] / wall)
+            fwd_inside[mode].append(n / FORWARD_S[-1] / ((before + after) / 2))
             before = after
     s2, c2 = fresh_home(root, "e2e_text", n)
     e2e_text = n / run_e2e(s2, c2, {"clip_vitb32": enc_txt}, b, a.workers)
@@ -314,6 +327,11 @@ def main() -> int:
     for mode, xs in ratios.items():
         print(f"end-to-end / bracketing bare forwards, {mode:14s}: {', '.join(f'{x:.3f}' for x in xs)}")
     print(f"fast (the stage's choice) ahead of fast, lockstep in {wins} of {a.reps} repetitions")
+    for label, views in (
+        ("forward time / wall, inside each end-to-end run", in_forward),
+        ("forward speed inside the stage / bracketing bare forwards", fwd_inside),
+    ):
+        print(f"{label} (medians): " + ", ".join(f"{m} {np.median(v):.3f}" for m, v in views.items()))
     print(
         f"end-to-end / bare forward (ViT-B-32 {dt}, {a.threads} threads, median of {a.reps} interleaved "
         f"bracketed repetitions): reference {ratio('reference'):.3f}, fast {ratio('fast'):.3f} "
