@@ -44,7 +44,7 @@ def run_stage(settings, conn, encoders, names=ALL, **kw) -> EmbedStage:
 
 @pytest.mark.skipif(not can_lower_thread_priority(), reason="per-thread priority is Linux's")
 def test_background_decoding_runs_below_the_forward(settings, conn, standin_encoders, monkeypatch) -> None:
-    """On the CPU the prefetch thread and its decode pool run at background priority; the thread that runs
+    """Overlapped on the CPU, the prefetch thread and its decode pool run at background priority; the thread that runs
     the models keeps its own. Every decode thread runs its torch ops on one thread (no OpenMP team of its
     own, which would make libgomp throttle the forward's spin-waits); the models' thread keeps its count,
     and so do threads started after the stage. Every image is embedded once."""
@@ -66,7 +66,7 @@ def test_background_decoding_runs_below_the_forward(settings, conn, standin_enco
     try:
         main = policy()
         assert main[0] != os.SCHED_IDLE and main[2] == 3
-        st = run_stage(settings, conn, standin_encoders, ["clip_vitb32"], flush_every=8)
+        st = run_stage(settings, conn, standin_encoders, ["clip_vitb32"], flush_every=8, overlap=True)
         assert st.overlap and st.prefetcher.background
         assert len(seen["decode"]) == 1
         ((decode_policy, decode_nice, decode_threads),) = seen["decode"]
@@ -115,11 +115,10 @@ def test_stored_vector_equals_the_models_own_encode(settings, conn, standin_enco
 @pytest.mark.parametrize("overlap", [None, True, False])
 def test_all_models_flags_texts_manifest(settings, conn, standin_encoders, overlap) -> None:
     """The same outcome whether the next round is decoded on the prefetch thread (overlap, on the CPU at
-    background priority where the OS allows it) or in lockstep."""
+    background priority where the OS allows it) or in lockstep (the CPU's default)."""
     seed_embeddable(conn, settings.images_dir, 14, per_listing=3)
     st = run_stage(settings, conn, standin_encoders, flush_every=8, overlap=overlap)
-    auto = can_lower_thread_priority()  # the stand-ins run on the CPU: overlapped only in the background
-    assert st.overlap is (overlap if overlap is not None else auto)
+    assert st.overlap is (overlap if overlap is not None else False)  # the stand-ins run on the CPU: lockstep
     assert st.prefetcher is not None and (st.prefetcher.ident is not None) is st.overlap
     assert st.prefetcher.background is st.overlap  # on the CPU, overlap always means background
     emb = settings.embeddings_dir

@@ -62,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-overlap",
         choices=("auto", "on", "off"),
         default="auto",
-        help="decode the next batch while the models run (auto: on; when every model runs on the CPU, the "
-        "decode threads run at background priority, and where that is not possible (macOS) decoding runs "
-        "between batches; default auto)",
+        help="decode the next batch while the models run (auto: on a GPU yes; when every model runs on the "
+        "CPU no, decoding runs between batches; on with the CPU: the decode threads run at background "
+        "priority where the OS allows it; default auto)",
     )
     ap.add_argument("--flush-every", type=int, default=1024, help="flush after this many new vectors (default 1024)")
     ap.add_argument("--flush-seconds", type=float, default=60.0, help="flush after this many seconds (default 60)")

@@ -3,7 +3,8 @@
 One process may run several models (`--model all`). Each model is its own stage (`embed_<model>`) with
 its own claims, flags and failures. A prefetch thread claims a round (up to a batch per model), decodes
 every distinct image once in worker threads and preprocesses it for each model that claimed it, so the
-models run while the next round is being read. The main thread runs the models, appends vectors to the
+models run while the next round is being read (on a GPU; on the CPU, whose cores the forward already fills,
+the main thread makes each round itself between forwards). The main thread runs the models, appends vectors to the
 store writer's buffer, and periodically commits (store.py: one new segment + manifest per model) and
 only then sets the flags.
 
@@ -63,9 +64,10 @@ class Options:
     watch: bool = False
     workers: int = 2
     prefetch: int = 2
-    # decode the next round while the models run (None: yes). When every model runs on the CPU the decode
-    # threads run at background priority (Linux; elsewhere the stage decodes in lockstep between forwards),
-    # so they take only what torch's own threads leave: measured in bench/embed.py, docs/embedding.md
+    # decode the next round while the models run. None: yes on a GPU; on the CPU no (lockstep, between
+    # forwards), since torch's threads already fill every core: decoding in the background then mostly
+    # starves and slows the forward (bench/embed.py, docs/embedding.md). True on the CPU: background
+    # priority (Linux), the caller making a round itself whenever none is ready.
     overlap: bool | None = None
     flush_every: int = 1024
     flush_s: float = 60.0
@@ -668,7 +670,7 @@ class EmbedStage:
         on_cpu = all(getattr(e, "device", "cpu") == "cpu" for e in self.compute.encoders.values())
         self.overlap = self.opts.overlap
         if self.overlap is None:
-            self.overlap = not on_cpu or can_lower_thread_priority()
+            self.overlap = not on_cpu
         background = bool(self.overlap and on_cpu)
         torch_threads = torch.get_num_threads()  # also fixes this thread's count before any decode thread sets its own
         self.prefetcher = Prefetcher(self.settings, self.owner, self.compute, self.opts, self.stopper, background)
