@@ -123,8 +123,8 @@ def single_threaded_torch() -> None:
     """Keep the torch ops of the calling (decode) thread on that thread. Left alone, a decode thread's first
     large op (the antialiased resize) opens an OpenMP team of its own, and with more OpenMP threads than
     cores libgomp cuts every thread's spin-wait from ~300,000 to 100 spins: the forward's barriers then
-    sleep in the kernel (~130 voluntary context switches per ViT-B-32 batch of 8, against none) and each
-    wake costs a VM exit. Measured in docs/embedding.md. The count is per thread; the main thread's stays
+    sleep in the kernel (~130 voluntary context switches per ViT-B-32 batch of 8, against none), and
+    waking a sleeping thread is slow (here, on a VM). Measured in docs/embedding.md. The count is per thread; the main thread's stays
     as it was set (EmbedStage.run restores the process-wide default when the stage ends)."""
     torch.set_num_threads(1)
 
