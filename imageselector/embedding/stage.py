@@ -693,9 +693,11 @@ class EmbedStage:
                 log.error("could not flush at exit (%s); unflagged rows will be embedded again", exc)
             raise
         finally:
-            self.release_pending()
-            self.prefetcher.shutdown(self.conn)
-            torch.set_num_threads(torch_threads)  # the default for threads started later, as it was
+            try:
+                self.release_pending()
+                self.prefetcher.shutdown(self.conn)
+            finally:
+                torch.set_num_threads(torch_threads)  # the default for threads started later, as it was
             if background and self.prefetcher.rounds_by_caller:
                 log.info(
                     "%d round(s) decoded by the main thread (none was ready from the background decoders)",
