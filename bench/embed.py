@@ -93,19 +93,19 @@ def fresh_home(root: Path, name: str, n: int):
 
 
 def run_e2e(settings, conn, encoders, batch: int, workers: int, overlap: bool | None = None) -> float:
-    """Wall seconds of a whole stage run; the seconds its models spent in the forward go to FORWARD_S."""
+    """Wall seconds of a whole stage run."""
+    return run_e2e_timed(settings, conn, encoders, batch, workers, overlap)[0]
+
+
+def run_e2e_timed(settings, conn, encoders, batch: int, workers: int, overlap: bool | None) -> tuple[float, float]:
+    """(wall seconds of a whole stage run, seconds its models spent in the forward: EmbedStage.forward_s)."""
     stopper = Stopper(settings.home, ("KILL_EMBED",), install_signals=False)
     opts = Options(batch_size=batch, workers=workers, progress_s=1e9, overlap=overlap)
     stage = EmbedStage(settings, conn, encoders, opts, stopper)
     stage.open()
     t0 = time.perf_counter()
     stage.run()
-    wall = time.perf_counter() - t0
-    FORWARD_S.append(sum(stage.forward_s.values()))
-    return wall
-
-
-FORWARD_S: list[float] = []  # per run_e2e call: the stage's own forward seconds (EmbedStage.forward_s)
+    return time.perf_counter() - t0, sum(stage.forward_s.values())
 
 
 def bare_forward(enc, tensors: torch.Tensor, batch: int) -> float:
@@ -234,14 +234,14 @@ def main() -> int:
         bares.append(before)
         for mode, enc, overlap in runs[rep % 3 :] + runs[: rep % 3]:
             s1, c1 = fresh_home(root, f"e2e{rep}_{mode[:4]}{overlap}", n)
-            wall = run_e2e(s1, c1, {"clip_vitb32": enc}, b, a.workers, overlap)
+            wall, forward = run_e2e_timed(s1, c1, {"clip_vitb32": enc}, b, a.workers, overlap)
             e2e = n / wall
             after = n / bare_forward(enc_img, tensors, b)
             bares.append(after)
             e2es[mode].append(e2e)
             ratios[mode].append(e2e / ((before + after) / 2))
-            in_forward[mode].append(FORWARD_S[-1] / wall)
-            fwd_inside[mode].append(n / FORWARD_S[-1] / ((before + after) / 2))
+            in_forward[mode].append(forward / wall)
+            fwd_inside[mode].append(n / forward / ((before + after) / 2))
             before = after
     s2, c2 = fresh_home(root, "e2e_text", n)
     e2e_text = n / run_e2e(s2, c2, {"clip_vitb32": enc_txt}, b, a.workers)

@@ -75,7 +75,8 @@ def test_fast_matches_reference_on_real_jpegs(standin_encoders: dict, tmp_path: 
 @pytest.mark.parametrize("resample", [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR])
 def test_torch_resize_gives_pils_pixels(resample: int) -> None:
     """The fast path resamples in torch; the pixels are PIL's resize-then-crop (what open_clip runs) up to
-    rounding (1 grey level, 2 when upscaling), for landscape, portrait, upscaled and exact-size images, and for an exact-size (no crop) recipe."""
+    rounding (1 grey level, 2 when upscaling), for landscape, portrait, upscaled and exact-size images, and
+    for an exact-size (no crop) recipe."""
     for geo in (
         pp.Geometry(resample=resample, short=224, crop=(224, 224)),
         pp.Geometry(resample=resample, size=(224, 224), crop_round=False),

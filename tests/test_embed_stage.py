@@ -44,10 +44,10 @@ def run_stage(settings, conn, encoders, names=ALL, **kw) -> EmbedStage:
 
 @pytest.mark.skipif(not can_lower_thread_priority(), reason="per-thread priority is Linux's")
 def test_background_decoding_runs_below_the_forward(settings, conn, standin_encoders, monkeypatch) -> None:
-    """Overlapped on the CPU, the prefetch thread and its decode pool run at background priority; the thread that runs
-    the models keeps its own. Every decode thread runs its torch ops on one thread (no OpenMP team of its
-    own, which would make libgomp throttle the forward's spin-waits); the models' thread keeps its count,
-    and so do threads started after the stage. Every image is embedded once."""
+    """Overlapped on the CPU, the prefetch thread and its decode pool run at background priority; the
+    thread that runs the models keeps its own. Every decode thread runs its torch ops on one thread (no
+    OpenMP team of its own, which would make libgomp throttle the forward's spin-waits); the models' thread
+    keeps its count, and so do threads started after the stage. Every image is embedded once."""
     seen: dict[str, set[tuple[int, int, int]]] = {"caller": set(), "decode": set()}
     load = stage_mod.Prefetcher._load
 

@@ -124,8 +124,9 @@ def single_threaded_torch() -> None:
     large op (the antialiased resize) opens an OpenMP team of its own, and with more OpenMP threads than
     cores libgomp cuts every thread's spin-wait from ~300,000 to 100 spins: the forward's barriers then
     sleep in the kernel (~130 voluntary context switches per ViT-B-32 batch of 8, against none), and
-    waking a sleeping thread is slow (here, on a VM). Measured in docs/embedding.md. The count is per thread; the main thread's stays
-    as it was set (EmbedStage.run restores the process-wide default when the stage ends)."""
+    waking a sleeping thread is slow (here, on a VM). Measured in docs/embedding.md. The count is per
+    thread; the main thread's stays as it was set (EmbedStage.run restores the process-wide default when
+    the stage ends)."""
     torch.set_num_threads(1)
 
 
@@ -198,9 +199,7 @@ class Prefetcher(threading.Thread):
         return self.halt.is_set() or self.stopper.should_stop()
 
     def run(self) -> None:
-        single_threaded_torch()  # it stacks each round's tensors
-        if self.background:
-            lower_thread_priority()
+        decode_thread_init(self.background)()  # as its decode pool: it stacks each round's tensors
         conn = db.connect(self.settings.db_path)
         try:
             while not self._stop_now():
